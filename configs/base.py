@@ -1,0 +1,147 @@
+"""Every config key of a self_flow run, with its default and what it means.
+
+Run configs (`c2i.py`, ...) start from `get_base_config()` and override; a key that is not here
+does not exist (configs are locked), so this file is the reference for what can be set with
+`--config.<key>=<value>`. Values are validated by `self_flow.config_validation` before any state
+is touched.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults of the paper's ImageNet recipe where the paper gives one (method doc §1.13, §5)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init; the step rng is fold_in(PRNGKey(seed), step).
+
+  # --- Model: a SiT/DiT-style token transformer with per-token timestep conditioning. ---
+  config.model = model = ml_collections.ConfigDict()
+  model.preset = "S"  # Size preset: S, B, L, XL (SiT sizes) or "custom" (use the three keys below).
+  model.hidden_size = 0  # Width D; 0 takes it from the preset.
+  model.depth = 0  # Number of transformer blocks; 0 takes it from the preset.
+  model.num_heads = 0  # Attention heads; 0 takes it from the preset.
+  model.mlp_ratio = 4.0  # MLP hidden width / D.
+  model.patch_size = 2  # Side of the square image patch that becomes one token.
+  model.projector_hidden_mult = 2  # Projection head Linear(D -> m*D) -> SiLU -> Linear(m*D -> D).
+  model.student_layer = 0  # 1-based block whose output feeds the projector; 0 = round(0.3 depth).
+  model.teacher_layer = 0  # 1-based block whose raw output is the target; 0 = round(0.7 depth).
+  model.compute_dtype = "bfloat16"  # Activation/matmul dtype: bfloat16 or float32.
+  model.param_dtype = "float32"  # Master weight dtype (the EMA is always float32).
+  model.remat_policy = "none"  # Rematerialisation per block: none, full, dots (save matmuls).
+  model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla, cudnn or auto.
+
+  # --- Objective: flow matching plus Self-Flow's dual-timestep noising and representation loss. ---
+  config.objective = objective = ml_collections.ConfigDict()
+  # Timestep policy: dual_timestep (Self-Flow), single (vanilla FM), diffusion_forcing (independent
+  # t per token) or full_masking (masked tokens at t = 1).
+  objective.noising = "dual_timestep"
+  objective.mask_ratio = 0.25  # R_M: per-token Bernoulli probability of taking the second timestep.
+  objective.rep_loss_weight = 0.8  # gamma in L = L_gen + gamma * L_rep; 0 skips the teacher.
+  objective.time_distribution = "uniform"  # p(t): uniform or logit_normal.
+  objective.logit_normal_mean = 0.0  # mu of the logit-normal p(t) before the shift.
+  objective.logit_normal_std = 1.0  # sigma of the logit-normal p(t).
+  objective.train_shift = 1.0  # Trainshift alpha: t -> alpha t / (1 + (alpha - 1) t); 1 = none.
+  objective.label_dropout = 0.1  # Probability a label becomes the null class (CFG), shared by teacher.
+
+  # --- Data. ---
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "fashion_mnist"  # Dataset name; fashion_mnist is the embedded default.
+  data.source = "auto"  # auto, tfds (download) or debian (local files of dataset-fashion-mnist).
+  data.data_dir = "./data/tfds"  # Where TFDS datasets are prepared and read.
+  data.image_size = 28  # Side of the (square) training images.
+  data.num_channels = 1  # Image channels.
+  data.num_classes = 10  # Class count; the null class for CFG is index num_classes.
+  data.global_batch_size = 256  # Examples per optimizer step over all processes.
+  data.shuffle_seed = 0  # Seed of the data order (reshuffled every epoch).
+  data.worker_count = 0  # grain worker processes for multiprocess prefetch; 0 reads in-process.
+  data.worker_buffer_size = 2  # Batches each grain worker prefetches.
+
+  # --- Optimiser (AdamW with global-norm clipping, constant LR after warm-up by default). ---
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4  # Peak learning rate.
+  optim.schedule = "constant"  # constant or cosine (decays to 0 at train.num_steps).
+  optim.warmup_steps = 0  # Linear warm-up steps from 0 to the peak.
+  optim.b1 = 0.9  # Adam beta1.
+  optim.b2 = 0.999  # Adam beta2.
+  optim.eps = 1e-8  # Adam epsilon.
+  optim.weight_decay = 0.0  # Decoupled weight decay.
+  optim.grad_clip_norm = 1.0  # Global gradient-norm clip; 0 disables.
+  optim.ema_decay = 0.9999  # EMA decay of the teacher / evaluation weights.
+
+  # --- Training loop. ---
+  config.train = train = ml_collections.ConfigDict()
+  train.num_steps = 400_000  # Optimizer steps of the whole run.
+  train.log_every = 100  # Steps between metric writes.
+  train.checkpoint_every = 5_000  # Steps between checkpoints.
+  train.keep_checkpoints = 3  # Checkpoints kept (latest N).
+  train.eval_every = 50_000  # Steps between evaluations (samples, FD, accuracy); 0 = only at end.
+  train.profile = False  # Capture a jax.profiler trace of a few steps to the workdir.
+  train.peak_tflops_per_device = 0.0  # Peak bf16 TFLOP/s for MFU; 0 = look up the device kind.
+
+  # --- Device mesh: sizes of the (data, fsdp, tensor) axes; one may be -1 (fill the rest). ---
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Pure data parallelism (replicated params).
+  mesh.fsdp = 1  # Data parallelism with params/optimizer state sharded (ZeRO-3 / FSDP).
+  mesh.tensor = 1  # Tensor (model) parallelism over heads / MLP width.
+  # Logical parameter axis -> mesh axis (or None = replicated). Dims that do not divide the mesh
+  # axis size stay replicated.
+  mesh.logical_axis_rules = (
+      ("layers", None),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("modulation", "tensor"),
+      ("classes", None),
+      ("patch", None),
+  )
+
+  # --- Sampling (evaluation and sample grids; always with the EMA weights). ---
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "euler"  # euler or heun (ODE) or sde (Euler-Maruyama, official sampler).
+  sampling.num_steps = 50  # Model evaluations per sample.
+  sampling.shift = 1.0  # Sampleshift warping the ODE time grid (ignored by sde).
+  sampling.cfg_scale = 1.0  # Classifier-free guidance scale; 1 = no guidance (paper metrics).
+  sampling.guidance_low = 0.0  # Guidance applies only for paper-convention t in [low, high].
+  sampling.guidance_high = 1.0  # Upper end of the guidance interval.
+
+  # --- Offline evaluation in the feature space of a small classifier trained on the dataset. ---
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 1000  # Generated and held-out images for the Frechet distance.
+  ev.batch_size = 250  # Samples generated per jitted sampler call.
+  ev.grid_classes_per_row = 10  # Sample grid: one column per class, this many classes.
+  ev.grid_rows = 4  # Sample grid rows.
+  ev.classifier_steps = 1500  # Training steps of the evaluation classifier (cached).
+  ev.classifier_batch_size = 128  # Batch size of the evaluation classifier.
+  ev.classifier_learning_rate = 1e-3  # Learning rate of the evaluation classifier.
+  ev.cache_dir = "./data/eval_cache"  # Where the trained classifier is cached.
+  return config
+
+
+# Method presets: the paper's method and its baselines differ only in the objective keys.
+METHODS = {
+    "self_flow": dict(noising="dual_timestep", rep_loss_weight=0.8),
+    "vanilla": dict(noising="single", rep_loss_weight=0.0),
+    "dual_timestep": dict(noising="dual_timestep", rep_loss_weight=0.0),
+    "diffusion_forcing": dict(noising="diffusion_forcing", rep_loss_weight=0.0),
+    "full_masking": dict(noising="full_masking", rep_loss_weight=0.0),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
+  """'local,method=vanilla' -> {'variant': 'local', 'method': 'vanilla'} (big_vision style)."""
+  parsed = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    if "=" in part:
+      key, value = part.split("=", 1)
+      if key not in defaults:
+        raise ValueError(f"config arg {key!r} (in {arg!r}) is unknown; allowed: {sorted(defaults)}.")
+      parsed[key] = value
+    else:
+      parsed["variant"] = part
+  return parsed
+
+
+def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} is unknown; allowed: {sorted(METHODS)}.")
+  config.objective.update(METHODS[method])

@@ -1,0 +1,1 @@
+"""Model code: modules only, no mesh, no training logic."""

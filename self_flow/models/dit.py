@@ -1,0 +1,111 @@
+"""The Self-Flow token transformer: per-token timestep DiT with student and teacher feature taps.
+
+Every modality arrives as tokens (B, N, C) with integer position ids (B, N, 3) over
+(time, height, width); only the input and output projections depend on C. Blocks are stored
+stacked (leading "layers" axis) and run with `jax.lax.scan` in segments whose boundaries are the
+student and teacher feature layers, so a tap costs nothing and the teacher forward simply stops
+at its layer.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from self_flow.models import layers
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class SelfFlowDiT(nnx.Module):
+  """A DiT whose adaLN conditioning is per token (Self-Flow §3.3, per-token SiT blocks)."""
+
+  def __init__(
+      self, *, in_dim: int, out_dim: int, hidden_size: int, depth: int, num_heads: int,
+      mlp_ratio: float, num_classes: int, projector_hidden_mult: int, student_layer: int,
+      teacher_layer: int, pos_axes: tuple[int, ...], dtype: Any, param_dtype: Any,
+      remat_policy: str, attention: str, rngs: nnx.Rngs):
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}.")
+    self.hidden_size = hidden_size
+    self.depth = depth
+    self.num_classes = num_classes
+    self.student_layer = student_layer
+    self.teacher_layer = teacher_layer
+    self.pos_axes = tuple(pos_axes)
+    self.remat_policy = remat_policy
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.input_proj = layers.dense(in_dim, hidden_size, ("patch", "embed"), rngs, **kw)
+    self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs, **kw)
+    # Row `num_classes` is the null class used for classifier-free guidance.
+    self.label_embed = nnx.Embed(
+        num_classes + 1, hidden_size, embedding_init=nnx.with_partitioning(
+            layers.normal_002, ("classes", "embed")), rngs=rngs, **kw)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(block_rngs):
+      return layers.AdaLNBlock(hidden_size, num_heads, mlp_ratio, block_rngs,
+                               attention=attention, **kw)
+
+    self.blocks = make_blocks(rngs)
+    self.final_layer = layers.FinalLayer(hidden_size, out_dim, rngs, **kw)
+    self.projector = layers.ProjectionHead(hidden_size, projector_hidden_mult, rngs, **kw)
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  def condition(self, t_table: jax.Array, labels: jax.Array) -> jax.Array:
+    """Conditioning rows (B, K, D): timestep embedding of each table entry + the label embedding."""
+    return self.t_embedder(t_table) + self.label_embed(labels)[:, None, :]
+
+  def embed_tokens(self, x: jax.Array, pos_ids: jax.Array) -> jax.Array:
+    pos = layers.sincos_position_embedding(pos_ids, self.hidden_size, self.pos_axes)
+    h = self.input_proj(x)
+    return h + pos.astype(h.dtype)
+
+  def run_blocks(self, h, cond, cond_index, start: int, end: int):
+    """Blocks [start, end) (0-based) as one scanned segment over the stacked parameters."""
+    if start == end:
+      return h
+    graphdef, stacked = nnx.split(self.blocks)
+    segment = jax.tree.map(lambda a: a[start:end], stacked)
+
+    def body(carry, block_state):
+      return nnx.merge(graphdef, block_state)(carry, cond, cond_index), None
+
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.remat_policy != "none":
+      body = jax.checkpoint(body, policy=policy)
+    h, _ = jax.lax.scan(body, h, segment)
+    return h
+
+  def __call__(self, x, pos_ids, t_table, t_index, labels):
+    """Student forward: velocity (B, N, C_out) float32 and projected student features (B, N, D).
+
+    Args:
+      x: noised tokens (B, N, C_in).
+      pos_ids: integer positions (B, N, 3) over (time, height, width).
+      t_table: distinct timesteps per sample (B, K), paper convention (t = 1 is noise).
+      t_index: per-token row into t_table (B, N); token i is conditioned on t_table[b, t_index[b, i]].
+      labels: class labels (B,), `null_class` for the unconditional model.
+    """
+    cond = self.condition(t_table, labels)
+    h = self.embed_tokens(x, pos_ids)
+    h = self.run_blocks(h, cond, t_index, 0, self.student_layer)
+    features = self.projector(h)
+    h = self.run_blocks(h, cond, t_index, self.student_layer, self.depth)
+    velocity = self.final_layer(h, cond, t_index)
+    return velocity.astype(jnp.float32), features
+
+  def teacher_features(self, x, pos_ids, t_table, t_index, labels):
+    """Raw hidden state after `teacher_layer` (no projector); the forward stops there."""
+    cond = self.condition(t_table, labels)
+    h = self.embed_tokens(x, pos_ids)
+    return self.run_blocks(h, cond, t_index, 0, self.teacher_layer)

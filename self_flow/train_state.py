@@ -1,0 +1,90 @@
+"""The train state pytree {step, params, ema_params, opt_state}, created sharded from shapes.
+
+The model is an `nnx` module split once into a static graphdef and plain nested dicts of arrays
+(`params`), so the state is an ordinary pytree: `jax.jit` takes its shardings, orbax saves it,
+and the teacher is just the same graphdef merged with `ema_params`. Initialisation runs inside
+`jax.jit` with the target shardings, so no full copy of the model ever lives on one device.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from self_flow import sharding
+from self_flow.models import factory
+
+TrainState = dict[str, Any]  # {"step": int32 scalar, "params", "ema_params", "opt_state"}
+
+
+class StateLayout(NamedTuple):
+  """What the step and the checkpointer need to know about the state, without its values."""
+
+  graphdef: nnx.GraphDef
+  shardings: TrainState
+  abstract: TrainState  # ShapeDtypeStruct leaves carrying the shardings (restore target).
+
+
+def _abstract_model(config: ml_collections.ConfigDict):
+  return nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0)))
+
+
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+  graphdef, _ = nnx.split(_abstract_model(config), nnx.Param)
+  return graphdef
+
+
+def merge(graphdef: nnx.GraphDef, params):
+  """Model with the given params (student `params` or teacher `ema_params`)."""
+  return nnx.merge(graphdef, params)
+
+
+def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation
+                 ) -> StateLayout:
+  """Graphdef, shardings and abstract shapes of the train state, from shapes alone."""
+  graphdef, abstract_params = nnx.split(_abstract_model(config), nnx.Param)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  param_shardings = sharding.tree_shardings(
+      logical, abstract_params, config.mesh.logical_axis_rules, mesh)
+  replicated = sharding.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda leaf: jax.tree.map(lambda _: replicated, leaf))
+  shardings = {"step": replicated, "params": param_shardings, "ema_params": param_shardings,
+               "opt_state": opt_shardings}
+  ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                              abstract_params)
+  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+            "ema_params": ema_abstract, "opt_state": abstract_opt}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+  return StateLayout(graphdef, shardings, abstract)
+
+
+def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Fresh state, initialised directly into its shardings; the EMA starts as a copy."""
+
+  def init(key):
+    model = factory.create_model(config, nnx.Rngs(params=key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema_params": jax.tree.map(lambda p: p.astype(jnp.float32), params),
+        "opt_state": tx.init(params),
+    }
+
+  key = jax.random.PRNGKey(config.seed)
+  return jax.jit(init, out_shardings=layout.shardings)(key)
+
+
+def update_ema(ema_params, params, decay: float):
+  """theta' <- decay theta' + (1 - decay) theta, in float32."""
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(jnp.float32) - e),
+                      ema_params, params)

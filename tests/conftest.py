@@ -1,0 +1,33 @@
+"""Test session set-up: 8 fake CPU devices (before JAX is first used) and tiny configs."""
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+from absl import flags  # noqa: E402
+import pytest  # noqa: E402
+
+import self_flow  # noqa: E402,F401  (sets the Flax flags the package needs)
+from configs import c2i  # noqa: E402
+
+# grain starts worker processes outside an absl app in tests.
+flags.FLAGS.mark_as_parsed()
+
+
+def tiny_config(method: str = "self_flow"):
+  """A model small enough for many compiles per test run (about 10 ms per step)."""
+  config = c2i.get_config(f"local,method={method}")
+  config.model.hidden_size = 32
+  config.model.depth = 4
+  config.model.num_heads = 2
+  config.model.patch_size = 7
+  config.data.global_batch_size = 8
+  config.optim.warmup_steps = 0
+  config.mesh.data = -1
+  return config
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

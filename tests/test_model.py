@@ -1,0 +1,122 @@
+"""The token DiT: per-token adaLN equivalence, feature taps, teacher truncation, presets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from self_flow import objectives
+from self_flow.modalities import image
+from self_flow.models import factory, presets
+
+
+def _random_params(model, seed=0):
+  """Replaces every parameter (incl. the zero-initialised adaLN) with noise, so tests see
+  non-trivial modulation."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  leaves, treedef = jax.tree.flatten(pure)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return graphdef, jax.tree.unflatten(treedef, leaves)
+
+
+def _inputs(config, batch=3, seed=1):
+  size, p = config.data.image_size, config.model.patch_size
+  images = jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 1))
+  x = image.patchify(images, p)
+  pos = jnp.broadcast_to(image.position_ids(size, size, p), x.shape[:2] + (3,))
+  labels = jnp.arange(batch) % config.data.num_classes
+  return x, pos, labels
+
+
+def test_distinct_condition_adaln_equals_per_token(make_config):
+  config = make_config()
+  graphdef, params = _random_params(factory.create_model(config, nnx.Rngs(0)))
+  model = nnx.merge(graphdef, params)
+  x, pos, labels = _inputs(config)
+  b, n, _ = x.shape
+  draw = objectives.draw_timesteps(jax.random.PRNGKey(2), b, n, policy="dual_timestep",
+                                   mask_ratio=0.5, time_kwargs=dict(distribution="uniform"))
+  tau = jnp.where(draw.mask, draw.s, draw.t)
+  fast_v, fast_f = model(x, pos, draw.table, draw.index, labels)
+  # Naive: one conditioning row per token (K = N), the computation the gather replaces.
+  naive_index = jnp.broadcast_to(jnp.arange(n), (b, n))
+  naive_v, naive_f = model(x, pos, tau, naive_index, labels)
+  np.testing.assert_allclose(fast_v, naive_v, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fast_f, naive_f, rtol=1e-5, atol=1e-5)
+  # And per-token conditioning matters: a scalar t for everyone gives a different output.
+  scalar_v, _ = model(x, pos, draw.table[:, :1], jnp.zeros((b, n), jnp.int32), labels)
+  assert np.abs(np.asarray(scalar_v - fast_v)).max() > 1e-3
+
+
+def test_outputs_and_feature_taps(make_config):
+  config = make_config()
+  model = factory.create_model(config, nnx.Rngs(0))
+  x, pos, labels = _inputs(config)
+  t = jnp.full((3, 1), 0.5)
+  idx = jnp.zeros(x.shape[:2], jnp.int32)
+  velocity, features = model(x, pos, t, idx, labels)
+  assert velocity.shape == x.shape and velocity.dtype == jnp.float32
+  assert features.shape == x.shape[:2] + (config.model.hidden_size,)
+  assert model.student_layer == 1 and model.teacher_layer == 3  # round(0.3*4), round(0.7*4)
+  teacher = model.teacher_features(x, pos, t, idx, labels)
+  assert teacher.shape == features.shape
+
+
+def test_teacher_forward_stops_at_its_layer(make_config):
+  config = make_config()
+  graphdef, params = _random_params(factory.create_model(config, nnx.Rngs(0)))
+  x, pos, labels = _inputs(config)
+  t, idx = jnp.full((3, 1), 0.3), jnp.zeros(x.shape[:2], jnp.int32)
+  before = nnx.merge(graphdef, params).teacher_features(x, pos, t, idx, labels)
+  k = config.model.depth - 1  # teacher_layer = 3 of 4: block index 3 must not matter.
+  changed = jax.tree.map(lambda a: a, params)
+  changed["blocks"] = jax.tree.map(lambda a: a.at[k].set(a[k] + 1.0), params["blocks"])
+  changed["final_layer"] = jax.tree.map(lambda a: a + 1.0, params["final_layer"])
+  after = nnx.merge(graphdef, changed).teacher_features(x, pos, t, idx, labels)
+  np.testing.assert_array_equal(before, after)
+  # ... while the block before it does matter.
+  changed["blocks"] = jax.tree.map(lambda a: a.at[k - 1].set(a[k - 1] + 1.0), params["blocks"])
+  moved = nnx.merge(graphdef, changed).teacher_features(x, pos, t, idx, labels)
+  assert np.abs(np.asarray(moved - before)).max() > 1e-3
+
+
+def test_remat_policies_agree(make_config):
+  outputs = []
+  for policy in ("none", "full", "dots"):
+    config = make_config()
+    config.model.remat_policy = policy
+    graphdef, params = _random_params(factory.create_model(config, nnx.Rngs(0)))
+    x, pos, labels = _inputs(config)
+
+    def loss(p):
+      v, f = nnx.merge(graphdef, p)(x, pos, jnp.full((3, 1), 0.4),
+                                    jnp.zeros(x.shape[:2], jnp.int32), labels)
+      return jnp.mean(v ** 2) + jnp.mean(f ** 2)
+
+    outputs.append(jax.grad(loss)(params))
+  for other in outputs[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 outputs[0], other)
+
+
+def test_presets_and_layer_rule():
+  assert presets.resolve_dims("XL") == presets.ModelDims(1152, 28, 16)
+  assert presets.feature_layers(28) == (8, 20)
+  assert presets.feature_layers(12) == (4, 8)
+  assert presets.feature_layers(21) == (6, 15)
+  with pytest.raises(ValueError, match="'XXL'"):
+    presets.resolve_dims("XXL")
+  with pytest.raises(ValueError, match="teacher_layer=3"):
+    presets.feature_layers(12, student_layer=5, teacher_layer=3)
+
+
+def test_patchify_round_trip():
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 3))
+  tokens = image.patchify(images, 4)
+  assert tokens.shape == (2, 49, 48)
+  np.testing.assert_array_equal(image.unpatchify(tokens, 4, 28, 28), images)
+  ids = image.position_ids(28, 28, 4)
+  assert ids.shape == (49, 3) and int(ids[8, 1]) == 1 and int(ids[8, 2]) == 1

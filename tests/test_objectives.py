@@ -1,0 +1,122 @@
+"""The Self-Flow objective: timestep draws, dual-timestep noising, teacher view, losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from self_flow import objectives
+
+UNIFORM = dict(distribution="uniform")
+
+
+def _draw(policy, batch=4096, tokens=16, ratio=0.25, key=0, time_kwargs=UNIFORM):
+  return objectives.draw_timesteps(jax.random.PRNGKey(key), batch, tokens, policy=policy,
+                                   mask_ratio=ratio, time_kwargs=time_kwargs)
+
+
+def test_t_and_s_are_not_sorted():
+  draw = _draw("dual_timestep")
+  t, s = np.asarray(draw.table[:, 0]), np.asarray(draw.table[:, 1])
+  frac_s_cleaner = np.mean(s < t)
+  assert 0.45 < frac_s_cleaner < 0.55, frac_s_cleaner
+
+
+def test_token_marginal_follows_p_t():
+  """Unsorted i.i.d. t, s => every token's timestep is distributed as p(t) (uniform here)."""
+  draw = _draw("dual_timestep")
+  x = jnp.zeros((4096, 16, 1))
+  _, tau = objectives.noise_tokens(x, x, draw.t, draw.s, draw.mask)
+  hist, _ = np.histogram(np.asarray(tau).ravel(), bins=10, range=(0, 1))
+  np.testing.assert_allclose(hist / hist.sum(), 0.1, atol=0.01)
+  # Masked tokens alone are also uniform (they carry s, which is not the cleaner one by design).
+  masked = np.asarray(tau)[np.asarray(draw.mask)]
+  assert abs(masked.mean() - 0.5) < 0.02
+
+
+def test_logit_normal_and_shift():
+  kw = dict(distribution="logit_normal", logit_mean=0.0, logit_std=1.0, shift=3.0)
+  t = objectives.sample_time(jax.random.PRNGKey(0), (100_000,), **kw)
+  # Shifting logit-normal by alpha gives logit-normal with mean log(alpha).
+  logits = np.log(np.asarray(t) / (1 - np.asarray(t)))
+  assert abs(logits.mean() - np.log(3.0)) < 0.02 and abs(logits.std() - 1.0) < 0.02
+  with pytest.raises(ValueError, match="gamma"):
+    objectives.sample_time(jax.random.PRNGKey(0), (2,), distribution="gamma")
+
+
+def test_mask_is_bernoulli_per_token():
+  draw = _draw("dual_timestep", batch=2000, tokens=64, ratio=0.25)
+  counts = np.asarray(draw.mask).sum(1)
+  assert abs(counts.mean() - 16) < 0.3
+  assert counts.std() > 2.5  # Binomial(64, .25) has std 3.46; a fixed count would give 0.
+
+
+def test_noised_tokens_match_table_and_formula():
+  key = jax.random.PRNGKey(1)
+  x0, x1 = jax.random.normal(key, (2, 3, 16, 4))
+  draw = _draw("dual_timestep", batch=3, tokens=16, ratio=0.5)
+  x_tau, tau = objectives.noise_tokens(x0, x1, draw.t, draw.s, draw.mask)
+  expected_tau = jnp.take_along_axis(draw.table, draw.index, axis=1)
+  np.testing.assert_array_equal(tau, expected_tau)
+  np.testing.assert_allclose(x_tau, (1 - tau[..., None]) * x0 + tau[..., None] * x1, atol=1e-6)
+
+
+def test_teacher_sees_the_cleaner_timestep():
+  draw = _draw("dual_timestep", batch=512, tokens=64)
+  x = jnp.zeros((512, 64, 2))
+  _, tau = objectives.noise_tokens(x, x, draw.t, draw.s, draw.mask)
+  _, tau_min = objectives.teacher_view(x, x, tau)
+  t, s = draw.table[:, 0], draw.table[:, 1]
+  has_mask = np.asarray(draw.mask).any(1)
+  np.testing.assert_allclose(np.asarray(tau_min)[has_mask],
+                             np.minimum(t, s)[has_mask])
+  # Empty mask: the realised minimum is t, not min(t, s).
+  empty = jnp.zeros((512, 64), bool)
+  _, tau_e = objectives.noise_tokens(x, x, draw.t, draw.s, empty)
+  np.testing.assert_allclose(objectives.teacher_view(x, x, tau_e)[1], t)
+  # Paper convention: smaller t is cleaner, i.e. closer to x0.
+  x0, x1 = jnp.zeros((1, 4, 1)), jnp.ones((1, 4, 1))
+  tau_one = jnp.array([[0.9, 0.2, 0.9, 0.9]])
+  x_min, tmin = objectives.teacher_view(x0, x1, tau_one)
+  np.testing.assert_allclose(x_min, 0.2)
+  assert float(tmin[0]) == pytest.approx(0.2)
+
+
+def test_policies():
+  single = _draw("single", batch=8)
+  assert single.table.shape == (8, 1) and not np.asarray(single.mask).any()
+  full = _draw("full_masking", batch=8)
+  x0, x1 = jnp.zeros((8, 16, 1)), jnp.ones((8, 16, 1))
+  _, tau = objectives.noise_tokens(x0, x1, full.t, full.s, full.mask)
+  np.testing.assert_array_equal(np.asarray(tau)[np.asarray(full.mask)], 1.0)
+  forcing = _draw("diffusion_forcing", batch=8)
+  assert forcing.table.shape == (8, 16)
+  assert len(np.unique(np.asarray(forcing.t)[0])) == 16  # independent t per token
+  with pytest.raises(ValueError, match="bogus"):
+    _draw("bogus")
+
+
+def test_zero_mask_ratio_equals_single():
+  dual = _draw("dual_timestep", ratio=0.0, batch=16)
+  single = _draw("single", batch=16)
+  np.testing.assert_array_equal(dual.t, single.t)
+  assert not np.asarray(dual.mask).any()
+
+
+def test_representation_loss_is_mean_one_minus_cosine_over_features():
+  a = jnp.array([[[1.0, 0.0], [0.0, 2.0]]])
+  b = jnp.array([[[1.0, 0.0], [3.0, 0.0]]])
+  assert float(objectives.representation_loss(a, b)) == pytest.approx(0.5)  # (0 + 1) / 2
+  assert float(objectives.representation_loss(a, 5 * a)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_flow_loss_target_is_noise_minus_data():
+  x0, x1 = jnp.zeros((1, 2, 3)), jnp.ones((1, 2, 3))
+  assert float(objectives.flow_loss(jnp.ones((1, 2, 3)), x0, x1)) == 0.0
+  assert float(objectives.flow_loss(-jnp.ones((1, 2, 3)), x0, x1)) == pytest.approx(4.0)
+
+
+def test_label_dropout():
+  labels = jnp.zeros((10_000,), jnp.int32)
+  dropped = objectives.drop_labels(jax.random.PRNGKey(0), labels, probability=0.1, null_class=10)
+  assert abs(float((dropped == 10).mean()) - 0.1) < 0.01
