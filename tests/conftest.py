@@ -5,11 +5,14 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
+import os  # noqa: E402
+
 from absl import flags  # noqa: E402
 import pytest  # noqa: E402
 
 import self_flow  # noqa: E402,F401  (sets the Flax flags the package needs)
 from configs import c2i  # noqa: E402
+from self_flow.data import fashion_mnist_local, sources  # noqa: E402
 
 # grain starts worker processes outside an absl app in tests.
 flags.FLAGS.mark_as_parsed()
@@ -31,3 +34,14 @@ def tiny_config(method: str = "self_flow"):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+  """One TFDS data dir with Fashion-MNIST built from the Debian files, shared by all tests."""
+  if not os.path.isdir(fashion_mnist_local.DEBIAN_DIR):
+    pytest.skip(f"{fashion_mnist_local.DEBIAN_DIR} is absent: the README's test command installs "
+                "it (apt-get install -y dataset-fashion-mnist).")
+  path = str(tmp_path_factory.mktemp("tfds"))
+  sources.open_image_source("fashion_mnist", "train", path, source="debian")
+  return path
