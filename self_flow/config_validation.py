@@ -1,0 +1,108 @@
+"""Checks a run config before any state, file or device buffer is created.
+
+Each failure names the key, the bad value and what is allowed, so a typo on the command line
+costs seconds, not a TPU allocation. Structural checks (sizes, layers, mesh) call the same
+functions that later build the objects, so the rules cannot drift apart.
+"""
+
+import jax
+import ml_collections
+
+from self_flow import objectives, optim, sampling, sharding
+from self_flow.modalities import image
+from self_flow.models import dit, factory, presets
+
+CHOICES = {
+    "model.attention": ("xla", "cudnn", "auto"),
+    "model.remat_policy": tuple(dit.REMAT_POLICIES),
+    "model.compute_dtype": tuple(factory.DTYPES),
+    "model.param_dtype": tuple(factory.DTYPES),
+    "objective.noising": objectives.NOISING_POLICIES,
+    "objective.time_distribution": objectives.TIME_DISTRIBUTIONS,
+    "optim.schedule": optim.SCHEDULES,
+    "sampling.method": sampling.METHODS,
+    "data.source": ("auto", "tfds", "debian"),
+    "data.dataset": ("fashion_mnist",),
+}
+
+# key -> (predicate, description of what is allowed)
+RANGES = {
+    "objective.mask_ratio": (lambda v: 0.0 <= v <= 0.5, "a float in [0, 0.5] (paper: R_M <= 0.5)"),
+    "objective.rep_loss_weight": (lambda v: v >= 0.0, "a float >= 0"),
+    "objective.train_shift": (lambda v: v > 0.0, "a float > 0"),
+    "objective.logit_normal_std": (lambda v: v > 0.0, "a float > 0"),
+    "objective.label_dropout": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
+    "model.mlp_ratio": (lambda v: v > 0, "a number > 0"),
+    "model.projector_hidden_mult": (lambda v: v >= 1, "an integer >= 1"),
+    "data.global_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.image_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_channels": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_classes": (lambda v: v >= 1, "an integer >= 1"),
+    "data.worker_count": (lambda v: v >= 0, "an integer >= 0"),
+    "data.worker_buffer_size": (lambda v: v >= 1, "an integer >= 1"),
+    "optim.learning_rate": (lambda v: v > 0, "a float > 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optim.b1": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "optim.b2": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "a float > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a float >= 0"),
+    "optim.grad_clip_norm": (lambda v: v >= 0, "a float >= 0 (0 disables clipping)"),
+    "optim.ema_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.num_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0 (0 = evaluate only at the end)"),
+    "train.peak_tflops_per_device": (lambda v: v >= 0, "a float >= 0 (0 = look up)"),
+    "sampling.num_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "sampling.shift": (lambda v: v > 0, "a float > 0"),
+    "sampling.cfg_scale": (lambda v: v >= 0, "a float >= 0"),
+    "sampling.guidance_low": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    "sampling.guidance_high": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    "eval.num_samples": (lambda v: v >= 2, "an integer >= 2"),
+    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.grid_rows": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.grid_classes_per_row": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.classifier_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.classifier_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.classifier_learning_rate": (lambda v: v > 0, "a float > 0"),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the first bad key, its value and what is allowed."""
+  for key, allowed in CHOICES.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ValueError(f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}.")
+  for key, (ok, allowed) in RANGES.items():
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+      raise ValueError(f"config.{key}={value!r} is not allowed; it must be {allowed}.")
+  m = config.model
+  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
+  presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
+  image.check_patchable(config.data.image_size, m.patch_size)
+  if config.sampling.guidance_low > config.sampling.guidance_high:
+    raise ValueError(f"config.sampling.guidance_low={config.sampling.guidance_low} must not "
+                     f"exceed config.sampling.guidance_high={config.sampling.guidance_high}.")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  batch_shards = shape["data"] * shape["fsdp"]
+  if config.data.global_batch_size % batch_shards:
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
+                     f"divisible by mesh data*fsdp={batch_shards} (mesh {shape}).")
+  if config.data.global_batch_size % jax.process_count():
+    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
+                     f"divisible by the process count {jax.process_count()}.")
+  for name, axis in config.mesh.logical_axis_rules:
+    if axis is not None and axis not in sharding.MESH_AXES:
+      raise ValueError(f"config.mesh.logical_axis_rules maps {name!r} to {axis!r}; allowed mesh "
+                       f"axes: {list(sharding.MESH_AXES)} or None.")

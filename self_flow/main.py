@@ -1,0 +1,47 @@
+"""Entry point: python -m self_flow.main --config=configs/<name>.py[:arg] --workdir=DIR.
+
+Kept short (Flax examples style): flags, distributed init, hide accelerators from TensorFlow,
+then `train.train_and_evaluate`. `--config.key=value` overrides any config key.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, samples.")
+config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
+flags.DEFINE_bool("distributed", None,
+                  "Call jax.distributed.initialize(); default: when running on a TPU pod or "
+                  "when JAX_COORDINATOR_ADDRESS is set.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _want_distributed() -> bool:
+  if FLAGS.distributed is not None:
+    return FLAGS.distributed
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _want_distributed():
+    jax.distributed.initialize()
+  try:  # TensorFlow is only used by clu/tfds for I/O: keep it off the accelerators.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (ImportError, RuntimeError, ValueError):
+    pass
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  from self_flow import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
