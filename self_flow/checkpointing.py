@@ -19,7 +19,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         directory, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, create=True,
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
             enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
