@@ -75,7 +75,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.checkpoint_every = 5_000  # Steps between checkpoints.
   train.keep_checkpoints = 3  # Checkpoints kept (latest N).
   train.eval_every = 50_000  # Steps between evaluations (samples, FD, accuracy); 0 = only at end.
-  train.profile = False  # Capture a jax.profiler trace of a few steps to the workdir.
+  train.profile = False  # Capture a jax.profiler trace of 5 steps (TensorBoard profile plugin).
   train.peak_tflops_per_device = 0.0  # Peak bf16 TFLOP/s for MFU; 0 = look up the device kind.
 
   # --- Device mesh: sizes of the (data, fsdp, tensor) axes; one may be -1 (fill the rest). ---

@@ -99,6 +99,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.data.global_batch_size % batch_shards:
     raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
                      f"divisible by mesh data*fsdp={batch_shards} (mesh {shape}).")
+  if config.eval.batch_size % batch_shards:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by mesh "
+                     f"data*fsdp={batch_shards} (mesh {shape}).")
   if config.data.global_batch_size % jax.process_count():
     raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
                      f"divisible by the process count {jax.process_count()}.")

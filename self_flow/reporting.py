@@ -66,6 +66,10 @@ def mean_metrics(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
   return {key: float(np.mean([m[key] for m in window])) for key in window[0]}
 
 
-def progress_hook(num_steps: int, writer) -> periodic_actions.ReportProgress:
-  return periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                         every_steps=None, every_secs=60.0)
+def periodic_hooks(num_steps: int, writer, workdir: str, profile: bool) -> list:
+  """ReportProgress (steps/s, ETA) everywhere; a jax.profiler trace of a few steps on process 0."""
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=None, every_secs=60.0)]
+  if profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+  return hooks

@@ -6,6 +6,7 @@ dispatch step i, read back step i-1's metrics (the host never waits on the step 
 dispatched), save on the interval or on SIGTERM, evaluate on the interval and at the end.
 """
 
+import os
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns {"losses": {step: loss}, "eval": final evaluation metrics} for scripts and tests.
   """
   config_validation.validate(config)
+  if "://" not in workdir:  # orbax needs absolute local paths
+    workdir = os.path.abspath(workdir)
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_steps = config.train.num_steps
@@ -60,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-  evaluator = evaluator_lib.ImageEvaluator(config, layout.graphdef, str(workdir))
+  evaluator = evaluator_lib.ImageEvaluator(config, layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
   p_train_step = jax.jit(
       train_step.make_train_step(config, layout.graphdef, tx, schedule),
@@ -73,7 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   compiled = None
   step_flops = None
   peak = reporting.peak_tflops_per_device(config.train.peak_tflops_per_device)
-  progress = reporting.progress_hook(num_steps, writer)
+  hooks = reporting.periodic_hooks(num_steps, writer, str(workdir), config.train.profile)
   window_start = time.time()
 
   def drain(entry):
@@ -107,7 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if pending is not None:
         drain(pending)
       pending = (step + 1, metrics)
-      progress(step + 1)
+      for hook in hooks:
+        hook(step + 1)
       if guard.requested:
         drain(pending)
         pending = None

@@ -16,15 +16,20 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
-from self_flow import sampling, train_state
+from self_flow import sampling, sharding, train_state
 from self_flow.data import pipeline, sources
 from self_flow.evaluation import classifier as classifier_lib
 from self_flow.evaluation import frechet
 from self_flow.modalities import image
 
 
-def make_image_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef):
-  """sample(ema_params, labels (B,), rng) -> images (B, H, W, C) in [-1, 1], jitted."""
+def make_image_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                       mesh: jax.sharding.Mesh):
+  """sample(ema_params, labels (B,), rng) -> images (B, H, W, C) in [-1, 1], jitted.
+
+  Labels (hence samples) are split over the mesh's batch axes; the images come back replicated
+  so every process can read them.
+  """
   size, patch = config.data.image_size, config.model.patch_size
   pos = image.position_ids(size, size, patch)
   token_dim = patch * patch * config.data.num_channels
@@ -48,7 +53,9 @@ def make_image_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
                              num_steps=s.num_steps, shift=s.shift)
     return jnp.clip(image.unpatchify(tokens, patch, size, size), -1.0, 1.0)
 
-  return jax.jit(sample)
+  return jax.jit(sample, in_shardings=(None, sharding.batch_sharding(mesh),
+                                       sharding.replicated(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -69,10 +76,12 @@ def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
 class ImageEvaluator:
   """Evaluates EMA params; the classifier and reference statistics are built on first use."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
+               mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = epath.Path(workdir)
-    self._sample = make_image_sampler(config, graphdef)
+    self._sample = make_image_sampler(config, graphdef, mesh)
+    self._label_sharding = sharding.batch_sharding(mesh)
     self._classifier = None
     self._reference = None
     self.classifier_accuracy = None
@@ -86,7 +95,8 @@ class ImageEvaluator:
     self._classifier, self.classifier_accuracy = classifier_lib.load_or_train_classifier(
         train_images, train_labels, cache_dir=ev.cache_dir, cache_key=f"{data.dataset}",
         num_steps=ev.classifier_steps, batch_size=ev.classifier_batch_size, seed=0,
-        learning_rate=ev.classifier_learning_rate, eval_images=test_images,
+        learning_rate=ev.classifier_learning_rate, num_classes=data.num_classes,
+        eval_images=test_images,
         eval_labels=test_labels)
     logging.info("Evaluation classifier: held-out accuracy %.4f.", self.classifier_accuracy)
     held_out = test_images[:ev.num_samples].astype(np.float32) / 127.5 - 1.0
@@ -103,7 +113,10 @@ class ImageEvaluator:
       part = labels[start:start + chunk]
       padded = np.pad(part, (0, chunk - len(part)))  # one compiled shape for every chunk
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      outputs.append(np.asarray(self._sample(ema_params, jnp.asarray(padded), rng))[:len(part)])
+      # Every process holds the same labels; each contributes the shards its devices own.
+      global_labels = jax.make_array_from_callback(padded.shape, self._label_sharding,
+                                                   lambda index, p=padded: p[index])
+      outputs.append(np.asarray(self._sample(ema_params, global_labels, rng))[:len(part)])
     return np.concatenate(outputs)
 
   def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
