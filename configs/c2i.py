@@ -32,7 +32,9 @@ def get_config(arg: str | None = None):
     config.data.global_batch_size = 64
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 100
-    config.optim.ema_decay = 0.999  # Short run: the teacher must track the student (doc §4.13).
+    # Short run: 0.999 left 22% of the random init in the EMA after 1500 steps (EMA loss 0.67 vs
+    # 0.28 for the student); 0.995 averages ~200 steps, keeping the teacher a lagged student.
+    config.optim.ema_decay = 0.995
     config.train.num_steps = 1_500
     config.train.log_every = 100
     config.train.checkpoint_every = 500
