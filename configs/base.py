@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   objective.logit_normal_mean = 0.0  # mu of the logit-normal p(t) before the shift.
   objective.logit_normal_std = 1.0  # sigma of the logit-normal p(t).
   objective.train_shift = 1.0  # Trainshift alpha: t -> alpha t / (1 + (alpha - 1) t); 1 = none.
-  objective.label_dropout = 0.1  # Probability a label becomes the null class (CFG), shared by teacher.
+  objective.label_dropout = 0.1  # P(label -> null class) for CFG; the teacher sees the same.
 
   # --- Data. ---
   config.data = data = ml_collections.ConfigDict()
@@ -107,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Offline evaluation in the feature space of a small classifier trained on the dataset. ---
   config.eval = ev = ml_collections.ConfigDict()
   ev.num_samples = 1000  # Generated and held-out images for the Frechet distance.
-  ev.batch_size = 250  # Samples generated per jitted sampler call.
+  ev.batch_size = 256  # Samples per jitted sampler call; a multiple of mesh data*fsdp.
   ev.grid_classes_per_row = 10  # Sample grid: one column per class, this many classes.
   ev.grid_rows = 4  # Sample grid rows.
   ev.classifier_steps = 1500  # Training steps of the evaluation classifier (cached).
@@ -134,7 +134,8 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
     if "=" in part:
       key, value = part.split("=", 1)
       if key not in defaults:
-        raise ValueError(f"config arg {key!r} (in {arg!r}) is unknown; allowed: {sorted(defaults)}.")
+        raise ValueError(f"config arg {key!r} (in {arg!r}) is unknown; "
+                         f"allowed: {sorted(defaults)}.")
       parsed[key] = value
     else:
       parsed["variant"] = part

@@ -35,7 +35,8 @@ def sample_time(key, shape, *, distribution: str, shift: float = 1.0, logit_mean
   elif distribution == "logit_normal":
     t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, shape))
   else:
-    raise ValueError(f"objective.time_distribution={distribution!r}; allowed: {TIME_DISTRIBUTIONS}.")
+    raise ValueError(f"objective.time_distribution={distribution!r}; "
+                     f"allowed: {TIME_DISTRIBUTIONS}.")
   return timeshift(t, shift)
 
 

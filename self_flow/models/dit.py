@@ -93,7 +93,8 @@ class SelfFlowDiT(nnx.Module):
       x: noised tokens (B, N, C_in).
       pos_ids: integer positions (B, N, 3) over (time, height, width).
       t_table: distinct timesteps per sample (B, K), paper convention (t = 1 is noise).
-      t_index: per-token row into t_table (B, N); token i is conditioned on t_table[b, t_index[b, i]].
+      t_index: per-token row into t_table (B, N): token i is conditioned on
+        t_table[b, t_index[b, i]].
       labels: class labels (B,), `null_class` for the unconditional model.
     """
     cond = self.condition(t_table, labels)

@@ -51,7 +51,7 @@ def modulate(x, shift, scale):
 
 
 def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
-  """Sinusoidal embedding of t in [0, 1] (no x1000 scale), [cos, sin] order, as the official code."""
+  """Sinusoidal embedding of t in [0, 1] (no x1000 scale), [cos, sin] order (official code)."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = t.astype(jnp.float32)[..., None] * freqs

@@ -20,7 +20,8 @@ class ModelDims:
   num_heads: int
 
 
-def resolve_dims(preset: str, hidden_size: int = 0, depth: int = 0, num_heads: int = 0) -> ModelDims:
+def resolve_dims(preset: str, hidden_size: int = 0, depth: int = 0,
+                 num_heads: int = 0) -> ModelDims:
   """Applies a preset; non-zero explicit values win, so `preset="custom"` needs all three."""
   if preset == "custom":
     base = (0, 0, 0)
@@ -28,7 +29,8 @@ def resolve_dims(preset: str, hidden_size: int = 0, depth: int = 0, num_heads: i
     base = SIZE_PRESETS[preset]
   else:
     raise ValueError(
-        f"model.preset={preset!r} is not a size preset; allowed: {sorted(SIZE_PRESETS)} or 'custom'.")
+        f"model.preset={preset!r} is not a size preset; "
+        f"allowed: {sorted(SIZE_PRESETS)} or 'custom'.")
   dims = ModelDims(hidden_size or base[0], depth or base[1], num_heads or base[2])
   for name, value in dataclasses.asdict(dims).items():
     if value <= 0:
