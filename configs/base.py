@@ -29,6 +29,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.param_dtype = "float32"  # Master weight dtype (the EMA is always float32).
   model.remat_policy = "none"  # Rematerialisation per block: none, full, dots (save matmuls).
   model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla, cudnn or auto.
+  model.conditioning = "class"  # class (labels + null class) or text (captions, see config.text).
+  # Backbone: dit (SiT/DiT blocks, class conditioning) or mmdit (FLUX.2-style double-stream then
+  # single-stream blocks with joint text attention).
+  model.architecture = "dit"
+  model.num_double = 0  # mmdit: double-stream blocks (the first ones); depth = double + single.
+  model.rope_axes_dims = (8, 28, 28)  # mmdit: RoPE channels per (time, height, width) axis.
+  # (The three must sum to the head dim, hidden_size / num_heads.)
+
+  # --- Text conditioning (model.conditioning = "text"). ---
+  config.text = text = ml_collections.ConfigDict()
+  text.encoder = "bytes"  # bytes (trainable byte-level encoder) or precomputed (from the data).
+  text.max_length = 48  # Caption tokens (bytes) per example, padded / truncated.
+  text.width = 128  # bytes: encoder width (its output is projected to the model width).
+  text.depth = 2  # bytes: encoder transformer blocks.
+  text.num_heads = 4  # bytes: encoder attention heads.
+  text.embedding_dim = 4096  # precomputed: width of the stored caption embeddings.
 
   # --- Objective: flow matching plus Self-Flow's dual-timestep noising and representation loss. ---
   config.objective = objective = ml_collections.ConfigDict()
@@ -41,7 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   objective.logit_normal_mean = 0.0  # mu of the logit-normal p(t) before the shift.
   objective.logit_normal_std = 1.0  # sigma of the logit-normal p(t).
   objective.train_shift = 1.0  # Trainshift alpha: t -> alpha t / (1 + (alpha - 1) t); 1 = none.
-  objective.label_dropout = 0.1  # P(label -> null class) for CFG; the teacher sees the same.
+  objective.condition_dropout = 0.1  # P(label or caption -> null) for CFG; shared with teacher.
 
   # --- Data. ---
   config.data = data = ml_collections.ConfigDict()
@@ -92,6 +108,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       ("heads", "tensor"),
       ("modulation", "tensor"),
       ("classes", None),
+      ("vocab", None),
       ("patch", None),
   )
 
@@ -110,6 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.batch_size = 256  # Samples per jitted sampler call; a multiple of mesh data*fsdp.
   ev.grid_classes_per_row = 10  # Sample grid: one column per class, this many classes.
   ev.grid_rows = 4  # Sample grid rows.
+  ev.prompts = ()  # Text models: one grid column per prompt (empty: held-out class captions).
   ev.classifier_steps = 1500  # Training steps of the evaluation classifier (cached).
   ev.classifier_batch_size = 128  # Batch size of the evaluation classifier.
   ev.classifier_learning_rate = 1e-3  # Learning rate of the evaluation classifier.

@@ -8,7 +8,7 @@ functions that later build the objects, so the rules cannot drift apart.
 import jax
 import ml_collections
 
-from self_flow import objectives, optim, sampling, sharding
+from self_flow import conditioning, objectives, optim, sampling, sharding
 from self_flow.modalities import image
 from self_flow.models import dit, factory, presets
 
@@ -22,7 +22,10 @@ CHOICES = {
     "optim.schedule": optim.SCHEDULES,
     "sampling.method": sampling.METHODS,
     "data.source": ("auto", "tfds", "debian"),
-    "data.dataset": ("fashion_mnist",),
+    "data.dataset": ("fashion_mnist", "latent_shards"),
+    "model.architecture": factory.ARCHITECTURES,
+    "model.conditioning": conditioning.KINDS,
+    "text.encoder": ("bytes", "precomputed"),
 }
 
 # key -> (predicate, description of what is allowed)
@@ -31,7 +34,7 @@ RANGES = {
     "objective.rep_loss_weight": (lambda v: v >= 0.0, "a float >= 0"),
     "objective.train_shift": (lambda v: v > 0.0, "a float > 0"),
     "objective.logit_normal_std": (lambda v: v > 0.0, "a float > 0"),
-    "objective.label_dropout": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
+    "objective.condition_dropout": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
     "model.mlp_ratio": (lambda v: v > 0, "a number > 0"),
     "model.projector_hidden_mult": (lambda v: v >= 1, "an integer >= 1"),
     "data.global_batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -59,6 +62,12 @@ RANGES = {
     "sampling.cfg_scale": (lambda v: v >= 0, "a float >= 0"),
     "sampling.guidance_low": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
     "sampling.guidance_high": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+    "model.num_double": (lambda v: v >= 0, "an integer >= 0"),
+    "text.max_length": (lambda v: v >= 1, "an integer >= 1"),
+    "text.width": (lambda v: v >= 1, "an integer >= 1"),
+    "text.depth": (lambda v: v >= 0, "an integer >= 0"),
+    "text.num_heads": (lambda v: v >= 1, "an integer >= 1"),
+    "text.embedding_dim": (lambda v: v >= 1, "an integer >= 1"),
     "eval.num_samples": (lambda v: v >= 2, "an integer >= 2"),
     "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "eval.grid_rows": (lambda v: v >= 1, "an integer >= 1"),
@@ -90,6 +99,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
   image.check_patchable(config.data.image_size, m.patch_size)
+  if m.architecture == "mmdit":
+    if m.conditioning != "text" or m.num_double > dims.depth:
+      raise ValueError(f"config.model: mmdit needs conditioning='text' (got {m.conditioning!r}) "
+                       f"and num_double={m.num_double} <= depth={dims.depth}.")
+    if sum(m.rope_axes_dims) != dims.hidden_size // dims.num_heads or len(m.rope_axes_dims) != 3:
+      raise ValueError(f"config.model.rope_axes_dims={tuple(m.rope_axes_dims)} must be 3 even "
+                       f"sizes summing to the head dim {dims.hidden_size // dims.num_heads}.")
+  elif m.conditioning != "class":
+    raise ValueError(f"config.model.conditioning={m.conditioning!r} needs "
+                     "model.architecture='mmdit'; the dit backbone is class-conditional.")
+  if config.data.dataset == "latent_shards" and not config.data.data_dir:
+    raise ValueError("config.data.data_dir is empty; with data.dataset='latent_shards' it must "
+                     "name the shard directory (--config.data.data_dir=gs://.../shards).")
+  if config.text.encoder == "bytes" and config.text.width % config.text.num_heads:
+    raise ValueError(f"config.text.width={config.text.width} must be divisible by "
+                     f"config.text.num_heads={config.text.num_heads}.")
   if config.sampling.guidance_low > config.sampling.guidance_high:
     raise ValueError(f"config.sampling.guidance_low={config.sampling.guidance_low} must not "
                      f"exceed config.sampling.guidance_high={config.sampling.guidance_high}.")

@@ -125,9 +125,3 @@ def cosine_similarity(a, b, eps: float = 1e-6):
 def representation_loss(student_features, teacher_features):
   """L_rep = mean over batch and tokens of (1 - cos) over the feature dim (maintainer, issue #7)."""
   return jnp.mean(1.0 - cosine_similarity(student_features, teacher_features))
-
-
-def drop_labels(key, labels, *, probability: float, null_class: int):
-  """CFG label dropout; the result is used by both student and teacher (maintainer, issue #10)."""
-  drop = jax.random.uniform(key, labels.shape) < probability
-  return jnp.where(drop, null_class, labels)

@@ -18,18 +18,24 @@ from etils import epath
 
 from self_flow import (checkpointing, config_validation, optim, preemption, reporting, sharding,
                        train_state, train_step)
-from self_flow.data import pipeline, sources
+from self_flow.data import captions, latent_shards, pipeline, sources
 from self_flow.evaluation import evaluator as evaluator_lib
 
 
 def _open_train_data(config: ml_collections.ConfigDict):
+  """The resumable training iterator: embedded images (+ generated captions) or latent shards."""
   data = config.data
+  kwargs = dict(global_batch_size=data.global_batch_size, seed=data.shuffle_seed,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size)
+  if data.dataset == "latent_shards":
+    source = latent_shards.LatentShardSource(data.data_dir, "train")
+    return pipeline.make_train_iterator(source, preprocess=pipeline.preprocess_latents, **kwargs)
   source = sources.open_image_source(data.dataset, "train", data.data_dir, data.source)
-  iterator = pipeline.make_train_iterator(
-      source, global_batch_size=data.global_batch_size, seed=data.shuffle_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size)
-  return iterator
+  transforms = ()
+  if config.model.conditioning == "text":
+    transforms = (captions.CaptionTokens(config.text.max_length),)
+  return pipeline.make_train_iterator(source, transforms=transforms, **kwargs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -63,7 +69,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-  evaluator = evaluator_lib.ImageEvaluator(config, layout.graphdef, str(workdir), mesh)
+  # Latent shards have no decoder here, so pixel-space evaluation runs on embedded data only.
+  evaluator = None
+  if config.data.dataset != "latent_shards":
+    evaluator = evaluator_lib.ImageEvaluator(config, layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
   p_train_step = jax.jit(
       train_step.make_train_step(config, layout.graphdef, tx, schedule),
@@ -122,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {"losses": losses, "eval": None, "preempted_at": step + 1}
       checkpointer.save(step + 1, state, train_iter, config)
       every = config.train.eval_every
-      if every and (step + 1) % every == 0 and step + 1 < num_steps:
+      if evaluator and every and (step + 1) % every == 0 and step + 1 < num_steps:
         evaluator.evaluate(state["ema_params"], step + 1, writer)
     if pending is not None:
       drain(pending)
@@ -130,9 +139,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if checkpointer.latest_step() != num_steps:
     checkpointer.save(num_steps, state, train_iter, config, force=True)
   checkpointer.wait()
-  final = evaluator.evaluate(state["ema_params"], num_steps, writer)
-  logging.info("Final evaluation at step %d: %s", num_steps,
-               " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+  final = None
+  if evaluator:
+    final = evaluator.evaluate(state["ema_params"], num_steps, writer)
+    logging.info("Final evaluation at step %d: %s", num_steps,
+                 " ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
   writer.flush()
   checkpointer.close()
   return {"losses": losses, "eval": final}

@@ -1,6 +1,6 @@
 """One Self-Flow training step as a pure function of (state, batch, rng) (method doc §1.13).
 
-1. CFG label dropout, shared by student and teacher.
+1. CFG condition dropout (labels or text), shared by student and teacher.
 2. (t, s, mask) from the noising policy; shared noise x1; per-token noising.
 3. Student forward on x_tau with per-token timesteps -> velocity and projected layer-l features.
 4. Teacher (EMA params, stop-gradient) on all tokens at tau_min -> raw layer-k features; skipped
@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from self_flow import objectives, train_state
+from self_flow import conditioning, objectives, train_state
 from self_flow.modalities import image
 
 
@@ -27,24 +27,25 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> C
   size = config.data.image_size
   pos = image.position_ids(size, size, patch)
   null_class = config.data.num_classes
+  kind = config.model.conditioning
   use_teacher = obj.rep_loss_weight > 0
   time_kwargs = dict(distribution=obj.time_distribution, shift=obj.train_shift,
                      logit_mean=obj.logit_normal_mean, logit_std=obj.logit_normal_std)
 
   def loss_fn(params, ema_params, batch, rng):
-    key_label, key_time, key_noise = jax.random.split(rng, 3)
-    x0 = image.patchify(batch["image"].astype(jnp.float32), patch)
+    key_drop, key_time, key_noise = jax.random.split(rng, 3)
+    x0 = image.patchify(image.signal(batch).astype(jnp.float32), patch)
     b, n, _ = x0.shape
     pos_ids = jnp.broadcast_to(pos, (b, n, 3))
-    labels = objectives.drop_labels(key_label, batch["label"], probability=obj.label_dropout,
-                                    null_class=null_class)
+    cond = conditioning.drop(key_drop, conditioning.from_batch(batch, kind),
+                             probability=obj.condition_dropout, null_class=null_class)
     draw = objectives.draw_timesteps(key_time, b, n, policy=obj.noising,
                                      mask_ratio=obj.mask_ratio, time_kwargs=time_kwargs)
     x1 = jax.random.normal(key_noise, x0.shape, jnp.float32)
     x_tau, tau = objectives.noise_tokens(x0, x1, draw.t, draw.s, draw.mask)
 
     student = train_state.merge(graphdef, params)
-    velocity, student_features = student(x_tau, pos_ids, draw.table, draw.index, labels)
+    velocity, student_features = student(x_tau, pos_ids, draw.table, draw.index, cond)
     loss_gen = objectives.flow_loss(velocity, x0, x1)
     aux = {"loss_gen": loss_gen, "mask_fraction": draw.mask.mean(), "tau_mean": tau.mean()}
     if not use_teacher:
@@ -53,7 +54,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef) -> C
     x_min, tau_min = objectives.teacher_view(x0, x1, tau)
     teacher = train_state.merge(graphdef, ema_params)
     target = teacher.teacher_features(x_min, pos_ids, tau_min[:, None],
-                                      jnp.zeros((b, n), jnp.int32), labels)
+                                      jnp.zeros((b, n), jnp.int32), cond)
     target = jax.lax.stop_gradient(target)
     cosine = objectives.cosine_similarity(student_features, target).mean()
     loss_rep = 1.0 - cosine

@@ -8,6 +8,7 @@ jax.config.update("jax_platforms", "cpu")
 import os  # noqa: E402
 
 from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
 import pytest  # noqa: E402
 
 import self_flow  # noqa: E402,F401  (sets the Flax flags the package needs)
@@ -29,6 +30,16 @@ def tiny_config(method: str = "self_flow"):
   config.optim.warmup_steps = 0
   config.mesh.data = -1
   return config
+
+
+def random_params(model, scale: float, seed: int = 0):
+  """(graphdef, params) of `model` with every parameter, including the zero-initialised adaLN,
+  replaced by noise, so that tests see non-trivial modulation."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(params))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return graphdef, jax.tree.unflatten(
+      treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture

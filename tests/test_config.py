@@ -2,14 +2,19 @@
 
 import pytest
 
-from configs import base, c2i
+from configs import base, c2i, t2i
 from self_flow import config_validation
 
 
+@pytest.mark.parametrize("module", [c2i, t2i])
 @pytest.mark.parametrize("variant", ["default", "local"])
 @pytest.mark.parametrize("method", sorted(base.METHODS))
-def test_every_variant_and_method_validates(variant, method):
-  config = c2i.get_config(f"{variant},method={method}")
+def test_every_variant_and_method_validates(module, variant, method):
+  config = module.get_config(f"{variant},method={method}")
+  if config.data.dataset == "latent_shards":
+    with pytest.raises(ValueError, match="data_dir is empty"):  # the shard path is required
+      config_validation.validate(config, num_devices=8)
+    config.data.data_dir = "/shards"
   config_validation.validate(config, num_devices=8)
   assert config.objective.noising == base.METHODS[method]["noising"]
   assert config.objective.rep_loss_weight == base.METHODS[method]["rep_loss_weight"]
@@ -37,6 +42,13 @@ def test_bad_values_are_named(key, value, message):
   section, name = key.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
+    config_validation.validate(config, num_devices=8)
+
+
+def test_text_config_needs_the_mmdit():
+  config = c2i.get_config("local")
+  config.model.conditioning = "text"
+  with pytest.raises(ValueError, match="model.conditioning='text' needs model.architecture"):
     config_validation.validate(config, num_devices=8)
 
 

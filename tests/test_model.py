@@ -9,17 +9,11 @@ from flax import nnx
 from self_flow import objectives
 from self_flow.modalities import image
 from self_flow.models import factory, presets
+from conftest import random_params
 
 
 def _random_params(model, seed=0):
-  """Replaces every parameter (incl. the zero-initialised adaLN) with noise, so tests see
-  non-trivial modulation."""
-  graphdef, params = nnx.split(model, nnx.Param)
-  pure = nnx.to_pure_dict(params)
-  leaves, treedef = jax.tree.flatten(pure)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  leaves = [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  return graphdef, jax.tree.unflatten(treedef, leaves)
+  return random_params(model, 0.2, seed)
 
 
 def _inputs(config, batch=3, seed=1):

@@ -5,7 +5,7 @@ exact resume point that is checkpointed next to the model. Each process reads on
 shard and `make_global_batch` assembles the shards into one global `jax.Array` per feature.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -26,6 +26,19 @@ def preprocess(record: dict[str, Any]) -> dict[str, np.ndarray]:
   return {"image": image, "label": np.asarray(record["label"], dtype=np.int32)}
 
 
+def preprocess_latents(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """A latent-shard record as model inputs: latents, caption embedding and mask, label.
+
+  The caption string stays behind (strings cannot become device arrays).
+  """
+  return {
+      "latent": np.asarray(record["latent"], np.float32),
+      "text_embedding": np.asarray(record["text_embedding"], np.float32),
+      "text_mask": np.asarray(record["text_mask"], bool),
+      "label": np.asarray(record["label"], np.int32),
+  }
+
+
 def make_train_iterator(
     source: Sequence[dict[str, Any]],
     *,
@@ -35,12 +48,18 @@ def make_train_iterator(
     process_count: int,
     worker_count: int,
     worker_buffer_size: int = 2,
+    preprocess: Callable[[dict[str, Any]], dict[str, np.ndarray]] = preprocess,
+    transforms: Sequence[grain.transforms.Map | grain.transforms.RandomMap] = (),
 ) -> grain.DatasetIterator:
   """Returns an infinite iterator of this process's batches, reshuffled every epoch.
 
   All processes shuffle the full source with the same seed and then take every
   `process_count`-th element, so their shards are disjoint within an epoch and together cover
   it. Batches are dicts of numpy arrays with leading dim `global_batch_size // process_count`.
+
+  `preprocess` turns a record into model inputs (default: uint8 images to [-1, 1]); then each of
+  `transforms` runs per example (RandomMap ones get a per-example rng derived from `seed`, so a
+  resumed iterator reproduces them).
 
   With `worker_count > 0`, batches are produced in that many spawned processes; outside an
   absl app call `absl.flags.FLAGS.mark_as_parsed()` before the first `next()`.
@@ -62,7 +81,13 @@ def make_train_iterator(
   # `repeat` reseeds the upstream shuffle per epoch, so every epoch has a different order.
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
   dataset = dataset[process_index::process_count]
-  dataset = dataset.map(preprocess).batch(global_batch_size // process_count, drop_remainder=True)
+  dataset = dataset.map(preprocess)
+  for transform in transforms:  # e.g. captions drawn per epoch from the pipeline's seed
+    if isinstance(transform, grain.transforms.RandomMap):
+      dataset = dataset.random_map(transform)
+    else:
+      dataset = dataset.map(transform)
+  dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
   iter_dataset = dataset.to_iter_dataset()
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(

@@ -12,6 +12,11 @@ import numpy as np
 POSITION_AXES = (1, 2)
 
 
+def signal(batch: dict):
+  """The array being generated: pixels ("image") or pre-encoded latents ("latent"), (B, H, W, C)."""
+  return batch["latent"] if "latent" in batch else batch["image"]
+
+
 def check_patchable(image_size: int, patch_size: int) -> None:
   if patch_size <= 0 or image_size % patch_size:
     raise ValueError(f"model.patch_size={patch_size} must be a positive divisor of "

@@ -1,13 +1,14 @@
-"""Builds the model a config describes (sizes, dtypes, feature layers, modality projections)."""
+"""Builds the model a config describes (backbone, sizes, dtypes, feature layers, text encoder)."""
 
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from self_flow.modalities import image
-from self_flow.models import dit, presets
+from self_flow.models import dit, mmdit, presets
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHITECTURES = ("dit", "mmdit")
 
 
 def parse_dtype(name: str, key: str):
@@ -16,17 +17,48 @@ def parse_dtype(name: str, key: str):
   return DTYPES[name]
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> dit.SelfFlowDiT:
-  """The class-conditional image model of `config` (tokens = image patches)."""
+def _text_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs, **kw):
+  """The trainable byte encoder, or None when embeddings come precomputed with the data."""
+  text = config.text
+  if text.encoder == "precomputed":
+    return None, text.embedding_dim
+  if text.encoder == "bytes":
+    from self_flow.text import byte_encoder  # pylint: disable=g-import-not-at-top
+    encoder = byte_encoder.ByteTextEncoder(width=text.width, depth=text.depth,
+                                           num_heads=text.num_heads,
+                                           max_length=text.max_length, rngs=rngs, **kw)
+    return encoder, text.width
+  raise ValueError(f"text.encoder={text.encoder!r}; allowed: ['bytes', 'precomputed'].")
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """The image generator of `config` (tokens = patches of pixels or latents)."""
   m = config.model
   dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   student, teacher = presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
   image.check_patchable(config.data.image_size, m.patch_size)
   token_dim = m.patch_size * m.patch_size * config.data.num_channels
-  return dit.SelfFlowDiT(
-      in_dim=token_dim, out_dim=token_dim, hidden_size=dims.hidden_size, depth=dims.depth,
-      num_heads=dims.num_heads, mlp_ratio=m.mlp_ratio, num_classes=config.data.num_classes,
-      projector_hidden_mult=m.projector_hidden_mult, student_layer=student, teacher_layer=teacher,
-      pos_axes=image.POSITION_AXES, dtype=parse_dtype(m.compute_dtype, "model.compute_dtype"),
-      param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"),
-      remat_policy=m.remat_policy, attention=m.attention, rngs=rngs)
+  kw = dict(dtype=parse_dtype(m.compute_dtype, "model.compute_dtype"),
+            param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"))
+  common = dict(in_dim=token_dim, out_dim=token_dim, hidden_size=dims.hidden_size,
+                num_heads=dims.num_heads, mlp_ratio=m.mlp_ratio,
+                projector_hidden_mult=m.projector_hidden_mult, student_layer=student,
+                teacher_layer=teacher, remat_policy=m.remat_policy, attention=m.attention,
+                rngs=rngs, **kw)
+  if m.architecture == "dit":
+    if m.conditioning != "class":
+      raise ValueError(f"model.conditioning={m.conditioning!r} needs model.architecture='mmdit' "
+                       "(the dit backbone is class-conditional).")
+    return dit.SelfFlowDiT(depth=dims.depth, num_classes=config.data.num_classes,
+                           pos_axes=image.POSITION_AXES, **common)
+  if m.architecture == "mmdit":
+    if m.conditioning != "text":
+      raise ValueError(f"model.conditioning={m.conditioning!r}: the mmdit backbone is "
+                       "text-conditioned; use model.conditioning='text'.")
+    if not 0 <= m.num_double <= dims.depth:
+      raise ValueError(f"model.num_double={m.num_double} must be in [0, depth={dims.depth}].")
+    encoder, text_dim = _text_encoder(config, rngs, **kw)
+    return mmdit.SelfFlowMMDiT(num_double=m.num_double, num_single=dims.depth - m.num_double,
+                               text_dim=text_dim, text_encoder=encoder,
+                               rope_axes_dims=tuple(m.rope_axes_dims), **common)
+  raise ValueError(f"model.architecture={m.architecture!r}; allowed: {ARCHITECTURES}.")

@@ -1,0 +1,522 @@
+"""Pre-encoded text-to-image data: image latents and caption embeddings in ArrayRecord shards.
+
+Pod-scale text-to-image runs never run the image autoencoder or the large frozen text encoder
+(e.g. T5) in the training loop: a one-off job (`write_shards`, CLI
+`self_flow.tools.write_latent_shards`) encodes every example once and the trainer reads the
+results by index through grain (`LatentShardSource`). This module owns that on-disk format, so
+the writer and the reader cannot drift apart.
+
+On-disk format (version 1). A directory (local or mounted, e.g. with gcsfuse) holding:
+
+* `{split}-{i:05d}-of-{n:05d}.array_record` for i in [0, n): the shards of `split`, written
+  with ArrayRecord options `group_size:1` (one record per chunk, which random access needs).
+  Example k of the written stream is record k // n of shard k % n (round robin), and
+  `LatentShardSource` index k reads it back, so sources keep the written order.
+* `metadata.json`, written last (atomically) and merged when more splits are added::
+
+    {"format": "self_flow.latent_shards", "version": 1,
+     "fields": {"latent": {"shape": [h, w, c], "dtype": "float16"},
+                "text_embedding": {"shape": [L, D], "dtype": "float16"},
+                "text_mask": {"shape": [L], "dtype": "bool"},
+                "caption": {"shape": [], "dtype": "utf-8 bytes"},
+                "label": {"shape": [], "dtype": "int32"}},
+     "latent_scale": 1.0, "latent_shift": 0.0,
+     "image_encoder": "avgpool2", "text_encoder": "bytes",
+     "splits": {"train": {"num_examples": N, "num_shards": n, "shard_lengths": [...]}}}
+
+  A split's shards are usable only once its entry is in `metadata.json`; a directory without
+  the file, or a split missing from it, was not (completely) written and is refused.
+
+Each record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays:
+
+* `latent` (h, w, c) float16: `(image_encoder(image) - latent_shift) * latent_scale`, the
+  convention of SD3/FLUX autoencoders, applied at write time so the trainer reads latents ready
+  for the model. Images are given to the encoder as float32 in [-1, 1].
+* `text_embedding` (L, D) float16 and `text_mask` (L,) bool (True = real token), from the text
+  encoder.
+* `caption` utf-8 bytes, kept for sampling prompts and debugging.
+* `label` int32 scalar: the class id, -1 when the dataset has none.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+from typing import Any
+
+from absl import logging
+from array_record.python import array_record_data_source
+from array_record.python import array_record_module
+from flax import serialization
+import numpy as np
+
+FORMAT = "self_flow.latent_shards"
+VERSION = 1
+METADATA_FILE = "metadata.json"
+# group_size:1 puts every record in its own chunk: reading one record decodes only that record.
+WRITER_OPTIONS = "group_size:1"
+
+# (B, H, W, C) float32 images in [-1, 1] -> (B, h, w, c) latents.
+ImageEncoder = Callable[[np.ndarray], Any]
+# B captions -> ((B, L, D) float32 embeddings, (B, L) bool mask, True = real token).
+TextEncoder = Callable[[list[str]], tuple[Any, Any]]
+
+_SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+_LOG_EVERY = 10_000
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  """Returns the file name of shard `index` of `num_shards` of `split`."""
+  return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def _shard_files(directory: str, split: str) -> list[str]:
+  """Returns the sorted names of all shard files of `split` in `directory`, whatever their n."""
+  pattern = re.compile(re.escape(split) + r"-\d{5}-of-\d{5}\.array_record")
+  return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+  """Returns the parsed `metadata.json` of a latent-shard directory, after checking it.
+
+  Raises:
+    FileNotFoundError: `directory` or its `metadata.json` does not exist.
+    ValueError: the file is not latent-shard metadata of a known version.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"Latent-shard directory {directory!r} does not exist.")
+  path = os.path.join(directory, METADATA_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{directory!r} has no {METADATA_FILE}: it is not a latent-shard directory, or its "
+        "writer did not finish (the metadata is written last). Rerun write_shards."
+    )
+  with open(path) as f:
+    metadata = json.load(f)
+  if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+    raise ValueError(
+        f"{path!r} has format={metadata.get('format')!r}, version={metadata.get('version')!r};"
+        f" this reader knows only format={FORMAT!r}, version={VERSION}."
+    )
+  return metadata
+
+
+# Built-in encoders: deterministic, dependency-free stand-ins for a VAE and T5, used by tests,
+# CPU runs and the CLI. Real encoders are passed to `write_shards` as callables.
+
+
+def avgpool2_encoder(images: np.ndarray) -> np.ndarray:
+  """Encodes (B, H, W, C) images by 2x2 average pooling to (B, H/2, W/2, C)."""
+  b, h, w, c = images.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"avgpool2 needs even image height and width, got {h}x{w}.")
+  return images.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def identity_encoder(images: np.ndarray) -> np.ndarray:
+  """Uses the pixels themselves as latents (pixel-space training through the same format)."""
+  return images
+
+
+def bytes_text_encoder(max_length: int) -> TextEncoder:
+  """Returns a text encoder embedding each caption as the one-hot (D = 256) of its UTF-8 bytes.
+
+  Captions are truncated or padded to `max_length` bytes; the mask marks the real bytes.
+  """
+  if max_length < 1:
+    raise ValueError(f"max_length={max_length} must be >= 1.")
+
+  def encode(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    embeddings = np.zeros((len(captions), max_length, 256), np.float32)
+    mask = np.zeros((len(captions), max_length), bool)
+    for row, caption in enumerate(captions):
+      ids = np.frombuffer(caption.encode("utf-8")[:max_length], np.uint8)
+      embeddings[row, np.arange(len(ids)), ids] = 1.0
+      mask[row, : len(ids)] = True
+    return embeddings, mask
+
+  return encode
+
+
+IMAGE_ENCODERS: dict[str, ImageEncoder] = {
+    "avgpool2": avgpool2_encoder,
+    "identity": identity_encoder,
+}
+# name -> factory taking the maximum text length L.
+TEXT_ENCODERS: dict[str, Callable[[int], TextEncoder]] = {"bytes": bytes_text_encoder}
+
+
+def get_image_encoder(name: str) -> ImageEncoder:
+  """Returns the built-in image encoder called `name` (a key of `IMAGE_ENCODERS`)."""
+  if name not in IMAGE_ENCODERS:
+    raise ValueError(
+        f"Unknown image encoder {name!r}; built-in ones: {', '.join(map(repr, IMAGE_ENCODERS))}."
+    )
+  return IMAGE_ENCODERS[name]
+
+
+def get_text_encoder(name: str, max_length: int) -> TextEncoder:
+  """Returns the built-in text encoder called `name` with texts of `max_length` tokens."""
+  if name not in TEXT_ENCODERS:
+    raise ValueError(
+        f"Unknown text encoder {name!r}; built-in ones: {', '.join(map(repr, TEXT_ENCODERS))}."
+    )
+  return TEXT_ENCODERS[name](max_length)
+
+
+def write_shards(
+    examples: Iterable[dict[str, Any]],
+    *,
+    output_dir: str,
+    split: str,
+    num_shards: int,
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    batch_size: int,
+    latent_scale: float = 1.0,
+    latent_shift: float = 0.0,
+    image_encoder_name: str,
+    text_encoder_name: str,
+) -> dict[str, Any]:
+  """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
+
+  Other splits already in `output_dir` are kept; their metadata must agree (encoders, latent
+  scale and shift, field shapes). Rewriting an existing split first drops it from the metadata,
+  so an interrupted rewrite leaves it absent rather than inconsistent.
+
+  Args:
+    examples: Dicts with `image` (uint8, (H, W, C), one shape for all), `caption` (str) and
+      optionally `label` (int; -1 = none, the default).
+    output_dir: Directory to write; created if missing.
+    split: Split name (letters, digits, underscores).
+    num_shards: Number of shard files; examples go to them round robin.
+    image_encoder: (B, H, W, C) float32 in [-1, 1] -> (B, h, w, c) latents.
+    text_encoder: list of B captions -> ((B, L, D) embeddings, (B, L) bool mask).
+    batch_size: Examples per encoder call. The last batch is padded to this size, so a jitted
+      encoder compiles once.
+    latent_scale: Stored latents are `(image_encoder(image) - latent_shift) * latent_scale`.
+    latent_shift: See `latent_scale`.
+    image_encoder_name: Name of `image_encoder`, recorded in the metadata.
+    text_encoder_name: Name of `text_encoder`, recorded in the metadata.
+
+  Returns:
+    The metadata written to `output_dir/metadata.json`.
+
+  Raises:
+    ValueError: a bad argument or example, or metadata incompatible with the existing splits.
+  """
+  _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
+                    image_encoder_name, text_encoder_name)
+  encoded = _encode_batches(
+      examples, image_encoder, text_encoder, batch_size, latent_scale, latent_shift
+  )
+  # The first batch gives the field shapes, which are checked before the directory is touched.
+  first = next(encoded, None)
+  if first is None:
+    raise ValueError(f"No examples given for split {split!r}; nothing written.")
+  header = {
+      "format": FORMAT,
+      "version": VERSION,
+      "latent_scale": float(latent_scale),
+      "latent_shift": float(latent_shift),
+      "image_encoder": image_encoder_name,
+      "text_encoder": text_encoder_name,
+      "fields": first[1],
+  }
+  metadata = _metadata_for_new_split(output_dir, split, header)
+  paths = [os.path.join(output_dir, shard_name(split, i, num_shards)) for i in range(num_shards)]
+  writers = [array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS) for path in paths]
+  shard_lengths = [0] * num_shards
+  try:
+    for index, (record, fields) in enumerate(itertools.chain([first], encoded)):
+      if fields != metadata["fields"]:
+        raise ValueError(
+            f"Example {index} of split {split!r} has fields {fields}, but earlier examples "
+            f"have {metadata['fields']}; all examples must share one shape."
+        )
+      writers[index % num_shards].write(serialization.msgpack_serialize(record))
+      shard_lengths[index % num_shards] += 1
+      if (index + 1) % _LOG_EVERY == 0:
+        logging.info("%s: wrote %d examples of split %r.", output_dir, index + 1, split)
+  finally:
+    for writer in writers:
+      writer.close()
+  num_examples = sum(shard_lengths)
+  metadata["splits"][split] = {
+      "num_examples": num_examples,
+      "num_shards": num_shards,
+      "shard_lengths": shard_lengths,
+  }
+  _write_metadata(output_dir, metadata)
+  logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split, num_examples,
+               num_shards)
+  return metadata
+
+
+def _check_write_args(
+    split: str,
+    num_shards: int,
+    batch_size: int,
+    latent_scale: float,
+    latent_shift: float,
+    image_encoder_name: str,
+    text_encoder_name: str,
+) -> None:
+  if not _SPLIT_PATTERN.fullmatch(split):
+    raise ValueError(f"split={split!r} must be non-empty letters, digits and underscores.")
+  if num_shards < 1:
+    raise ValueError(f"num_shards={num_shards} must be >= 1.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  if not math.isfinite(latent_scale) or latent_scale == 0:
+    raise ValueError(f"latent_scale={latent_scale} must be finite and non-zero.")
+  if not math.isfinite(latent_shift):
+    raise ValueError(f"latent_shift={latent_shift} must be finite.")
+  for what, name in (("image_encoder_name", image_encoder_name),
+                     ("text_encoder_name", text_encoder_name)):
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"{what}={name!r} must be a non-empty string naming the encoder.")
+
+
+def _metadata_for_new_split(output_dir: str, split: str, header: dict) -> dict[str, Any]:
+  """Returns the metadata to extend with `split`, after clearing any old copy of the split.
+
+  `header` holds everything but the splits; it must match that of the other splits already in
+  `output_dir`, which is checked before anything is changed there.
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  splits = {}
+  if os.path.exists(os.path.join(output_dir, METADATA_FILE)):
+    existing = read_metadata(output_dir)
+    splits = existing["splits"]
+    others = sorted(set(splits) - {split})
+    for key, value in header.items():
+      if others and existing[key] != value:
+        raise ValueError(
+            f"{output_dir!r} holds splits {others} written with {key}={existing[key]!r}; "
+            f"cannot add split {split!r} with {key}={value!r}. Use another output_dir or "
+            "matching settings."
+        )
+    if split in splits:
+      del splits[split]
+      _write_metadata(output_dir, dict(existing, splits=splits))
+  for name in _shard_files(output_dir, split):
+    os.remove(os.path.join(output_dir, name))
+  return dict(header, splits=splits)
+
+
+def _write_metadata(output_dir: str, metadata: dict[str, Any]) -> None:
+  """Writes metadata.json atomically, so readers never see a half-written file."""
+  path = os.path.join(output_dir, METADATA_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(metadata, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def _encode_batches(
+    examples: Iterable[dict[str, Any]],
+    image_encoder: ImageEncoder,
+    text_encoder: TextEncoder,
+    batch_size: int,
+    latent_scale: float,
+    latent_shift: float,
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+  """Yields (record, field specs) per example, encoding `batch_size` examples per call."""
+  iterator = iter(examples)
+  start = 0
+  while batch := list(itertools.islice(iterator, batch_size)):
+    images, captions, labels = _batch_inputs(batch, start)
+    count = len(batch)
+    # Pad to a constant batch size so a jitted encoder is compiled once.
+    images = np.pad(images, [(0, batch_size - count)] + [(0, 0)] * 3)
+    captions = captions + [""] * (batch_size - count)
+    latents = np.asarray(image_encoder(images.astype(np.float32) / 127.5 - 1.0), np.float32)
+    embeddings, mask = text_encoder(captions)
+    embeddings = np.asarray(embeddings, np.float32)
+    mask = np.asarray(mask)
+    _check_encoder_outputs(latents, embeddings, mask, batch_size)
+    latents = _to_float16((latents - latent_shift) * latent_scale, "latent", start)
+    embeddings = _to_float16(embeddings, "text_embedding", start)
+    mask = mask.astype(bool)
+    fields = {
+        "latent": {"shape": list(latents.shape[1:]), "dtype": "float16"},
+        "text_embedding": {"shape": list(embeddings.shape[1:]), "dtype": "float16"},
+        "text_mask": {"shape": list(mask.shape[1:]), "dtype": "bool"},
+        "caption": {"shape": [], "dtype": "utf-8 bytes"},
+        "label": {"shape": [], "dtype": "int32"},
+    }
+    for row in range(count):
+      record = {
+          "latent": latents[row],
+          "text_embedding": embeddings[row],
+          "text_mask": mask[row],
+          "caption": captions[row].encode("utf-8"),
+          "label": np.asarray(labels[row], np.int32),
+      }
+      yield record, fields
+    start += count
+
+
+def _batch_inputs(batch: list[dict[str, Any]], start: int) -> tuple[np.ndarray, list[str], list]:
+  """Checks the examples of one batch and returns (uint8 images, captions, labels)."""
+  images, captions, labels = [], [], []
+  for offset, example in enumerate(batch):
+    where = f"Example {start + offset}"
+    missing = {"image", "caption"} - set(example)
+    if missing:
+      raise ValueError(f"{where} lacks {sorted(missing)}; it has keys {sorted(example)}.")
+    image = np.asarray(example["image"])
+    if image.dtype != np.uint8 or image.ndim != 3:
+      raise ValueError(
+          f"{where}: image has dtype {image.dtype} and shape {image.shape}; need uint8 (H, W, C)."
+      )
+    if images and image.shape != images[0].shape:
+      raise ValueError(
+          f"{where}: image shape {image.shape} differs from {images[0].shape}; all images of a "
+          "split must share one shape."
+      )
+    if not isinstance(example["caption"], str):
+      raise ValueError(f"{where}: caption {example['caption']!r} must be a str.")
+    label = example.get("label", -1)
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
+        -1 <= label <= np.iinfo(np.int32).max):
+      raise ValueError(f"{where}: label {label!r} must be an int32 >= 0, or -1 for none.")
+    images.append(image)
+    captions.append(example["caption"])
+    labels.append(int(label))
+  return np.stack(images), captions, labels
+
+
+def _check_encoder_outputs(latents, embeddings, mask, batch_size: int) -> None:
+  if latents.ndim != 4 or latents.shape[0] != batch_size:
+    raise ValueError(
+        f"image_encoder returned shape {latents.shape} for {batch_size} images; "
+        "need (B, h, w, c)."
+    )
+  if embeddings.ndim != 3 or embeddings.shape[0] != batch_size:
+    raise ValueError(
+        f"text_encoder returned embeddings of shape {embeddings.shape} for {batch_size} "
+        "captions; need (B, L, D)."
+    )
+  if mask.shape != embeddings.shape[:2]:
+    raise ValueError(
+        f"text_encoder returned a mask of shape {mask.shape} for embeddings of shape "
+        f"{embeddings.shape}; need (B, L)."
+    )
+
+
+def _to_float16(values: np.ndarray, field: str, start: int) -> np.ndarray:
+  """Casts to float16, refusing values it cannot hold (they would silently become inf)."""
+  with np.errstate(over="ignore"):  # Overflow is reported below, with the field and the fix.
+    stored = values.astype(np.float16)
+  if not np.isfinite(stored).all():
+    raise ValueError(
+        f"{field} of the batch starting at example {start} has values beyond float16 "
+        f"(max |x| = {np.abs(values).max()}, float16 holds up to 65504); rescale with "
+        "latent_scale or fix the encoder."
+    )
+  return stored
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardInstruction:
+  """One shard for `ArrayRecordDataSource`, with its length taken from the metadata.
+
+  Passing lengths spares opening every shard file (thousands at pod scale) when a source opens.
+  """
+
+  filename: str
+  skip: int
+  take: int
+  examples_in_shard: int
+
+
+class LatentShardSource:
+  """Random-access source over all shards of one split, for grain.
+
+  Index k is the k-th example written (record k // n of shard k % n). Records decode to
+  `{"latent": float32 (h, w, c), "text_embedding": float32 (L, D), "text_mask": bool (L,),
+  "label": int32 scalar, "caption": str}`. The repr names only the split and its shapes and
+  encoders (not the directory), so grain's checkpoint check passes when a run resumes from a
+  copy of the data elsewhere.
+  """
+
+  def __init__(self, directory: str, split: str):
+    """Opens `split` of the latent-shard directory `directory`.
+
+    Raises:
+      FileNotFoundError: the directory, its metadata.json or a shard file is missing.
+      ValueError: unknown format version, unknown split, or shard files that do not match the
+        metadata.
+    """
+    self.metadata = read_metadata(directory)
+    splits = self.metadata["splits"]
+    if split not in splits:
+      raise ValueError(
+          f"Split {split!r} is not in {directory!r}; it holds {sorted(splits)}. (A split whose "
+          "writer did not finish is absent.)"
+      )
+    info = splits[split]
+    num_shards = info["num_shards"]
+    lengths = info["shard_lengths"]
+    if len(lengths) != num_shards or sum(lengths) != info["num_examples"]:
+      raise ValueError(
+          f"{os.path.join(directory, METADATA_FILE)!r}: split {split!r} has num_shards="
+          f"{num_shards} and num_examples={info['num_examples']} but shard_lengths={lengths}."
+      )
+    expected = [shard_name(split, i, num_shards) for i in range(num_shards)]
+    found = _shard_files(directory, split)
+    if found != expected:
+      raise FileNotFoundError(
+          f"{directory!r}: the metadata lists {num_shards} shards of split {split!r}, but the "
+          f"directory holds {len(found)} ({', '.join(found[:4]) or 'none'}"
+          f"{', ...' if len(found) > 4 else ''}); expected {expected[0]} ... {expected[-1]}."
+      )
+    self._num_shards = num_shards
+    self._offsets = [0, *itertools.accumulate(lengths)][:-1]
+    self._records = array_record_data_source.ArrayRecordDataSource([
+        _ShardInstruction(os.path.join(directory, name), 0, length, length)
+        for name, length in zip(expected, lengths)
+    ])
+    fields = self.metadata["fields"]
+    self._description = (
+        f"LatentShardSource(split={split!r}, num_examples={info['num_examples']}, "
+        f"num_shards={num_shards}, latent_shape={tuple(fields['latent']['shape'])}, "
+        f"text_embedding_shape={tuple(fields['text_embedding']['shape'])}, "
+        f"image_encoder={self.metadata['image_encoder']!r}, "
+        f"text_encoder={self.metadata['text_encoder']!r})"
+    )
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def _key(self, index: int) -> int:
+    """Maps a written-order index to the contiguous key of `ArrayRecordDataSource`."""
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"Index {index} is out of range for {self!r}.")
+    return self._offsets[index % self._num_shards] + index // self._num_shards
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _decode(self._records[self._key(index)])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Reads many records in one call; ArrayRecord serves them in parallel per shard."""
+    return [_decode(r) for r in self._records.__getitems__([self._key(i) for i in indices])]
+
+  def __repr__(self) -> str:
+    return self._description
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+  record = serialization.msgpack_restore(raw)
+  return {
+      "latent": record["latent"].astype(np.float32),
+      "text_embedding": record["text_embedding"].astype(np.float32),
+      "text_mask": record["text_mask"].astype(bool),
+      "label": np.asarray(record["label"], np.int32),
+      "caption": record["caption"].decode("utf-8"),
+  }

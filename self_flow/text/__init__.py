@@ -1,0 +1,1 @@
+"""Text conditioning without downloads: a byte-level tokenizer and a small trainable encoder."""

@@ -1,0 +1,249 @@
+"""Tests for the latent-shard format: writer, built-in encoders, grain source and the CLI."""
+
+import json
+import os
+
+from absl.testing import flagsaver
+from array_record.python import array_record_module
+import grain
+import numpy as np
+import pytest
+
+from self_flow.data import latent_shards, sources
+from self_flow.tools import write_latent_shards
+
+_NUM_EXAMPLES = 30
+_NUM_SHARDS = 3
+_MAX_LENGTH = 16
+_SCALE, _SHIFT = 2.0, 0.25
+
+
+def _examples(num: int = _NUM_EXAMPLES, seed: int = 0) -> list[dict]:
+  """Random 8x6x2 images with random (sometimes non-ASCII, sometimes too long) captions."""
+  rng = np.random.default_rng(seed)
+  words = ["a", "cat", "dog", "über", "red", "shoe", "très", "long"]
+  return [
+      {
+          "image": rng.integers(0, 256, (8, 6, 2), dtype=np.uint8),
+          "caption": " ".join(rng.choice(words, rng.integers(0, 6))),
+          "label": int(rng.integers(-1, 10)),
+      }
+      for _ in range(num)
+  ]
+
+
+def _write(output_dir, examples, split="train", **overrides):
+  kwargs = dict(
+      output_dir=str(output_dir),
+      split=split,
+      num_shards=_NUM_SHARDS,
+      image_encoder=latent_shards.avgpool2_encoder,
+      text_encoder=latent_shards.bytes_text_encoder(_MAX_LENGTH),
+      batch_size=7,  # Does not divide 30: the last batch is padded.
+      latent_scale=_SCALE,
+      latent_shift=_SHIFT,
+      image_encoder_name="avgpool2",
+      text_encoder_name="bytes",
+  )
+  kwargs.update(overrides)
+  return latent_shards.write_shards(examples, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """A directory with a train split of `_examples()` and a smaller test split."""
+  directory = tmp_path_factory.mktemp("latents")
+  examples = _examples()
+  _write(directory, examples)
+  _write(directory, _examples(5, seed=1), split="test")
+  return str(directory), examples
+
+
+def test_round_trip_matches_encoders_applied_directly(written):
+  directory, examples = written
+  source = latent_shards.LatentShardSource(directory, "train")
+  assert len(source) == _NUM_EXAMPLES
+  images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+  want_latents = (latent_shards.avgpool2_encoder(images) - _SHIFT) * _SCALE
+  want_embeddings, want_masks = latent_shards.bytes_text_encoder(_MAX_LENGTH)(
+      [e["caption"] for e in examples]
+  )
+  for index, example in enumerate(examples):
+    record = source[index]
+    assert record["latent"].dtype == np.float32 and record["latent"].shape == (4, 3, 2)
+    np.testing.assert_array_equal(record["latent"], want_latents[index].astype(np.float16))
+    np.testing.assert_array_equal(record["text_embedding"], want_embeddings[index])
+    np.testing.assert_array_equal(record["text_mask"], want_masks[index])
+    assert record["text_mask"].dtype == bool
+    assert record["caption"] == example["caption"]
+    assert record["label"] == example["label"] and record["label"].dtype == np.int32
+
+
+def test_scale_shift_convention_and_bytes_encoder(tmp_path):
+  image = np.full((1, 2, 2, 1), 255, np.uint8)  # -> 1.0 in [-1, 1].
+  caption = "é!"  # UTF-8 bytes 0xc3 0xa9 0x21.
+  example = {"image": image[0], "caption": caption, "label": 3}
+  embeddings, mask = latent_shards.bytes_text_encoder(4)([caption])
+  assert embeddings.shape == (1, 4, 256)
+  np.testing.assert_array_equal(embeddings[0].argmax(-1)[:3], [0xC3, 0xA9, 0x21])
+  np.testing.assert_array_equal(mask[0], [True, True, True, False])
+  assert not embeddings[0, 3].any()
+  truncated, truncated_mask = latent_shards.bytes_text_encoder(2)([caption])
+  assert truncated.shape == (1, 2, 256) and truncated_mask.all()
+
+  _write(tmp_path, [example], num_shards=1, image_encoder=latent_shards.identity_encoder,
+         latent_scale=0.5, latent_shift=3.0)
+  record = latent_shards.LatentShardSource(str(tmp_path), "train")[0]
+  # (1 - 3) * 0.5; the other conventions give 2.0 ((x + shift) * scale) or -2.5 (x * scale - shift).
+  np.testing.assert_array_equal(record["latent"], np.full((2, 2, 1), -1.0))
+
+
+def test_metadata_documents_the_format_and_merges_splits(written):
+  directory, _ = written
+  metadata = latent_shards.read_metadata(directory)
+  assert metadata["format"] == latent_shards.FORMAT and metadata["version"] == 1
+  assert metadata["fields"]["latent"] == {"shape": [4, 3, 2], "dtype": "float16"}
+  assert metadata["fields"]["text_embedding"] == {"shape": [_MAX_LENGTH, 256],
+                                                  "dtype": "float16"}
+  assert metadata["fields"]["text_mask"] == {"shape": [_MAX_LENGTH], "dtype": "bool"}
+  assert (metadata["latent_scale"], metadata["latent_shift"]) == (_SCALE, _SHIFT)
+  assert (metadata["image_encoder"], metadata["text_encoder"]) == ("avgpool2", "bytes")
+  assert metadata["splits"]["train"] == {
+      "num_examples": 30, "num_shards": 3, "shard_lengths": [10, 10, 10]
+  }
+  assert metadata["splits"]["test"]["num_examples"] == 5
+  assert metadata["splits"]["test"]["shard_lengths"] == [2, 2, 1]
+  assert len(latent_shards.LatentShardSource(directory, "test")) == 5
+
+
+def test_shards_are_three_group_size_one_files_read_in_any_order(written):
+  directory, examples = written
+  names = sorted(n for n in os.listdir(directory) if n.startswith("train-"))
+  assert names == [f"train-{i:05d}-of-00003.array_record" for i in range(3)]
+  for name in names:
+    reader = array_record_module.ArrayRecordReader(os.path.join(directory, name))
+    assert "group_size:1," in reader.writer_options_string()
+    assert reader.num_records() == 10
+    reader.close()
+  source = latent_shards.LatentShardSource(directory, "train")
+  order = np.random.default_rng(0).permutation(_NUM_EXAMPLES)
+  assert [source[int(i)]["caption"] for i in order] == [examples[i]["caption"] for i in order]
+  batch = source.__getitems__(order[:7])
+  assert [r["label"] for r in batch] == [examples[i]["label"] for i in order[:7]]
+  with pytest.raises(IndexError, match="30"):
+    source[_NUM_EXAMPLES]
+
+
+def test_repr_is_stable_and_names_no_directory(written, tmp_path):
+  directory, examples = written
+  copy = tmp_path / "copy"
+  _write(copy, examples)
+  reprs = {repr(latent_shards.LatentShardSource(d, "train")) for d in (directory, str(copy))}
+  assert reprs == {
+      "LatentShardSource(split='train', num_examples=30, num_shards=3, latent_shape=(4, 3, 2), "
+      "text_embedding_shape=(16, 256), image_encoder='avgpool2', text_encoder='bytes')"
+  }
+
+
+def test_grain_pipeline(written):
+  directory, _ = written
+  source = latent_shards.LatentShardSource(directory, "train")
+  batches = list(grain.MapDataset.source(source).shuffle(seed=0).batch(4))
+  assert len(batches) == 8
+  first = batches[0]
+  assert first["latent"].shape == (4, 4, 3, 2) and first["latent"].dtype == np.float32
+  assert first["text_embedding"].shape == (4, _MAX_LENGTH, 256)
+  assert first["text_mask"].shape == (4, _MAX_LENGTH) and first["label"].shape == (4,)
+  assert len(first["caption"]) == 4
+  seen = sorted(int(l) for b in batches for l in b["label"])
+  assert seen == sorted(int(source[i]["label"]) for i in range(len(source)))
+
+
+def test_directory_without_metadata_is_refused(written, tmp_path):
+  directory, _ = written
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  for name in os.listdir(directory):
+    if name.endswith(".array_record"):
+      os.link(os.path.join(directory, name), partial / name)
+  with pytest.raises(FileNotFoundError, match="no metadata.json.*did not finish"):
+    latent_shards.LatentShardSource(str(partial), "train")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    latent_shards.LatentShardSource(str(tmp_path / "absent"), "train")
+
+
+def test_unknown_split_version_and_missing_shard_are_refused(written, tmp_path):
+  directory, _ = written
+  with pytest.raises(ValueError, match=r"'validation' is not in .*\['test', 'train'\]"):
+    latent_shards.LatentShardSource(directory, "validation")
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  metadata = latent_shards.read_metadata(directory)
+  (bad / "metadata.json").write_text(json.dumps(dict(metadata, version=99)))
+  with pytest.raises(ValueError, match="version=99"):
+    latent_shards.LatentShardSource(str(bad), "train")
+  (bad / "metadata.json").write_text(json.dumps(metadata))
+  with pytest.raises(FileNotFoundError, match="lists 3 shards of split 'train'.*holds 0"):
+    latent_shards.LatentShardSource(str(bad), "train")
+
+
+def test_bad_encoder_names_and_arguments_are_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown image encoder 'vae'.*'avgpool2', 'identity'"):
+    latent_shards.get_image_encoder("vae")
+  with pytest.raises(ValueError, match=r"Unknown text encoder 't5'.*'bytes'"):
+    latent_shards.get_text_encoder("t5", 8)
+  with pytest.raises(ValueError, match="num_shards=0"):
+    _write(tmp_path, _examples(2), num_shards=0)
+  with pytest.raises(ValueError, match="split='a/b'"):
+    _write(tmp_path, _examples(2), split="a/b")
+  with pytest.raises(ValueError, match="No examples"):
+    _write(tmp_path, [])
+  with pytest.raises(ValueError, match="Example 0: image has dtype float32"):
+    _write(tmp_path, [{"image": np.zeros((2, 2, 1), np.float32), "caption": ""}])
+  with pytest.raises(ValueError, match="beyond float16"):
+    _write(tmp_path, _examples(2), latent_scale=1e6)
+  assert not os.listdir(tmp_path)  # Every refusal came before anything was written.
+
+
+def test_adding_an_incompatible_split_is_refused(written, tmp_path):
+  directory = tmp_path / "merge"
+  _write(directory, _examples(3))
+  with pytest.raises(ValueError, match="latent_scale=2.0.*latent_scale=1.0"):
+    _write(directory, _examples(3), split="test", latent_scale=1.0)
+  with pytest.raises(ValueError, match=r"holds splits \['train'\] written with fields="):
+    _write(directory, _examples(3), split="test", text_encoder=latent_shards.bytes_text_encoder(8))
+  # Rewriting the only split with other settings is allowed, and replaces its shards.
+  _write(directory, _examples(4), num_shards=2, latent_scale=1.0)
+  assert sorted(os.listdir(directory)) == [
+      "metadata.json", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"
+  ]
+  assert len(latent_shards.LatentShardSource(str(directory), "train")) == 4
+
+
+def test_cli_writes_captioned_splits(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  records = {
+      split: [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), "label": i % 10}
+              for i in range(size)]
+      for split, size in (("train", 12), ("test", 6))
+  }
+  opened = []
+
+  def fake_open_image_source(dataset, split, data_dir, source="auto"):
+    opened.append((dataset, split, data_dir, source))
+    return records[split]
+
+  monkeypatch.setattr(sources, "open_image_source", fake_open_image_source)
+  output_dir = str(tmp_path / "cli")
+  with flagsaver.flagsaver(output_dir=output_dir, splits=["train", "test"], num_shards=2,
+                           text_max_length=32, max_examples=10, batch_size=4):
+    write_latent_shards.main(["write_latent_shards"])
+  assert opened == [("fashion_mnist", s, "./data/tfds", "auto") for s in ("train", "test")]
+  train = latent_shards.LatentShardSource(output_dir, "train")
+  test = latent_shards.LatentShardSource(output_dir, "test")
+  assert (len(train), len(test)) == (10, 6)
+  record = train[9]
+  assert record["caption"] == "a photo of an ankle boot"
+  assert record["label"] == 9 and record["latent"].shape == (14, 14, 1)
+  assert record["text_embedding"].shape == (32, 256)
+  assert train[0]["caption"] == "a photo of a t-shirt/top"
