@@ -10,11 +10,11 @@ import ml_collections
 
 from self_flow import conditioning, objectives, optim, sampling, sharding
 from self_flow.modalities import image
-from self_flow.models import dit, factory, presets
+from self_flow.models import factory, presets, scanning
 
 CHOICES = {
     "model.attention": ("xla", "cudnn", "auto"),
-    "model.remat_policy": tuple(dit.REMAT_POLICIES),
+    "model.remat_policy": tuple(scanning.REMAT_POLICIES),
     "model.compute_dtype": tuple(factory.DTYPES),
     "model.param_dtype": tuple(factory.DTYPES),
     "objective.noising": objectives.NOISING_POLICIES,

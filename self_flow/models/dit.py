@@ -13,14 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from self_flow.models import layers
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
+from self_flow.models import layers, scanning
 
 class SelfFlowDiT(nnx.Module):
   """A DiT whose adaLN conditioning is per token (Self-Flow §3.3, per-token SiT blocks)."""
@@ -30,8 +23,7 @@ class SelfFlowDiT(nnx.Module):
       mlp_ratio: float, num_classes: int, projector_hidden_mult: int, student_layer: int,
       teacher_layer: int, pos_axes: tuple[int, ...], dtype: Any, param_dtype: Any,
       remat_policy: str, attention: str, rngs: nnx.Rngs):
-    if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"model.remat_policy={remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}.")
+    scanning.check_remat_policy(remat_policy)
     self.hidden_size = hidden_size
     self.depth = depth
     self.num_classes = num_classes
@@ -47,13 +39,9 @@ class SelfFlowDiT(nnx.Module):
         num_classes + 1, hidden_size, embedding_init=nnx.with_partitioning(
             layers.normal_002, ("classes", "embed")), rngs=rngs, **kw)
 
-    @nnx.split_rngs(splits=depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(block_rngs):
-      return layers.AdaLNBlock(hidden_size, num_heads, mlp_ratio, block_rngs,
-                               attention=attention, **kw)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = scanning.stacked(
+        lambda r: layers.AdaLNBlock(hidden_size, num_heads, mlp_ratio, r, attention=attention,
+                                    **kw), depth, rngs)
     self.final_layer = layers.FinalLayer(hidden_size, out_dim, rngs, **kw)
     self.projector = layers.ProjectionHead(hidden_size, projector_hidden_mult, rngs, **kw)
 
@@ -72,19 +60,9 @@ class SelfFlowDiT(nnx.Module):
 
   def run_blocks(self, h, cond, cond_index, start: int, end: int):
     """Blocks [start, end) (0-based) as one scanned segment over the stacked parameters."""
-    if start == end:
-      return h
-    graphdef, stacked = nnx.split(self.blocks)
-    segment = jax.tree.map(lambda a: a[start:end], stacked)
-
-    def body(carry, block_state):
-      return nnx.merge(graphdef, block_state)(carry, cond, cond_index), None
-
-    policy = REMAT_POLICIES[self.remat_policy]
-    if self.remat_policy != "none":
-      body = jax.checkpoint(body, policy=policy)
-    h, _ = jax.lax.scan(body, h, segment)
-    return h
+    return scanning.scan_segment(self.blocks, h, start, end,
+                                 lambda block, carry: block(carry, cond, cond_index),
+                                 self.remat_policy)
 
   def __call__(self, x, pos_ids, t_table, t_index, labels):
     """Student forward: velocity (B, N, C_out) float32 and projected student features (B, N, D).

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from self_flow.models import layers, rope
-from self_flow.models.dit import REMAT_POLICIES
+from self_flow.models import layers, rope, scanning
 
 
 def rms_norm(x, scale, eps: float = 1e-6):
@@ -127,17 +126,6 @@ def _gate(mod):
   return jnp.split(mod, 3, axis=-1)[2]
 
 
-def _stacked(make, count, rngs):
-  """`count` copies of a block with a leading "layers" axis, for scanning."""
-
-  @nnx.split_rngs(splits=count)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def build(block_rngs):
-    return make(block_rngs)
-
-  return build(rngs)
-
-
 class SelfFlowMMDiT(nnx.Module):
   """Per-token-timestep MMDiT; the text-conditioned counterpart of `dit.SelfFlowDiT`."""
 
@@ -147,8 +135,7 @@ class SelfFlowMMDiT(nnx.Module):
       projector_hidden_mult: int, student_layer: int, teacher_layer: int,
       rope_axes_dims: tuple[int, ...], dtype: Any, param_dtype: Any, remat_policy: str,
       attention: str, rngs: nnx.Rngs):
-    if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"model.remat_policy={remat_policy!r}; allowed: {sorted(REMAT_POLICIES)}.")
+    scanning.check_remat_policy(remat_policy)
     if sum(rope_axes_dims) != hidden_size // num_heads:
       raise ValueError(f"model.rope_axes_dims={tuple(rope_axes_dims)} must sum to the head dim "
                        f"{hidden_size // num_heads} (hidden {hidden_size} / {num_heads} heads).")
@@ -175,9 +162,9 @@ class SelfFlowMMDiT(nnx.Module):
     self.single_mod = layers.dense(hidden_size, 3 * hidden_size, ("embed", "modulation"), rngs,
                                    **zero)
     block_kw = dict(attention=attention, **kw)
-    self.double_blocks = _stacked(
+    self.double_blocks = scanning.stacked(
         lambda r: DoubleBlock(hidden_size, num_heads, mlp_dim, r, **block_kw), num_double, rngs)
-    self.single_blocks = _stacked(
+    self.single_blocks = scanning.stacked(
         lambda r: SingleBlock(hidden_size, num_heads, mlp_dim, r, **block_kw), num_single, rngs)
     self.final_layer = layers.FinalLayer(hidden_size, out_dim, rngs, **kw)
     self.projector = layers.ProjectionHead(hidden_size, projector_hidden_mult, rngs, **kw)
@@ -210,30 +197,21 @@ class SelfFlowMMDiT(nnx.Module):
         single_mod=layers.gather_rows(single_rows, single_index),
         cond=cond)
 
-  def _scan(self, blocks, carry, start, end, body):
-    graphdef, stacked = nnx.split(blocks)
-    segment = jax.tree.map(lambda a: a[start:end], stacked)
-
-    def step(c, block_state):
-      return body(nnx.merge(graphdef, block_state), c), None
-
-    if self.remat_policy != "none":
-      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat_policy])
-    return jax.lax.scan(step, carry, segment)[0]
-
   def run_blocks(self, img, txt, p, start: int, end: int):
     """Blocks [start, end) (0-based, double then single), scanned; returns (img, txt)."""
     nd = self.num_double
     if min(end, nd) > start:
-      img, txt = self._scan(
+      img, txt = scanning.scan_segment(
           self.double_blocks, (img, txt), start, min(end, nd),
           lambda blk, c: blk(c[0], c[1], p["img_mod"], p["txt_mod"], p["cos"], p["sin"],
-                             p["key_mask"]))
+                             p["key_mask"]), self.remat_policy)
     s_start, s_end = max(start, nd) - nd, end - nd
     if s_end > s_start:
       n_txt = txt.shape[1]
-      x = self._scan(self.single_blocks, jnp.concatenate([txt, img], 1), s_start, s_end,
-                     lambda blk, c: blk(c, p["single_mod"], p["cos"], p["sin"], p["key_mask"]))
+      x = scanning.scan_segment(
+          self.single_blocks, jnp.concatenate([txt, img], 1), s_start, s_end,
+          lambda blk, c: blk(c, p["single_mod"], p["cos"], p["sin"], p["key_mask"]),
+          self.remat_policy)
       txt, img = x[:, :n_txt], x[:, n_txt:]
     return img, txt
 
