@@ -53,6 +53,9 @@ from array_record.python import array_record_module
 from flax import serialization
 import numpy as np
 
+from self_flow.modalities import image as image_modality
+from self_flow.text import tokenizer
+
 FORMAT = "self_flow.latent_shards"
 VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -130,12 +133,10 @@ def bytes_text_encoder(max_length: int) -> TextEncoder:
     raise ValueError(f"max_length={max_length} must be >= 1.")
 
   def encode(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    tokens, mask = tokenizer.tokenize(captions, max_length)  # byte + 1, 0 = padding
     embeddings = np.zeros((len(captions), max_length, 256), np.float32)
-    mask = np.zeros((len(captions), max_length), bool)
-    for row, caption in enumerate(captions):
-      ids = np.frombuffer(caption.encode("utf-8")[:max_length], np.uint8)
-      embeddings[row, np.arange(len(ids)), ids] = 1.0
-      mask[row, : len(ids)] = True
+    rows, cols = np.nonzero(mask)
+    embeddings[rows, cols, tokens[rows, cols] - 1] = 1.0
     return embeddings, mask
 
   return encode
@@ -333,7 +334,7 @@ def _encode_batches(
     # Pad to a constant batch size so a jitted encoder is compiled once.
     images = np.pad(images, [(0, batch_size - count)] + [(0, 0)] * 3)
     captions = captions + [""] * (batch_size - count)
-    latents = np.asarray(image_encoder(images.astype(np.float32) / 127.5 - 1.0), np.float32)
+    latents = np.asarray(image_encoder(image_modality.from_uint8(images)), np.float32)
     embeddings, mask = text_encoder(captions)
     embeddings = np.asarray(embeddings, np.float32)
     mask = np.asarray(mask)

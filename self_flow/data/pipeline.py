@@ -13,6 +13,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from self_flow.modalities import image as image_modality
+
 # Records read per batched call in `load_split_arrays`; bounds the decoded dicts held at once.
 _LOAD_CHUNK = 4096
 
@@ -22,8 +24,8 @@ def preprocess(record: dict[str, Any]) -> dict[str, np.ndarray]:
 
   Module-level so grain's spawned worker processes can import it by name.
   """
-  image = np.asarray(record["image"], dtype=np.float32) / 127.5 - 1.0
-  return {"image": image, "label": np.asarray(record["label"], dtype=np.int32)}
+  return {"image": image_modality.from_uint8(np.asarray(record["image"])),
+          "label": np.asarray(record["label"], dtype=np.int32)}
 
 
 def preprocess_latents(record: dict[str, Any]) -> dict[str, np.ndarray]:

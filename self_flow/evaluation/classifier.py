@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from self_flow.modalities import image as image_modality
+
 # Architecture settings. They enter the cache file name, so changing one retrains the classifier;
 # bump ARCHITECTURE_VERSION for a change these settings do not describe.
 CONV_CHANNELS = (16, 32)
@@ -183,11 +185,6 @@ def load_or_train_classifier(
   return classifier, accuracy
 
 
-def _uint8_to_float(images):
-  """uint8 pixels -> float32 in [-1, 1]; works on numpy and JAX arrays alike."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
-
-
 def _optimizer(learning_rate: float, num_steps: int) -> optax.GradientTransformation:
   """AdamW with a cosine decay to 0; rebuilt from the static settings inside the jitted step."""
   return optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps))
@@ -200,7 +197,7 @@ def _train_step(params: nnx.State, opt_state: optax.OptState, all_images: jax.Ar
                 all_labels: jax.Array, indices: jax.Array, *, graphdef: nnx.GraphDef,
                 learning_rate: float, num_steps: int):
   """One AdamW step on the batch `indices` of the device-resident uint8 dataset."""
-  x = _uint8_to_float(all_images[indices])
+  x = image_modality.from_uint8(all_images[indices])
   y = all_labels[indices]
 
   def loss_fn(p):
@@ -246,7 +243,7 @@ def _batched_apply(classifier: FeatureClassifier, images_float: np.ndarray, batc
 
 def _accuracy(classifier: FeatureClassifier, images: np.ndarray, labels: np.ndarray) -> float:
   """Top-1 accuracy on uint8 images, to report how trustworthy the feature space is."""
-  logits = predict_logits(classifier, _uint8_to_float(images), _EVAL_BATCH_SIZE)
+  logits = predict_logits(classifier, image_modality.from_uint8(images), _EVAL_BATCH_SIZE)
   return float(np.mean(logits.argmax(-1) == labels))
 
 

@@ -63,10 +63,6 @@ def make_image_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
                  out_shardings=sharding.replicated(mesh))
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
   """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) mosaic with 1-pixel gaps."""
   n, h, w, c = images.shape
@@ -104,7 +100,7 @@ class ImageEvaluator:
         eval_images=test_images,
         eval_labels=test_labels)
     logging.info("Evaluation classifier: held-out accuracy %.4f.", self.classifier_accuracy)
-    held_out = test_images[:ev.num_samples].astype(np.float32) / 127.5 - 1.0
+    held_out = image.from_uint8(test_images[:ev.num_samples])
     self._reference = frechet.feature_statistics(self._features(held_out))
 
   def _features(self, images: np.ndarray) -> np.ndarray:
@@ -176,7 +172,8 @@ class ImageEvaluator:
       cond = self.condition(labels)
       prompts = None
       name = f"step_{step:08d}_classes_0-{columns - 1}_per_column"
-    grid = make_grid(to_uint8(self.generate(ema_params, cond, seed=self.config.seed + 2)), columns)
+    samples = self.generate(ema_params, cond, seed=self.config.seed + 2)
+    grid = make_grid(image.to_uint8(samples), columns)
     writer.write_images(step, {"samples": grid[None]})
     if prompts:
       writer.write_texts(step, {"sample_prompts": " | ".join(prompts)})

@@ -12,6 +12,16 @@ import numpy as np
 POSITION_AXES = (1, 2)
 
 
+def from_uint8(pixels):
+  """uint8 pixels -> float32 in [-1, 1] (numpy or JAX arrays); the range every model sees."""
+  return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+  """Inverse of `from_uint8` for generated images, rounded and clipped."""
+  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def signal(batch: dict):
   """The array being generated: pixels ("image") or pre-encoded latents ("latent"), (B, H, W, C)."""
   return batch["latent"] if "latent" in batch else batch["image"]
