@@ -14,6 +14,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds parameter init; the step rng is fold_in(PRNGKey(seed), step).
 
+  # Modalities trained: any of image, video, audio. One = a single-modality run; several = joint
+  # multi-modal training (one shared transformer, per-modality input/output projections, each
+  # step one modality drawn from `mixture.probabilities`). Image data and settings live in
+  # `data`, `objective` and `sampling`; video and audio in their own sections below.
+  config.modalities = ("image",)
+
   # --- Model: a SiT/DiT-style token transformer with per-token timestep conditioning. ---
   config.model = model = ml_collections.ConfigDict()
   model.preset = "S"  # Size preset: S, B, L, XL (SiT sizes) or "custom" (use the three keys below).
@@ -51,12 +57,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Timestep policy: dual_timestep (Self-Flow), single (vanilla FM), diffusion_forcing (independent
   # t per token) or full_masking (masked tokens at t = 1).
   objective.noising = "dual_timestep"
-  objective.mask_ratio = 0.25  # R_M: per-token Bernoulli probability of taking the second timestep.
+  objective.mask_ratio = 0.25  # R_M (images): per-token P(taking the second timestep).
   objective.rep_loss_weight = 0.8  # gamma in L = L_gen + gamma * L_rep; 0 skips the teacher.
   objective.time_distribution = "uniform"  # p(t): uniform or logit_normal.
   objective.logit_normal_mean = 0.0  # mu of the logit-normal p(t) before the shift.
   objective.logit_normal_std = 1.0  # sigma of the logit-normal p(t).
-  objective.train_shift = 1.0  # Trainshift alpha: t -> alpha t / (1 + (alpha - 1) t); 1 = none.
+  objective.train_shift = 1.0  # Images: trainshift alpha, t -> alpha t / (1 + (alpha - 1) t).
   objective.condition_dropout = 0.1  # P(label or caption -> null) for CFG; shared with teacher.
 
   # --- Data. ---
@@ -67,10 +73,44 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.image_size = 28  # Side of the (square) training images.
   data.num_channels = 1  # Image channels.
   data.num_classes = 10  # Class count; the null class for CFG is index num_classes.
-  data.global_batch_size = 256  # Examples per optimizer step over all processes.
+  data.global_batch_size = 256  # Images per (image) optimizer step over all processes.
   data.shuffle_seed = 0  # Seed of the data order (reshuffled every epoch).
   data.worker_count = 0  # grain worker processes for multiprocess prefetch; 0 reads in-process.
   data.worker_buffer_size = 2  # Batches each grain worker prefetches.
+
+  # --- Video (modality "video"): clips (T, H, W, C) as spatio-temporal patch tokens. ---
+  config.video = video = ml_collections.ConfigDict()
+  video.dataset = "moving_sprites"  # moving_sprites (embedded) or latent_shards (pre-encoded).
+  video.data_dir = "./data/tfds"  # TFDS directory (moving_sprites) or the latent-shard directory.
+  video.num_frames = 8  # Frames T per clip (latent frames for latent_shards).
+  video.image_size = 32  # Side of the square frames (latent side for latent_shards).
+  video.num_channels = 1  # Channels per frame (latent channels for latent_shards).
+  video.patch_time = 2  # Frames per token.
+  video.patch_size = 8  # Side of the square spatial patch per token.
+  video.global_batch_size = 32  # Clips per video step over all processes.
+  video.mask_ratio = 0.1  # R_M for video (paper A.3: 0.1, temporal redundancy).
+  video.train_shift = 2.95  # Trainshift of p(t) for video (paper App. C).
+  video.sample_shift = 15.0  # Sampleshift of the ODE grid for video (paper A.4).
+
+  # --- Audio (modality "audio"): log-mel spectrograms (frames, mels), tokens along time. ---
+  config.audio = audio = ml_collections.ConfigDict()
+  audio.dataset = "spoken_words"  # spoken_words (embedded, espeak-ng) or latent_shards.
+  audio.data_dir = "./data/tfds"  # TFDS directory (spoken_words) or the latent-shard directory.
+  audio.num_frames = 64  # Feature frames per clip (latent frames for latent_shards).
+  audio.num_channels = 32  # Mel bins per frame (latent channels for latent_shards).
+  audio.frames_per_token = 2  # Consecutive frames per token.
+  audio.global_batch_size = 64  # Clips per audio step over all processes.
+  audio.mask_ratio = 0.5  # R_M for audio (paper App. B sweep).
+  audio.train_shift = 1.0  # Trainshift of p(t) for audio (paper: 1.0 for Self-Flow).
+  audio.sample_shift = 6.93  # Sampleshift of the ODE grid for audio (paper A.4).
+
+  # --- Joint multi-modal mixture (used when `modalities` lists several). ---
+  config.mixture = mixture = ml_collections.ConfigDict()
+  # P(a step trains this modality), renormalised over `modalities` (paper: 0.57 / 0.30 / 0.13).
+  # The draw is a pure function of (seed, step), so a resumed run repeats the same sequence.
+  mixture.probabilities = ml_collections.ConfigDict(dict(image=0.57, video=0.30, audio=0.13))
+  # Multiplier of a modality's loss (paper App. D sweeps these triplets).
+  mixture.loss_weights = ml_collections.ConfigDict(dict(image=1.0, video=1.0, audio=1.0))
 
   # --- Optimiser (AdamW with global-norm clipping, constant LR after warm-up by default). ---
   config.optim = optim = ml_collections.ConfigDict()
@@ -116,13 +156,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "euler"  # euler or heun (ODE) or sde (Euler-Maruyama, official sampler).
   sampling.num_steps = 50  # Model evaluations per sample.
-  sampling.shift = 1.0  # Sampleshift warping the ODE time grid (ignored by sde).
+  sampling.shift = 1.0  # Images: sampleshift warping the ODE time grid (ignored by sde).
   sampling.cfg_scale = 1.0  # Classifier-free guidance scale; 1 = no guidance (paper metrics).
   sampling.guidance_low = 0.0  # Guidance applies only for paper-convention t in [low, high].
   sampling.guidance_high = 1.0  # Upper end of the guidance interval.
 
   # --- Offline evaluation in the feature space of a small classifier trained on the dataset. ---
   config.eval = ev = ml_collections.ConfigDict()
+  ev.enabled = True  # False skips every evaluation (e.g. quick tests, or runs evaluated offline).
   ev.num_samples = 1000  # Generated and held-out images for the Frechet distance.
   ev.batch_size = 256  # Samples per jitted sampler call; a multiple of mesh data*fsdp.
   ev.grid_classes_per_row = 10  # Sample grid: one column per class, this many classes.
@@ -164,3 +205,56 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown; allowed: {sorted(METHODS)}.")
   config.objective.update(METHODS[method])
+
+
+def use_paper_mmdit(config: ml_collections.ConfigDict) -> None:
+  """The paper's ~625M FLUX.2-style model (hidden 1152, 16 heads, 7 double + 14 single blocks,
+  3-D RoPE 24+24+24) with precomputed caption embeddings: every text-conditioned default."""
+  config.model.architecture = "mmdit"
+  config.model.conditioning = "text"
+  config.model.preset = "custom"
+  config.model.hidden_size = 1152
+  config.model.num_heads = 16
+  config.model.depth = 21
+  config.model.num_double = 7
+  config.model.rope_axes_dims = (24, 24, 24)
+  config.model.remat_policy = "dots"
+  config.text.encoder = "precomputed"
+  config.text.embedding_dim = 4096  # e.g. T5-XXL; must match the shards' metadata.
+  config.text.max_length = 128
+  config.data.worker_count = 4
+  config.train.num_steps = 1_000_000
+  config.train.eval_every = 0
+  config.sampling.num_steps = 50  # Paper A.4: 50 Euler ODE steps on a shift-warped grid.
+  config.sampling.method = "euler"
+
+
+def use_local_mmdit(config: ml_collections.ConfigDict, *, num_steps: int) -> None:
+  """The CPU-sized MMDiT with a trainable byte-level text encoder that every text-conditioned
+  `local` variant shares (about 0.5 s per 64-example image step on 2 cores)."""
+  config.model.architecture = "mmdit"
+  config.model.conditioning = "text"
+  config.model.preset = "custom"
+  config.model.hidden_size = 128
+  config.model.num_heads = 4
+  config.model.depth = 5
+  config.model.num_double = 1
+  config.model.mlp_ratio = 2.0  # Keeps a step near 0.5 s on 2 cores (ratio 4, depth 6: 0.77 s).
+  config.model.rope_axes_dims = (4, 14, 14)
+  config.model.compute_dtype = "float32"  # bf16 matmuls are no faster on XLA:CPU.
+  config.text.encoder = "bytes"
+  config.text.max_length = 48  # the longest generated image caption has 44 bytes
+  config.text.width = 64
+  config.text.depth = 1
+  config.text.num_heads = 4
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.995  # Short run: see configs/c2i.py.
+  config.train.num_steps = num_steps
+  config.train.log_every = 100
+  config.train.checkpoint_every = 400
+  config.train.eval_every = 0
+  config.eval.classifier_steps = 1000
+  config.eval.grid_rows = 3
+  config.sampling.num_steps = 50
+  config.sampling.method = "euler"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine, sourced by run_local.sh and test.sh:
-#   - Debian packages: the embedded dataset (dataset-fashion-mnist) and tcmalloc (15-20% faster
-#     CPU steps), installed only when missing;
+#   - Debian packages: the embedded datasets (dataset-fashion-mnist; espeak-ng, which synthesises
+#     the spoken-word audio dataset) and tcmalloc (15-20% faster CPU steps), installed only when
+#     missing;
 #   - a virtual environment in .venv with requirements.txt, reinstalled only when that file changes;
 #   - LD_PRELOAD of tcmalloc when present.
 # Fast when already set up (two dpkg queries and one checksum).
@@ -9,7 +10,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
-DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4)
+DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4 espeak-ng)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

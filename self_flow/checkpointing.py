@@ -1,23 +1,31 @@
-"""Orbax checkpoints of everything a run needs to continue exactly: state, data iterator, config.
+"""Orbax checkpoints of everything a run needs to continue exactly: state, data iterators, config.
 
 Saves are asynchronous (training continues while the previous save is written) and atomic (orbax
 writes to a temporary directory and renames), so a crash or SIGTERM mid-save leaves the last
-finished checkpoint intact. Only the latest `keep` checkpoints are kept.
+finished checkpoint intact. Only the latest `keep` checkpoints are kept. A multi-modal run has
+one data iterator per modality (item `data_iter_<modality>`); which modality a step trains is a
+function of the step (`self_flow.mixture`), so iterators + step restore the mixture exactly.
 """
+
+from collections.abc import Mapping, Sequence
 
 import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data_iter", "config")
+
+def _iterator_item(modality: str) -> str:
+  return f"data_iter_{modality}"
 
 
 class Checkpointer:
   """One workdir's checkpoints: `save` at an interval (or forced), `restore` the latest."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int):
+  def __init__(self, directory: str, *, save_every: int, keep: int, modalities: Sequence[str]):
+    self.modalities = tuple(modalities)
     self.manager = ocp.CheckpointManager(
-        directory, item_names=ITEMS,
+        directory,
+        item_names=("state", "config") + tuple(map(_iterator_item, self.modalities)),
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
             preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
@@ -26,19 +34,28 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict,
-           force: bool = False) -> bool:
-    """Starts an async save when `step` is on the interval (or `force`); True if one started."""
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config.to_dict())))
+  def _check(self, iterators: Mapping) -> None:
+    if tuple(iterators) != self.modalities:
+      raise ValueError(f"data iterators for {tuple(iterators)} given; this checkpointer holds "
+                       f"{self.modalities}.")
 
-  def restore(self, step: int, abstract_state, data_iterator):
-    """Restores `step` into the shardings of `abstract_state`; the iterator is restored in place."""
+  def save(self, step: int, state, iterators: Mapping[str, grain.DatasetIterator],
+           config: ml_collections.ConfigDict, force: bool = False) -> bool:
+    """Starts an async save when `step` is on the interval (or `force`); True if one started.
+
+    `iterators` maps each modality to its training iterator."""
+    self._check(iterators)
+    items = {_iterator_item(m): grain.checkpoint.CheckpointSave(it) for m, it in iterators.items()}
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()), **items))
+
+  def restore(self, step: int, abstract_state, iterators: Mapping[str, grain.DatasetIterator]):
+    """Restores `step` into the shardings of `abstract_state`; iterators are restored in place."""
+    self._check(iterators)
+    items = {_iterator_item(m): grain.checkpoint.CheckpointRestore(it)
+             for m, it in iterators.items()}
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract_state), **items))
     return restored.state
 
   def saved_config(self, step: int) -> dict:

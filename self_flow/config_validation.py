@@ -9,7 +9,9 @@ import jax
 import ml_collections
 
 from self_flow import conditioning, objectives, optim, sampling, sharding
-from self_flow.modalities import image
+from self_flow.data import modality_sources, moving_sprites
+from self_flow.modalities import audio
+from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory, presets, scanning
 
 CHOICES = {
@@ -26,6 +28,8 @@ CHOICES = {
     "model.architecture": factory.ARCHITECTURES,
     "model.conditioning": conditioning.KINDS,
     "text.encoder": ("bytes", "precomputed"),
+    "video.dataset": ("moving_sprites", "latent_shards"),
+    "audio.dataset": ("spoken_words", "latent_shards"),
 }
 
 # key -> (predicate, description of what is allowed)
@@ -75,6 +79,25 @@ RANGES = {
     "eval.classifier_steps": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_learning_rate": (lambda v: v > 0, "a float > 0"),
+    **{f"{section}.{key}": (lambda v: v >= 1, "an integer >= 1")
+       for section, keys in (("video", ("num_frames", "image_size", "num_channels", "patch_time",
+                                        "patch_size", "global_batch_size")),
+                             ("audio", ("num_frames", "num_channels", "frames_per_token",
+                                        "global_batch_size")))
+       for key in keys},
+    **{f"{section}.mask_ratio": (lambda v: 0.0 <= v <= 0.5, "a float in [0, 0.5]")
+       for section in ("video", "audio")},
+    **{f"{section}.{key}": (lambda v: v > 0.0, "a float > 0")
+       for section in ("video", "audio") for key in ("train_shift", "sample_shift")},
+    **{f"mixture.{table}.{name}": (lambda v: v >= 0.0, "a float >= 0")
+       for table in ("probabilities", "loss_weights") for name in spec_lib.MODALITIES},
+}
+
+# Signal shapes of the embedded datasets: (config keys, values the dataset produces).
+_EMBEDDED_SHAPES = {
+    "video": (("num_frames", "image_size", "image_size", "num_channels"),
+              moving_sprites.CLIP_SHAPE),
+    "audio": (("num_frames", "num_channels"), (audio.NUM_FRAMES, audio.NUM_MELS)),
 }
 
 
@@ -83,6 +106,27 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   for part in dotted.split("."):
     value = value[part]
   return value
+
+
+def _check_modalities(config: ml_collections.ConfigDict, specs) -> None:
+  """Backbone, data directory and embedded-data shapes of every trained modality."""
+  for name in specs:
+    section = modality_sources.SECTIONS[name]
+    if name != "image" and config.model.architecture != "mmdit":
+      raise ValueError(f"config.modalities={tuple(config.modalities)} includes {name!r}, which "
+                       "needs model.architecture='mmdit' (text-conditioned, per-modality "
+                       "projections); dit generates class-conditional images only.")
+    if modality_sources.uses_latent_shards(config, name):
+      if not config[section].data_dir:
+        raise ValueError(f"config.{section}.data_dir is empty; with {section}.dataset="
+                         "'latent_shards' it must name the shard directory "
+                         f"(--config.{section}.data_dir=gs://.../shards).")
+    elif name in _EMBEDDED_SHAPES:
+      keys, expected = _EMBEDDED_SHAPES[name]
+      got = tuple(config[section][k] for k in keys)
+      if got != tuple(expected):
+        raise ValueError(f"config.{section} ({', '.join(keys)})={got} must equal {expected}, "
+                         f"the shape of the embedded {config[section].dataset!r} data.")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -98,7 +142,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   m = config.model
   dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
-  image.check_patchable(config.data.image_size, m.patch_size)
+  specs = spec_lib.modality_specs(config)  # names, probabilities, patch/token divisibility
+  _check_modalities(config, specs)
   if m.architecture == "mmdit":
     if m.conditioning != "text" or m.num_double > dims.depth:
       raise ValueError(f"config.model: mmdit needs conditioning='text' (got {m.conditioning!r}) "
@@ -109,9 +154,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   elif m.conditioning != "class":
     raise ValueError(f"config.model.conditioning={m.conditioning!r} needs "
                      "model.architecture='mmdit'; the dit backbone is class-conditional.")
-  if config.data.dataset == "latent_shards" and not config.data.data_dir:
-    raise ValueError("config.data.data_dir is empty; with data.dataset='latent_shards' it must "
-                     "name the shard directory (--config.data.data_dir=gs://.../shards).")
   if config.text.encoder == "bytes" and config.text.width % config.text.num_heads:
     raise ValueError(f"config.text.width={config.text.width} must be divisible by "
                      f"config.text.num_heads={config.text.num_heads}.")
@@ -121,15 +163,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   num_devices = jax.device_count() if num_devices is None else num_devices
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   batch_shards = shape["data"] * shape["fsdp"]
-  if config.data.global_batch_size % batch_shards:
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
-                     f"divisible by mesh data*fsdp={batch_shards} (mesh {shape}).")
+  for name, spec in specs.items():
+    key = f"config.{modality_sources.SECTIONS[name]}.global_batch_size"
+    if spec.global_batch_size % batch_shards:
+      raise ValueError(f"{key}={spec.global_batch_size} must be divisible by mesh "
+                       f"data*fsdp={batch_shards} (mesh {shape}).")
+    if spec.global_batch_size % jax.process_count():
+      raise ValueError(f"{key}={spec.global_batch_size} must be divisible by the process count "
+                       f"{jax.process_count()}.")
   if config.eval.batch_size % batch_shards:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by mesh "
                      f"data*fsdp={batch_shards} (mesh {shape}).")
-  if config.data.global_batch_size % jax.process_count():
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be "
-                     f"divisible by the process count {jax.process_count()}.")
   for name, axis in config.mesh.logical_axis_rules:
     if axis is not None and axis not in sharding.MESH_AXES:
       raise ValueError(f"config.mesh.logical_axis_rules maps {name!r} to {axis!r}; allowed mesh "

@@ -1,9 +1,15 @@
 """Test session set-up: 8 fake CPU devices (before JAX is first used) and tiny configs."""
 
+import tempfile
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+# Tests that restart a run compile the same steps again; a session-wide persistent cache turns
+# those recompiles (about 50 s each for a tiny 3-modality model on 8 fake devices) into loads.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import os  # noqa: E402
 
@@ -13,7 +19,7 @@ import pytest  # noqa: E402
 
 import self_flow  # noqa: E402,F401  (sets the Flax flags the package needs)
 from configs import c2i  # noqa: E402
-from self_flow.data import fashion_mnist_local, sources  # noqa: E402
+from self_flow.data import fashion_mnist_local, moving_sprites, sources, spoken_words  # noqa: E402
 
 # grain starts worker processes outside an absl app in tests.
 flags.FLAGS.mark_as_parsed()
@@ -55,4 +61,20 @@ def fashion_mnist_dir(tmp_path_factory):
                 "it (apt-get install -y dataset-fashion-mnist).")
   path = str(tmp_path_factory.mktemp("tfds"))
   sources.open_image_source("fashion_mnist", "train", path, source="debian")
+  return path
+
+
+@pytest.fixture(scope="session")
+def video_data_dir(tmp_path_factory):
+  """A TFDS data dir with the moving-sprites clips (built in seconds from the Debian files)."""
+  path = str(tmp_path_factory.mktemp("tfds_video"))
+  moving_sprites.open_video_source("train", path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def audio_data_dir(tmp_path_factory):
+  """A TFDS data dir with the spoken words (espeak-ng, about 8 s on 2 cores)."""
+  path = str(tmp_path_factory.mktemp("tfds_audio"))
+  spoken_words.open_audio_source("train", path)
   return path

@@ -2,19 +2,20 @@
 
 import pytest
 
-from configs import base, c2i, t2i
+from configs import base, c2i, multimodal, t2a, t2i, t2v
 from self_flow import config_validation
 
 
-@pytest.mark.parametrize("module", [c2i, t2i])
+@pytest.mark.parametrize("module", [c2i, t2i, t2v, t2a, multimodal])
 @pytest.mark.parametrize("variant", ["default", "local"])
 @pytest.mark.parametrize("method", sorted(base.METHODS))
 def test_every_variant_and_method_validates(module, variant, method):
   config = module.get_config(f"{variant},method={method}")
-  if config.data.dataset == "latent_shards":
-    with pytest.raises(ValueError, match="data_dir is empty"):  # the shard path is required
-      config_validation.validate(config, num_devices=8)
-    config.data.data_dir = "/shards"
+  for section in (config.data, config.video, config.audio):
+    if section.dataset == "latent_shards":
+      with pytest.raises(ValueError, match="data_dir is empty"):  # the shard path is required
+        config_validation.validate(config, num_devices=8)
+      section.data_dir = "/shards"
   config_validation.validate(config, num_devices=8)
   assert config.objective.noising == base.METHODS[method]["noising"]
   assert config.objective.rep_loss_weight == base.METHODS[method]["rep_loss_weight"]
@@ -59,3 +60,36 @@ def test_unknown_variant_and_arg():
     c2i.get_config("local,lr=3")
   with pytest.raises(ValueError, match="method='sorted'"):
     c2i.get_config("local,method=sorted")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda c: setattr(c, "modalities", ("image", "smell")), r"modalities=.*'smell'"),
+    (lambda c: setattr(c, "modalities", ("video", "video")), r"must be distinct"),
+    (lambda c: setattr(c.mixture.probabilities, "audio", 0.0), r"probabilities .*'audio': 0.0"),
+    (lambda c: setattr(c.video, "patch_time", 3), r"video.patch_time"),
+    (lambda c: setattr(c.audio, "frames_per_token", 5), r"audio.frames_per_token"),
+    (lambda c: setattr(c.video, "image_size", 64), r"config.video .*must equal \(8, 32, 32, 1\)"),
+    (lambda c: setattr(c.audio, "global_batch_size", 12), r"audio.global_batch_size=12"),
+    (lambda c: setattr(c.video, "mask_ratio", 0.7), r"video.mask_ratio=0.7"),
+    (lambda c: setattr(c.audio, "dataset", "librispeech"), r"audio.dataset='librispeech'"),
+])
+def test_bad_multimodal_values_are_named(mutate, message):
+  config = multimodal.get_config("local")
+  mutate(config)
+  with pytest.raises(ValueError, match=message):
+    config_validation.validate(config, num_devices=8)
+
+
+def test_video_and_audio_need_the_mmdit():
+  config = c2i.get_config("local")
+  config.modalities = ("image", "audio")
+  with pytest.raises(ValueError, match="'audio', which needs model.architecture='mmdit'"):
+    config_validation.validate(config, num_devices=8)
+
+
+def test_paper_mixture_and_modality_settings():
+  config = multimodal.get_config()
+  assert dict(config.mixture.probabilities) == {"image": 0.57, "video": 0.30, "audio": 0.13}
+  assert (config.video.mask_ratio, config.video.train_shift) == (0.1, 2.95)
+  assert (config.audio.mask_ratio, config.audio.train_shift) == (0.5, 1.0)
+  assert t2v.get_config().objective.time_distribution == "logit_normal"

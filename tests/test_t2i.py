@@ -113,9 +113,9 @@ def test_text_tokens_are_not_noised_masked_or_in_the_flow_loss(monkeypatch):
   cls = type(model)
   original_call = cls.__call__
 
-  def spy(self, x, pos_ids, t_table, t_index, text):
-    seen.update(x=x, t_index=t_index, text=text)
-    return original_call(self, x, pos_ids, t_table, t_index, text)
+  def spy(self, x, pos_ids, t_table, t_index, text, modality):
+    seen.update(x=x, t_index=t_index, text=text, modality=modality)
+    return original_call(self, x, pos_ids, t_table, t_index, text, modality)
 
   monkeypatch.setattr(cls, "__call__", spy)
   size = config.data.image_size

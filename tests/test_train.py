@@ -35,8 +35,8 @@ def test_end_to_end_writes_checkpoint_events_samples_and_eval(make_config, fashi
   result = train.train_and_evaluate(config, "run")  # a relative workdir, as users type it
   assert sorted(result["losses"]) == [1, 2, 3, 4]
   assert all(np.isfinite(v) for v in result["losses"].values())
-  assert set(result["eval"]) >= {"eval/fd", "eval/class_accuracy"}
-  assert result["eval"]["eval/fd"] > 0
+  assert set(result["eval"]) >= {"eval/image/fd", "eval/image/class_accuracy"}
+  assert result["eval"]["eval/image/fd"] > 0
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   assert any(name.endswith(".png") for name in os.listdir(workdir / "samples"))

@@ -35,14 +35,14 @@ _SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
 _IMAGE_SHAPE = (28, 28, 1)
 
 
-def _idx_path(prefix: str, kind: str) -> str:
+def idx_path(prefix: str, kind: str) -> str:
   return os.path.join(DEBIAN_DIR, f"{prefix}-{kind}-ubyte.gz")
 
 
 def debian_files() -> list[str]:
   """Returns the four IDX file paths the builder reads, so callers can check they exist."""
   return [
-      _idx_path(prefix, kind)
+      idx_path(prefix, kind)
       for prefix in _SPLIT_PREFIXES.values()
       for kind in ("images-idx3", "labels-idx1")
   ]
@@ -93,8 +93,8 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, prefix: str):
-    images = read_idx(_idx_path(prefix, "images-idx3"))
-    labels = read_idx(_idx_path(prefix, "labels-idx1"))
+    images = read_idx(idx_path(prefix, "images-idx3"))
+    labels = read_idx(idx_path(prefix, "labels-idx1"))
     if images.shape[1:] != _IMAGE_SHAPE[:2] or len(images) != len(labels):
       raise ValueError(
           f"IDX files for {prefix!r} hold images {images.shape} and labels {labels.shape}; "

@@ -15,6 +15,8 @@ import numpy as np
 
 from self_flow.modalities import image as image_modality
 
+# Batches the in-process iterator prepares ahead of the one being consumed.
+_READ_AHEAD_BATCHES = 2
 # Records read per batched call in `load_split_arrays`; bounds the decoded dicts held at once.
 _LOAD_CHUNK = 4096
 
@@ -90,7 +92,12 @@ def make_train_iterator(
     else:
       dataset = dataset.map(transform)
   dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
-  iter_dataset = dataset.to_iter_dataset()
+  # grain's default read-ahead (16 threads, 500 elements, here whole batches) keeps preparing
+  # most of an epoch in the background, taking the cores the train step runs on (measured: a
+  # 3-modality CPU run at 2.4 s/step against 1.3 s with no iterator alive). Two batches ahead
+  # on one thread hide the loading; multiprocess prefetch below adds more when configured.
+  iter_dataset = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=_READ_AHEAD_BATCHES))
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(
@@ -116,10 +123,9 @@ def make_global_batch(
   }
 
 
-def load_split_arrays(
-    source: Sequence[dict[str, Any]], num_examples: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-  """Reads the first `num_examples` records (all if None) as (uint8 images, int32 labels).
+def load_split_fields(source: Sequence[dict[str, Any]], fields: Sequence[str],
+                      num_examples: int | None = None) -> dict[str, np.ndarray]:
+  """Reads `fields` of the first `num_examples` records (all if None), each stacked into an array.
 
   For evaluation, which needs fixed in-memory arrays rather than a stream. Sources with a
   batched `__getitems__` (like `ImageSource`) are read in chunks, which is much faster.
@@ -129,13 +135,21 @@ def load_split_arrays(
   count = len(source) if num_examples is None else min(num_examples, len(source))
   if count == 0:
     raise ValueError(f"Source {source!r} has no records.")
-  images, labels = [], []
+  values = {field: [] for field in fields}
   for start in range(0, count, _LOAD_CHUNK):
     indices = range(start, min(start + _LOAD_CHUNK, count))
     if hasattr(source, "__getitems__"):
       records = source.__getitems__(indices)
     else:
       records = [source[i] for i in indices]
-    images.extend(np.asarray(r["image"], dtype=np.uint8) for r in records)
-    labels.extend(int(r["label"]) for r in records)
-  return np.stack(images), np.asarray(labels, dtype=np.int32)
+    for field in fields:
+      values[field].extend(np.asarray(r[field]) for r in records)
+  return {field: np.stack(v) for field, v in values.items()}
+
+
+def load_split_arrays(
+    source: Sequence[dict[str, Any]], num_examples: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Reads the first `num_examples` records (all if None) as (uint8 images, int32 labels)."""
+  arrays = load_split_fields(source, ("image", "label"), num_examples)
+  return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)

@@ -56,3 +56,14 @@ def position_ids(height: int, width: int, patch_size: int) -> jnp.ndarray:
                            indexing="ij")
   ids = np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(-1, 3)
   return jnp.asarray(ids, dtype=jnp.int32)
+
+
+def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
+  """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) mosaic with 1-pixel gaps."""
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * (h + 1) - 1, columns * (w + 1) - 1, c), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = img
+  return grid

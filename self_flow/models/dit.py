@@ -15,6 +15,13 @@ from flax import nnx
 
 from self_flow.models import layers, scanning
 
+
+def _check_image(modality: str) -> None:
+  if modality != "image":
+    raise ValueError(f"modality={modality!r}: the dit backbone generates images only; video "
+                     "and audio use model.architecture='mmdit'.")
+
+
 class SelfFlowDiT(nnx.Module):
   """A DiT whose adaLN conditioning is per token (Self-Flow §3.3, per-token SiT blocks)."""
 
@@ -64,7 +71,7 @@ class SelfFlowDiT(nnx.Module):
                                  lambda block, carry: block(carry, cond, cond_index),
                                  self.remat_policy)
 
-  def __call__(self, x, pos_ids, t_table, t_index, labels):
+  def __call__(self, x, pos_ids, t_table, t_index, labels, modality: str = "image"):
     """Student forward: velocity (B, N, C_out) float32 and projected student features (B, N, D).
 
     Args:
@@ -74,7 +81,10 @@ class SelfFlowDiT(nnx.Module):
       t_index: per-token row into t_table (B, N): token i is conditioned on
         t_table[b, t_index[b, i]].
       labels: class labels (B,), `null_class` for the unconditional model.
+      modality: must be "image": this backbone is the class-conditional image model; the
+        argument keeps one calling convention for every backbone.
     """
+    _check_image(modality)
     cond = self.condition(t_table, labels)
     h = self.embed_tokens(x, pos_ids)
     h = self.run_blocks(h, cond, t_index, 0, self.student_layer)
@@ -83,8 +93,9 @@ class SelfFlowDiT(nnx.Module):
     velocity = self.final_layer(h, cond, t_index)
     return velocity.astype(jnp.float32), features
 
-  def teacher_features(self, x, pos_ids, t_table, t_index, labels):
+  def teacher_features(self, x, pos_ids, t_table, t_index, labels, modality: str = "image"):
     """Raw hidden state after `teacher_layer` (no projector); the forward stops there."""
+    _check_image(modality)
     cond = self.condition(t_table, labels)
     h = self.embed_tokens(x, pos_ids)
     return self.run_blocks(h, cond, t_index, 0, self.teacher_layer)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from self_flow.modalities import image
+from self_flow.modalities import image, spec
 from self_flow.models import dit, mmdit, presets
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,16 +32,15 @@ def _text_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs, **kw):
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-  """The image generator of `config` (tokens = patches of pixels or latents)."""
+  """The generator of `config`: a class-conditional image DiT or a text-conditioned MMDiT with
+  input/output projections for each of `config.modalities`."""
   m = config.model
   dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   student, teacher = presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
-  image.check_patchable(config.data.image_size, m.patch_size)
-  token_dim = m.patch_size * m.patch_size * config.data.num_channels
+  token_dims = {name: s.token_dim for name, s in spec.modality_specs(config).items()}
   kw = dict(dtype=parse_dtype(m.compute_dtype, "model.compute_dtype"),
             param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"))
-  common = dict(in_dim=token_dim, out_dim=token_dim, hidden_size=dims.hidden_size,
-                num_heads=dims.num_heads, mlp_ratio=m.mlp_ratio,
+  common = dict(hidden_size=dims.hidden_size, num_heads=dims.num_heads, mlp_ratio=m.mlp_ratio,
                 projector_hidden_mult=m.projector_hidden_mult, student_layer=student,
                 teacher_layer=teacher, remat_policy=m.remat_policy, attention=m.attention,
                 rngs=rngs, **kw)
@@ -49,7 +48,11 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     if m.conditioning != "class":
       raise ValueError(f"model.conditioning={m.conditioning!r} needs model.architecture='mmdit' "
                        "(the dit backbone is class-conditional).")
+    if tuple(token_dims) != ("image",):
+      raise ValueError(f"modalities={tuple(config.modalities)}: the dit backbone generates "
+                       "images only; use model.architecture='mmdit' for video and audio.")
     return dit.SelfFlowDiT(depth=dims.depth, num_classes=config.data.num_classes,
+                           in_dim=token_dims["image"], out_dim=token_dims["image"],
                            pos_axes=image.POSITION_AXES, **common)
   if m.architecture == "mmdit":
     if m.conditioning != "text":
@@ -59,6 +62,6 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
       raise ValueError(f"model.num_double={m.num_double} must be in [0, depth={dims.depth}].")
     encoder, text_dim = _text_encoder(config, rngs, **kw)
     return mmdit.SelfFlowMMDiT(num_double=m.num_double, num_single=dims.depth - m.num_double,
-                               text_dim=text_dim, text_encoder=encoder,
+                               text_dim=text_dim, text_encoder=encoder, token_dims=token_dims,
                                rope_axes_dims=tuple(m.rope_axes_dims), **common)
   raise ValueError(f"model.architecture={m.architecture!r}; allowed: {ARCHITECTURES}.")

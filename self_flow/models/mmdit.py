@@ -14,6 +14,9 @@ Self-Flow specifics:
     FLUX conditioning).
   * Feature taps count blocks 1-based, double blocks first; taps read the image tokens only.
 
+Joint multi-modal models (paper Sec. 4.2) have one input and one output projection per modality
+(`token_dims`); every other weight is shared, and a call names the modality of its tokens.
+
 Text enters either as byte tokens through a small trainable encoder (offline) or as precomputed
 embeddings of a frozen large encoder read from the data; both end in `text_in`.
 """
@@ -130,7 +133,7 @@ class SelfFlowMMDiT(nnx.Module):
   """Per-token-timestep MMDiT; the text-conditioned counterpart of `dit.SelfFlowDiT`."""
 
   def __init__(
-      self, *, in_dim: int, out_dim: int, hidden_size: int, num_heads: int, num_double: int,
+      self, *, token_dims: dict[str, int], hidden_size: int, num_heads: int, num_double: int,
       num_single: int, mlp_ratio: float, text_dim: int, text_encoder: nnx.Module | None,
       projector_hidden_mult: int, student_layer: int, teacher_layer: int,
       rope_axes_dims: tuple[int, ...], dtype: Any, param_dtype: Any, remat_policy: str,
@@ -148,7 +151,12 @@ class SelfFlowMMDiT(nnx.Module):
     self.remat_policy = remat_policy
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     mlp_dim = int(hidden_size * mlp_ratio)
-    self.img_in = layers.dense(in_dim, hidden_size, ("patch", "embed"), rngs, **kw)
+    # Per-modality projections: tokens -> width, and width -> velocity (adaLN final layer).
+    self.inputs = nnx.Dict({
+        name: layers.dense(dim, hidden_size, ("patch", "embed"), rngs, **kw)
+        for name, dim in token_dims.items()})
+    self.outputs = nnx.Dict({
+        name: layers.FinalLayer(hidden_size, dim, rngs, **kw) for name, dim in token_dims.items()})
     self.text_encoder = text_encoder
     self.txt_in = layers.dense(text_dim, hidden_size, ("patch", "embed"), rngs, **kw)
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs, **kw)
@@ -166,7 +174,6 @@ class SelfFlowMMDiT(nnx.Module):
         lambda r: DoubleBlock(hidden_size, num_heads, mlp_dim, r, **block_kw), num_double, rngs)
     self.single_blocks = scanning.stacked(
         lambda r: SingleBlock(hidden_size, num_heads, mlp_dim, r, **block_kw), num_single, rngs)
-    self.final_layer = layers.FinalLayer(hidden_size, out_dim, rngs, **kw)
     self.projector = layers.ProjectionHead(hidden_size, projector_hidden_mult, rngs, **kw)
 
   def embed_text(self, text: dict[str, jax.Array]) -> jax.Array:
@@ -175,7 +182,7 @@ class SelfFlowMMDiT(nnx.Module):
       return self.txt_in(self.text_encoder(text["tokens"], text["mask"]))
     return self.txt_in(text["embedding"])
 
-  def _prepare(self, x, pos_ids, t_table, t_index, text):
+  def _prepare(self, x, pos_ids, t_table, t_index, text, modality):
     """Everything the blocks need: streams, gathered modulations, RoPE angles, key mask."""
     b, n, _ = x.shape
     cond = self.t_embedder(t_table)  # (B, K, D), one row per distinct timestep
@@ -191,11 +198,17 @@ class SelfFlowMMDiT(nnx.Module):
     single_rows = self.single_mod(jnp.concatenate([text_act, act], axis=1))
     single_index = jnp.concatenate([jnp.zeros((b, n_txt), jnp.int32), t_index + 1], axis=1)
     return dict(
-        img=self.img_in(x), txt=txt, cos=cos, sin=sin, key_mask=key_mask,
+        img=self._modality_layer(self.inputs, modality)(x), txt=txt, cos=cos, sin=sin, key_mask=key_mask,
         img_mod=layers.gather_rows(self.double_mod_img(act), t_index),
         txt_mod=self.double_mod_txt(text_act),
         single_mod=layers.gather_rows(single_rows, single_index),
         cond=cond)
+
+  def _modality_layer(self, table: nnx.Dict, modality: str):
+    if modality not in table:
+      raise ValueError(f"modality={modality!r} has no projection in this model; it has "
+                       f"{sorted(table)} (the config's `modalities`).")
+    return table[modality]
 
   def run_blocks(self, img, txt, p, start: int, end: int):
     """Blocks [start, end) (0-based, double then single), scanned; returns (img, txt)."""
@@ -215,20 +228,21 @@ class SelfFlowMMDiT(nnx.Module):
       txt, img = x[:, :n_txt], x[:, n_txt:]
     return img, txt
 
-  def __call__(self, x, pos_ids, t_table, t_index, text):
+  def __call__(self, x, pos_ids, t_table, t_index, text, modality: str = "image"):
     """Student forward: velocity (B, N, C_out) float32 and projected student features.
 
-    `text` is {"tokens", "mask"} (byte encoder) or {"embedding", "mask"} (precomputed); the
-    other arguments are as in `dit.SelfFlowDiT.__call__`.
+    `text` is {"tokens", "mask"} (byte encoder) or {"embedding", "mask"} (precomputed);
+    `modality` picks the input/output projections of the tokens' modality; the other arguments
+    are as in `dit.SelfFlowDiT.__call__`.
     """
-    p = self._prepare(x, pos_ids, t_table, t_index, text)
+    p = self._prepare(x, pos_ids, t_table, t_index, text, modality)
     img, txt = self.run_blocks(p["img"], p["txt"], p, 0, self.student_layer)
     features = self.projector(img)
     img, _ = self.run_blocks(img, txt, p, self.student_layer, self.depth)
-    velocity = self.final_layer(img, p["cond"], t_index)
+    velocity = self._modality_layer(self.outputs, modality)(img, p["cond"], t_index)
     return velocity.astype(jnp.float32), features
 
-  def teacher_features(self, x, pos_ids, t_table, t_index, text):
-    """Raw image-token hidden state after `teacher_layer`; the forward stops there."""
-    p = self._prepare(x, pos_ids, t_table, t_index, text)
+  def teacher_features(self, x, pos_ids, t_table, t_index, text, modality: str = "image"):
+    """Raw hidden state of the generated tokens after `teacher_layer`; the forward stops there."""
+    p = self._prepare(x, pos_ids, t_table, t_index, text, modality)
     return self.run_blocks(p["img"], p["txt"], p, 0, self.teacher_layer)[0]

@@ -1,0 +1,57 @@
+"""Where each modality's data comes from, and how its records become model inputs.
+
+The trainer and the evaluators ask this module for a modality's source and per-example
+processing, so the choice between the embedded datasets (Fashion-MNIST images, moving-sprite
+clips, spoken words) and pre-encoded latent shards is made in one place.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+
+from self_flow.data import (captions, latent_shards, motion_captions, moving_sprites, pipeline,
+                            sources, spoken_words)
+from self_flow.modalities import audio, video
+
+# modality -> its data section of the config.
+SECTIONS = {"image": "data", "video": "video", "audio": "audio"}
+
+
+def dataset_name(config: ml_collections.ConfigDict, modality: str) -> str:
+  return config[SECTIONS[modality]].dataset
+
+
+def uses_latent_shards(config: ml_collections.ConfigDict, modality: str) -> bool:
+  return dataset_name(config, modality) == "latent_shards"
+
+
+def open_source(config: ml_collections.ConfigDict, modality: str, split: str):
+  """The random-access source of `modality`'s `split` (prepared on first use when embedded)."""
+  section = config[SECTIONS[modality]]
+  if section.dataset == "latent_shards":
+    return latent_shards.LatentShardSource(section.data_dir, split)
+  if modality == "image":
+    return sources.open_image_source(section.dataset, split, section.data_dir, section.source)
+  if modality == "video":
+    return moving_sprites.open_video_source(split, section.data_dir)
+  return spoken_words.open_audio_source(split, section.data_dir)
+
+
+def train_processing(config: ml_collections.ConfigDict, modality: str
+                     ) -> tuple[Any, Sequence[grain.transforms.Map | grain.transforms.RandomMap]]:
+  """(preprocess, transforms) for the training stream of `modality`.
+
+  Embedded data gets its captions here (random phrasings per epoch for images and clips, the
+  exact transcript for speech); latent shards carry precomputed caption embeddings.
+  """
+  if uses_latent_shards(config, modality):
+    return pipeline.preprocess_latents, ()
+  text = config.model.conditioning == "text"
+  max_length = config.text.max_length
+  if modality == "image":
+    return pipeline.preprocess, ((captions.CaptionTokens(max_length),) if text else ())
+  if modality == "video":
+    return video.preprocess, (motion_captions.VideoCaptionTokens(max_length),)
+  return audio.preprocess, (spoken_words.AudioCaptionTokens(max_length),)

@@ -1,0 +1,153 @@
+"""Joint multi-modal training: the modality mixture, per-modality specs and model projections."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import multimodal
+from self_flow import mixture, train, train_step
+from self_flow.modalities import spec as spec_lib
+from self_flow.models import factory
+from conftest import random_params
+
+PAPER = {"image": 0.57, "video": 0.30, "audio": 0.13}
+
+
+def test_schedule_draws_the_configured_frequencies():
+  schedule = mixture.ModalitySchedule(PAPER, seed=3)
+  draws = schedule.sequence(0, 20_000)
+  for name, p in PAPER.items():
+    frequency = draws.count(name) / len(draws)
+    # 4 binomial standard deviations (<= 0.014 at n = 20k): fails for any real bias.
+    assert abs(frequency - p) < 4 * np.sqrt(p * (1 - p) / len(draws)), (name, frequency)
+
+
+def test_schedule_is_a_function_of_seed_and_step():
+  a, b = mixture.ModalitySchedule(PAPER, seed=3), mixture.ModalitySchedule(PAPER, seed=3)
+  assert a.sequence(100, 200) == [b(step) for step in range(100, 200)]
+  assert a.sequence(0, 200) != mixture.ModalitySchedule(PAPER, seed=4).sequence(0, 200)
+  # No hidden state: asking out of order gives the same answers.
+  assert [a(s) for s in reversed(range(50))] == list(reversed(a.sequence(0, 50)))
+
+
+def test_single_modality_schedule():
+  assert set(mixture.ModalitySchedule({"video": 1.0}, seed=0).sequence(0, 50)) == {"video"}
+
+
+@pytest.mark.parametrize("probabilities", [{}, {"image": 0.5, "video": 0.6},
+                                           {"image": 1.0, "audio": 0.0}])
+def test_schedule_rejects_bad_probabilities(probabilities):
+  with pytest.raises(ValueError, match="must be > 0 and sum to 1"):
+    mixture.ModalitySchedule(probabilities, seed=0)
+
+
+def tiny_multimodal_config():
+  """configs/multimodal.py:local shrunk to a few milliseconds per step."""
+  config = multimodal.get_config("local")
+  config.model.hidden_size = 32
+  config.model.num_heads = 2
+  config.model.depth = 4
+  config.model.num_double = 2
+  config.model.rope_axes_dims = (4, 6, 6)
+  config.model.patch_size = 7
+  config.text.max_length = 8
+  config.text.width = 16
+  config.data.global_batch_size = 8
+  config.video.global_batch_size = 8
+  config.audio.global_batch_size = 8
+  config.optim.warmup_steps = 0
+  return config
+
+
+def _random_batch(spec, batch, max_length, seed):
+  rng = np.random.default_rng(seed)
+  return {spec.signal_key: rng.uniform(-1, 1, (batch, *spec.signal_shape)).astype(np.float32),
+          "label": np.zeros((batch,), np.int32),
+          "text_tokens": rng.integers(1, 200, (batch, max_length)).astype(np.int32),
+          "text_mask": np.ones((batch, max_length), bool)}
+
+
+@pytest.mark.parametrize("name", spec_lib.MODALITIES)
+def test_specs_tokenize_round_trip_with_one_position_per_token(name):
+  spec = spec_lib.modality_specs(tiny_multimodal_config())[name]
+  signal = np.random.default_rng(0).normal(size=(2, *spec.signal_shape)).astype(np.float32)
+  tokens = spec.tokenize(signal)
+  assert tokens.shape == (2, spec.num_tokens, spec.token_dim)
+  np.testing.assert_array_equal(spec.detokenize(tokens), signal)
+  assert spec.position_ids.shape == (spec.num_tokens, 3)
+  assert len({tuple(p) for p in spec.position_ids}) == spec.num_tokens  # all distinct
+
+
+def test_each_modality_has_its_own_projections_and_shares_the_rest():
+  config = tiny_multimodal_config()
+  config.objective.condition_dropout = 0.0
+  specs = spec_lib.modality_specs(config)
+  graphdef, params = random_params(factory.create_model(config, nnx.Rngs(0)), 0.05)
+  assert set(params["inputs"]) == set(params["outputs"]) == set(spec_lib.MODALITIES)
+  loss_fn = train_step.make_loss_fn(config, graphdef, "video")
+  batch = _random_batch(specs["video"], 4, config.text.max_length, seed=1)
+  grads = jax.grad(lambda p: loss_fn(p, params, batch, jax.random.PRNGKey(0))[0])(params)
+  norm = lambda tree: float(optax.global_norm(tree))
+  assert norm(grads["inputs"]["video"]) > 0 and norm(grads["outputs"]["video"]) > 0
+  for other in ("image", "audio"):  # untouched by a video batch
+    assert norm(grads["inputs"][other]) == 0 and norm(grads["outputs"][other]) == 0
+  assert norm(grads["single_blocks"]) > 0 and norm(grads["double_blocks"]) > 0  # shared
+  with pytest.raises(ValueError, match="modality='smell' is not trained"):
+    train_step.make_loss_fn(config, graphdef, "smell")
+
+
+def test_loss_weight_scales_only_its_modality():
+  config = tiny_multimodal_config()
+  graphdef, params = random_params(factory.create_model(config, nnx.Rngs(0)), 0.05)
+  specs = spec_lib.modality_specs(config)
+  batch = _random_batch(specs["audio"], 4, config.text.max_length, seed=2)
+  loss = lambda c: float(train_step.make_loss_fn(c, graphdef, "audio")(
+      params, params, batch, jax.random.PRNGKey(0))[0])
+  base = loss(config)
+  config.mixture.loss_weights.audio = 0.25
+  np.testing.assert_allclose(loss(config), 0.25 * base, rtol=1e-5)
+  config.mixture.loss_weights.image = 7.0
+  np.testing.assert_allclose(loss(config), 0.25 * base, rtol=1e-5)
+
+
+def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
+    tmp_path, fashion_mnist_dir, video_data_dir, audio_data_dir):
+  """8 steps straight vs 4 steps + restart to 8: same modality per step, same losses; both end
+  with per-modality evaluations and samples (PNG grids/strips, WAV files)."""
+  config = tiny_multimodal_config()
+  config.data.data_dir, config.data.source = fashion_mnist_dir, "debian"
+  config.video.data_dir, config.audio.data_dir = video_data_dir, audio_data_dir
+  config.mixture.probabilities.update(image=0.4, video=0.3, audio=0.3)
+  config.train.num_steps = 8
+  config.train.checkpoint_every = 4
+  config.train.log_every = 2
+  config.sampling.num_steps = 2
+  config.eval.update(num_samples=8, batch_size=8, grid_rows=1, classifier_steps=5,
+                     classifier_batch_size=8, cache_dir=str(tmp_path / "cache"))
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  expected = mixture.ModalitySchedule(
+      {n: s.probability for n, s in spec_lib.modality_specs(config).items()},
+      config.seed).sequence(0, 8)
+  assert [straight["modalities"][s] for s in range(1, 9)] == expected
+  assert set(expected) == set(spec_lib.MODALITIES)  # the test exercises all three
+
+  config.eval.enabled = False  # evaluated above; the restart is about the training stream
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, str(tmp_path / "restarted"))
+  config.train.num_steps = 8
+  resumed = train.train_and_evaluate(config, str(tmp_path / "restarted"))
+  assert sorted(resumed["losses"]) == [5, 6, 7, 8] and resumed["eval"] is None
+  for step in range(5, 9):
+    assert resumed["modalities"][step] == straight["modalities"][step]
+    np.testing.assert_allclose(resumed["losses"][step], straight["losses"][step], rtol=1e-5)
+
+  for name in spec_lib.MODALITIES:
+    assert np.isfinite(straight["eval"][f"eval/{name}/fd"])
+  samples = {p.name for p in (tmp_path / "straight" / "samples").iterdir()}
+  assert "step_00000008_video_strips.png" in samples
+  assert "step_00000008_audio_spectrograms.png" in samples
+  assert "step_00000008_audio_seven.wav" in samples
+  assert any(s.startswith("step_00000008_classes") or s.startswith("step_00000008_prompts")
+             for s in samples)
