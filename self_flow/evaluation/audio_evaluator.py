@@ -105,7 +105,7 @@ class AudioEvaluator:
     samples = self.generate(ema_params, self.generate.text_condition(transcripts),
                             seed=self.config.seed + 2)
     strip = spectrogram_strip(samples)
-    waveforms = np.stack([audio.mel_to_waveform(s) for s in samples])
+    waveforms = audio.mel_to_waveform(samples)
     writer.write_images(step, {"samples/audio_spectrograms": strip[None]})
     writer.write_audios(step, {"samples/audio": waveforms[..., None]},
                         sample_rate=audio.SAMPLE_RATE)

@@ -198,7 +198,8 @@ class SelfFlowMMDiT(nnx.Module):
     single_rows = self.single_mod(jnp.concatenate([text_act, act], axis=1))
     single_index = jnp.concatenate([jnp.zeros((b, n_txt), jnp.int32), t_index + 1], axis=1)
     return dict(
-        img=self._modality_layer(self.inputs, modality)(x), txt=txt, cos=cos, sin=sin, key_mask=key_mask,
+        img=self._modality_layer(self.inputs, modality)(x), txt=txt, cos=cos, sin=sin,
+        key_mask=key_mask,
         img_mod=layers.gather_rows(self.double_mod_img(act), t_index),
         txt_mod=self.double_mod_txt(text_act),
         single_mod=layers.gather_rows(single_rows, single_index),
