@@ -129,6 +129,24 @@ def _check_modalities(config: ml_collections.ConfigDict, specs) -> None:
                          f"the shape of the embedded {config[section].dataset!r} data.")
 
 
+def _check_text_source(config: ml_collections.ConfigDict) -> None:
+  """Caption embeddings come with latent shards and tokens with embedded data: one per run."""
+  if config.model.conditioning != "text":
+    return
+  sharded = {n: modality_sources.uses_latent_shards(config, n) for n in config.modalities}
+  want = "precomputed" if any(sharded.values()) else "bytes"
+  if len(set(sharded.values())) > 1:
+    raise ValueError(f"config.modalities={tuple(config.modalities)} mix latent shards "
+                     f"({[n for n, s in sharded.items() if s]}) with embedded data "
+                     f"({[n for n, s in sharded.items() if not s]}); one model conditions on "
+                     "either precomputed caption embeddings or byte tokens, so use one kind.")
+  if config.text.encoder != want:
+    carried = ("latent shards carry precomputed caption embeddings" if want == "precomputed"
+               else "embedded datasets carry byte tokens")
+    raise ValueError(f"config.text.encoder={config.text.encoder!r} does not match the data: "
+                     f"{carried}, so set text.encoder={want!r}.")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first bad key, its value and what is allowed."""
   for key, allowed in CHOICES.items():
@@ -144,6 +162,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
   specs = spec_lib.modality_specs(config)  # names, probabilities, patch/token divisibility
   _check_modalities(config, specs)
+  _check_text_source(config)
   if m.architecture == "mmdit":
     if m.conditioning != "text" or m.num_double > dims.depth:
       raise ValueError(f"config.model: mmdit needs conditioning='text' (got {m.conditioning!r}) "

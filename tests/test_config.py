@@ -72,6 +72,10 @@ def test_unknown_variant_and_arg():
     (lambda c: setattr(c.audio, "global_batch_size", 12), r"audio.global_batch_size=12"),
     (lambda c: setattr(c.video, "mask_ratio", 0.7), r"video.mask_ratio=0.7"),
     (lambda c: setattr(c.audio, "dataset", "librispeech"), r"audio.dataset='librispeech'"),
+    (lambda c: c.audio.update(dataset="latent_shards", data_dir="/shards"),
+     r"mix latent shards \(\['audio'\]\) with embedded data \(\['image', 'video'\]\)"),
+    (lambda c: setattr(c.text, "encoder", "precomputed"),
+     r"text.encoder='precomputed' does not match the data: embedded datasets carry byte tokens"),
 ])
 def test_bad_multimodal_values_are_named(mutate, message):
   config = multimodal.get_config("local")

@@ -9,7 +9,10 @@ import grain
 import numpy as np
 import pytest
 
-from self_flow.data import latent_shards, sources
+from configs import multimodal, t2v
+from self_flow.data import (latent_shards, modality_sources, motion_captions, sources,
+                            spoken_words)
+from self_flow.modalities import audio
 from self_flow.tools import write_latent_shards
 
 _NUM_EXAMPLES = 30
@@ -37,12 +40,12 @@ def _write(output_dir, examples, split="train", **overrides):
       output_dir=str(output_dir),
       split=split,
       num_shards=_NUM_SHARDS,
-      image_encoder=latent_shards.avgpool2_encoder,
+      signal_encoder=latent_shards.avgpool2_encoder,
       text_encoder=latent_shards.bytes_text_encoder(_MAX_LENGTH),
       batch_size=7,  # Does not divide 30: the last batch is padded.
       latent_scale=_SCALE,
       latent_shift=_SHIFT,
-      image_encoder_name="avgpool2",
+      signal_encoder_name="avgpool2",
       text_encoder_name="bytes",
   )
   kwargs.update(overrides)
@@ -91,7 +94,7 @@ def test_scale_shift_convention_and_bytes_encoder(tmp_path):
   truncated, truncated_mask = latent_shards.bytes_text_encoder(2)([caption])
   assert truncated.shape == (1, 2, 256) and truncated_mask.all()
 
-  _write(tmp_path, [example], num_shards=1, image_encoder=latent_shards.identity_encoder,
+  _write(tmp_path, [example], num_shards=1, signal_encoder=latent_shards.identity_encoder,
          latent_scale=0.5, latent_shift=3.0)
   record = latent_shards.LatentShardSource(str(tmp_path), "train")[0]
   # (1 - 3) * 0.5; the other conventions give 2.0 ((x + shift) * scale) or -2.5 (x * scale - shift).
@@ -101,13 +104,14 @@ def test_scale_shift_convention_and_bytes_encoder(tmp_path):
 def test_metadata_documents_the_format_and_merges_splits(written):
   directory, _ = written
   metadata = latent_shards.read_metadata(directory)
-  assert metadata["format"] == latent_shards.FORMAT and metadata["version"] == 1
+  assert metadata["format"] == latent_shards.FORMAT and metadata["version"] == 2
+  assert metadata["modality"] == "image"
   assert metadata["fields"]["latent"] == {"shape": [4, 3, 2], "dtype": "float16"}
   assert metadata["fields"]["text_embedding"] == {"shape": [_MAX_LENGTH, 256],
                                                   "dtype": "float16"}
   assert metadata["fields"]["text_mask"] == {"shape": [_MAX_LENGTH], "dtype": "bool"}
   assert (metadata["latent_scale"], metadata["latent_shift"]) == (_SCALE, _SHIFT)
-  assert (metadata["image_encoder"], metadata["text_encoder"]) == ("avgpool2", "bytes")
+  assert (metadata["signal_encoder"], metadata["text_encoder"]) == ("avgpool2", "bytes")
   assert metadata["splits"]["train"] == {
       "num_examples": 30, "num_shards": 3, "shard_lengths": [10, 10, 10]
   }
@@ -140,8 +144,9 @@ def test_repr_is_stable_and_names_no_directory(written, tmp_path):
   _write(copy, examples)
   reprs = {repr(latent_shards.LatentShardSource(d, "train")) for d in (directory, str(copy))}
   assert reprs == {
-      "LatentShardSource(split='train', num_examples=30, num_shards=3, latent_shape=(4, 3, 2), "
-      "text_embedding_shape=(16, 256), image_encoder='avgpool2', text_encoder='bytes')"
+      "LatentShardSource(modality='image', split='train', num_examples=30, num_shards=3, "
+      "latent_shape=(4, 3, 2), text_embedding_shape=(16, 256), signal_encoder='avgpool2', "
+      "text_encoder='bytes')"
   }
 
 
@@ -189,7 +194,11 @@ def test_unknown_split_version_and_missing_shard_are_refused(written, tmp_path):
 
 def test_bad_encoder_names_and_arguments_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"Unknown image encoder 'vae'.*'avgpool2', 'identity'"):
-    latent_shards.get_image_encoder("vae")
+    latent_shards.get_signal_encoder("image", "vae")
+  with pytest.raises(ValueError, match=r"Unknown audio encoder 'avgpool2'.*'log_mel'"):
+    latent_shards.get_signal_encoder("audio", "avgpool2")
+  with pytest.raises(ValueError, match=r"Unknown modality 'text'.*'image', 'video', 'audio'"):
+    latent_shards.get_signal_encoder("text", "bytes")
   with pytest.raises(ValueError, match=r"Unknown text encoder 't5'.*'bytes'"):
     latent_shards.get_text_encoder("t5", 8)
   with pytest.raises(ValueError, match="num_shards=0"):
@@ -198,8 +207,14 @@ def test_bad_encoder_names_and_arguments_are_refused(tmp_path):
     _write(tmp_path, _examples(2), split="a/b")
   with pytest.raises(ValueError, match="No examples"):
     _write(tmp_path, [])
-  with pytest.raises(ValueError, match="Example 0: image has dtype float32"):
+  with pytest.raises(ValueError, match=r"Example 0: image has dtype float32.*uint8 \(H, W, C\)"):
     _write(tmp_path, [{"image": np.zeros((2, 2, 1), np.float32), "caption": ""}])
+  with pytest.raises(ValueError, match=r"Example 0 lacks \['video'\]"):
+    _write(tmp_path, _examples(2), modality="video")
+  with pytest.raises(ValueError, match=r"Unknown modality 'text'"):
+    _write(tmp_path, _examples(2), modality="text")
+  with pytest.raises(ValueError, match=r"signal_encoder returned shape \(7, 8\).*\(B, h, w, c\)"):
+    _write(tmp_path, _examples(2), signal_encoder=lambda x: x[..., 0, 0])
   with pytest.raises(ValueError, match="beyond float16"):
     _write(tmp_path, _examples(2), latent_scale=1e6)
   assert not os.listdir(tmp_path)  # Every refusal came before anything was written.
@@ -247,3 +262,88 @@ def test_cli_writes_captioned_splits(tmp_path, monkeypatch):
   assert record["label"] == 9 and record["latent"].shape == (14, 14, 1)
   assert record["text_embedding"].shape == (32, 256)
   assert train[0]["caption"] == "a photo of a t-shirt/top"
+
+
+def test_video_and_audio_latents_keep_their_rank(tmp_path):
+  """Clips are pooled per frame to (T, h, w, c); waveforms become (frames, mels) features."""
+  rng = np.random.default_rng(0)
+  clips = [{"video": rng.integers(0, 256, (4, 8, 6, 1), dtype=np.uint8), "caption": "a shoe",
+            "label": i} for i in range(5)]
+  _write(tmp_path / "video", clips, modality="video")
+  video = latent_shards.LatentShardSource(str(tmp_path / "video"), "train")
+  assert (video.modality, video.latent_shape) == ("video", (4, 4, 3, 1))
+  want = (latent_shards.avgpool2_encoder(
+      np.stack([c["video"] for c in clips]).astype(np.float32) / 127.5 - 1.0) - _SHIFT) * _SCALE
+  for index in range(5):
+    np.testing.assert_array_equal(video[index]["latent"], want[index].astype(np.float16))
+
+  words = [{"waveform": rng.integers(-20000, 20000, audio.CLIP_SAMPLES, dtype=np.int16),
+            "caption": "seven", "label": 7} for _ in range(3)]
+  _write(tmp_path / "audio", words, modality="audio", signal_encoder=latent_shards.log_mel_encoder,
+         signal_encoder_name="log_mel", latent_scale=1.0, latent_shift=0.0)
+  speech = latent_shards.LatentShardSource(str(tmp_path / "audio"), "train")
+  assert (speech.modality, speech.latent_shape) == ("audio", (audio.NUM_FRAMES, audio.NUM_MELS))
+  np.testing.assert_allclose(speech[2]["latent"],
+                             audio.log_mel(audio.from_int16(words[2]["waveform"])), atol=1e-3)
+  with pytest.raises(ValueError, match=r"holds splits \['train'\] written with modality='audio'"):
+    _write(tmp_path / "audio", clips, modality="video", split="test")
+  with pytest.raises(ValueError, match=r"waveform has dtype float32.*int16 \(samples,\)"):
+    _write(tmp_path / "bad", [{"waveform": np.zeros(8, np.float32), "caption": ""}],
+           modality="audio")
+
+
+def test_trainer_refuses_shards_of_another_modality_or_shape(tmp_path):
+  rng = np.random.default_rng(0)
+  clips = [{"video": rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8), "caption": "a bag"}
+           for _ in range(2)]
+  _write(tmp_path, clips, modality="video")  # latents (8, 16, 16, 1)
+  config = t2v.get_config("local")
+  config.video.dataset = config.audio.dataset = "latent_shards"
+  config.video.data_dir = config.audio.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r"holds video latents; the audio stream needs audio"):
+    modality_sources.open_source(config, "audio", "train")
+  with pytest.raises(ValueError, match=r"config.video describes video latents of shape "
+                                       r"\(8, 32, 32, 1\).*shape \(8, 16, 16, 1\)"):
+    modality_sources.open_source(config, "video", "train")
+  config.video.image_size = 16
+  with pytest.raises(ValueError, match=r"text.embedding_dim=4096, but the caption embeddings "
+                                       r"in .* have width 256"):
+    modality_sources.open_source(config, "video", "train")
+  config.text.embedding_dim = 256
+  assert len(modality_sources.open_source(config, "video", "train")) == 2
+
+
+def test_cli_writes_video_and_audio_shards(tmp_path, video_data_dir, audio_data_dir):
+  """The CLI encodes the embedded clips and spoken words with their captions."""
+  for modality, data_dir in (("video", video_data_dir), ("audio", audio_data_dir)):
+    output_dir = str(tmp_path / modality)
+    with flagsaver.flagsaver(output_dir=output_dir, modality=modality, data_dir=data_dir,
+                             splits=["train"], num_shards=2, text_max_length=64,
+                             max_examples=6, batch_size=4):
+      write_latent_shards.main(["write_latent_shards"])
+    source = latent_shards.LatentShardSource(output_dir, "train")
+    raw = modality_sources.open_source(_embedded_config(modality, data_dir), modality, "train")
+    assert len(source) == 6 and source.modality == modality
+    for index in (0, 5):
+      record, original = source[index], raw[index]
+      if modality == "video":
+        assert source.latent_shape == (8, 16, 16, 1)
+        assert source.metadata["signal_encoder"] == "avgpool2"
+        # A training phrasing of the clip's object, direction and speed, fixed by its index.
+        assert record["caption"] == motion_captions.train_caption(
+            original["label"], original["motion"], original["speed"],
+            np.random.default_rng(index))
+        assert record["label"] == motion_captions.motion_class(original["label"],
+                                                               original["motion"])
+      else:
+        assert source.latent_shape == (audio.NUM_FRAMES, audio.NUM_MELS)
+        assert source.metadata["signal_encoder"] == "log_mel"
+        assert record["caption"] == spoken_words.transcript(original["label"])
+        np.testing.assert_allclose(record["latent"], audio.preprocess(original)["audio"],
+                                   atol=1e-3)
+
+
+def _embedded_config(modality: str, data_dir: str):
+  config = multimodal.get_config("local")
+  config.video.data_dir = config.audio.data_dir = data_dir
+  return config

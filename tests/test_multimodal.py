@@ -1,5 +1,6 @@
 """Joint multi-modal training: the modality mixture, per-modality specs and model projections."""
 
+from absl.testing import flagsaver
 import jax
 import numpy as np
 import optax
@@ -10,6 +11,7 @@ from configs import multimodal
 from self_flow import mixture, train, train_step
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
+from self_flow.tools import write_latent_shards
 from conftest import random_params
 
 PAPER = {"image": 0.57, "video": 0.30, "audio": 0.13}
@@ -151,3 +153,35 @@ def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
   assert "step_00000008_audio_seven.wav" in samples
   assert any(s.startswith("step_00000008_classes") or s.startswith("step_00000008_prompts")
              for s in samples)
+
+
+def test_joint_run_from_video_and_audio_latent_shards(tmp_path, video_data_dir, audio_data_dir):
+  """The pod path: clips and speech pre-encoded by the CLI train one model jointly and resume."""
+  for modality, data_dir in (("video", video_data_dir), ("audio", audio_data_dir)):
+    with flagsaver.flagsaver(output_dir=str(tmp_path / modality), modality=modality,
+                             data_dir=data_dir, splits=["train"], num_shards=2,
+                             text_max_length=8, max_examples=16, batch_size=16):
+      write_latent_shards.main(["write_latent_shards"])
+  config = tiny_multimodal_config()
+  config.modalities = ("video", "audio")
+  config.mixture.probabilities.update(video=0.5, audio=0.5)
+  for section in (config.video, config.audio):
+    section.dataset = "latent_shards"
+  config.video.data_dir, config.audio.data_dir = str(tmp_path / "video"), str(tmp_path / "audio")
+  config.video.image_size = 16  # 32x32 frames pooled 2x2 by the built-in avgpool2 encoder
+  config.text.encoder = "precomputed"  # the shards carry caption embeddings
+  config.text.embedding_dim = 256  # from the CLI's bytes text encoder
+  config.train.num_steps = 4
+  config.train.checkpoint_every = 2
+  config.train.log_every = 1
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  expected = mixture.ModalitySchedule(
+      {n: s.probability for n, s in spec_lib.modality_specs(config).items()},
+      config.seed).sequence(0, 4)
+  assert [result["modalities"][s] for s in range(1, 5)] == expected
+  assert set(expected) == {"video", "audio"}  # both streams were read
+  assert sorted(result["losses"]) == [1, 2, 3, 4] and result["eval"] is None
+  assert all(np.isfinite(v) for v in result["losses"].values())
+  config.train.num_steps = 5
+  resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert sorted(resumed["losses"]) == [5]

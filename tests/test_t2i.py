@@ -182,7 +182,7 @@ def test_rope_lets_other_resolutions_be_sampled():
 
 @pytest.mark.parametrize("bad", [(4, 4, 4), (2, 6)])
 def test_bad_rope_dims_are_named(bad):
-  config = _config()
+  config = _config(encoder="bytes")
   config.model.rope_axes_dims = bad
   with pytest.raises(ValueError, match="rope_axes_dims"):
     from self_flow import config_validation
@@ -199,9 +199,9 @@ def test_train_a_few_steps_from_latent_shards(tmp_path):
   shards = str(tmp_path / "shards")
   latent_shards.write_shards(
       examples, output_dir=shards, split="train", num_shards=2,
-      image_encoder=latent_shards.avgpool2_encoder,
+      signal_encoder=latent_shards.avgpool2_encoder,
       text_encoder=latent_shards.bytes_text_encoder(8),
-      batch_size=16, image_encoder_name="avgpool2", text_encoder_name="bytes")
+      batch_size=16, signal_encoder_name="avgpool2", text_encoder_name="bytes")
   config = _config()
   config.data.dataset = "latent_shards"
   config.data.data_dir = shards

@@ -1,12 +1,12 @@
-"""Pre-encoded text-to-image data: image latents and caption embeddings in ArrayRecord shards.
+"""Pre-encoded training data: signal latents and caption embeddings in ArrayRecord shards.
 
-Pod-scale text-to-image runs never run the image autoencoder or the large frozen text encoder
-(e.g. T5) in the training loop: a one-off job (`write_shards`, CLI
+Pod-scale text-to-image, text-to-video and text-to-audio runs never run the autoencoder or the
+large frozen text encoder (e.g. T5) in the training loop: a one-off job (`write_shards`, CLI
 `self_flow.tools.write_latent_shards`) encodes every example once and the trainer reads the
 results by index through grain (`LatentShardSource`). This module owns that on-disk format, so
 the writer and the reader cannot drift apart.
 
-On-disk format (version 1). A directory (local or mounted, e.g. with gcsfuse) holding:
+On-disk format (version 2). A directory (local or mounted, e.g. with gcsfuse) holding:
 
 * `{split}-{i:05d}-of-{n:05d}.array_record` for i in [0, n): the shards of `split`, written
   with ArrayRecord options `group_size:1` (one record per chunk, which random access needs).
@@ -14,24 +14,33 @@ On-disk format (version 1). A directory (local or mounted, e.g. with gcsfuse) ho
   `LatentShardSource` index k reads it back, so sources keep the written order.
 * `metadata.json`, written last (atomically) and merged when more splits are added::
 
-    {"format": "self_flow.latent_shards", "version": 1,
+    {"format": "self_flow.latent_shards", "version": 2, "modality": "image",
      "fields": {"latent": {"shape": [h, w, c], "dtype": "float16"},
                 "text_embedding": {"shape": [L, D], "dtype": "float16"},
                 "text_mask": {"shape": [L], "dtype": "bool"},
                 "caption": {"shape": [], "dtype": "utf-8 bytes"},
                 "label": {"shape": [], "dtype": "int32"}},
      "latent_scale": 1.0, "latent_shift": 0.0,
-     "image_encoder": "avgpool2", "text_encoder": "bytes",
+     "signal_encoder": "avgpool2", "text_encoder": "bytes",
      "splits": {"train": {"num_examples": N, "num_shards": n, "shard_lengths": [...]}}}
 
   A split's shards are usable only once its entry is in `metadata.json`; a directory without
   the file, or a split missing from it, was not (completely) written and is refused.
 
+One directory holds one modality (`MODALITIES`), whose latents have the rank the trainer's
+tokenizer of that modality expects:
+
+* image: examples carry `image` uint8 (H, W, C); latents are (h, w, c).
+* video: examples carry `video` uint8 (T, H, W, C); latents are (t, h, w, c).
+* audio: examples carry `waveform` int16 (samples,); latents are (frames, channels).
+
+Pixels reach the signal encoder as float32 in [-1, 1], waveforms as float32 in [-1, 1).
+
 Each record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays:
 
-* `latent` (h, w, c) float16: `(image_encoder(image) - latent_shift) * latent_scale`, the
-  convention of SD3/FLUX autoencoders, applied at write time so the trainer reads latents ready
-  for the model. Images are given to the encoder as float32 in [-1, 1].
+* `latent` float16: `(signal_encoder(signal) - latent_shift) * latent_scale`, the convention
+  of SD3/FLUX autoencoders, applied at write time so the trainer reads latents ready for the
+  model.
 * `text_embedding` (L, D) float16 and `text_mask` (L,) bool (True = real token), from the text
   encoder.
 * `caption` utf-8 bytes, kept for sampling prompts and debugging.
@@ -53,19 +62,41 @@ from array_record.python import array_record_module
 from flax import serialization
 import numpy as np
 
+from self_flow.modalities import audio as audio_modality
 from self_flow.modalities import image as image_modality
 from self_flow.text import tokenizer
 
 FORMAT = "self_flow.latent_shards"
-VERSION = 1
+VERSION = 2
 METADATA_FILE = "metadata.json"
 # group_size:1 puts every record in its own chunk: reading one record decodes only that record.
 WRITER_OPTIONS = "group_size:1"
 
-# (B, H, W, C) float32 images in [-1, 1] -> (B, h, w, c) latents.
-ImageEncoder = Callable[[np.ndarray], Any]
+# (B, *signal shape) float32 signals in [-1, 1] -> (B, *latent shape) latents.
+SignalEncoder = Callable[[np.ndarray], Any]
 # B captions -> ((B, L, D) float32 embeddings, (B, L) bool mask, True = real token).
 TextEncoder = Callable[[list[str]], tuple[Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModalityFormat:
+  """What one modality's examples look like in this format."""
+
+  example_key: str  # Key of the raw signal in the examples given to `write_shards`.
+  dtype: type  # Its numpy dtype.
+  axes: tuple[str, ...]  # Its axes.
+  latent_axes: tuple[str, ...]  # The axes of its latents, which the trainer tokenizes.
+  to_float: Callable[[np.ndarray], np.ndarray]  # Raw signal -> float32 in [-1, 1].
+
+
+MODALITIES = {
+    "image": _ModalityFormat("image", np.uint8, ("H", "W", "C"), ("h", "w", "c"),
+                             image_modality.from_uint8),
+    "video": _ModalityFormat("video", np.uint8, ("T", "H", "W", "C"), ("t", "h", "w", "c"),
+                             image_modality.from_uint8),
+    "audio": _ModalityFormat("waveform", np.int16, ("samples",), ("frames", "channels"),
+                             audio_modality.from_int16),
+}
 
 _SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 _LOG_EVERY = 10_000
@@ -102,7 +133,8 @@ def read_metadata(directory: str) -> dict[str, Any]:
   if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
     raise ValueError(
         f"{path!r} has format={metadata.get('format')!r}, version={metadata.get('version')!r};"
-        f" this reader knows only format={FORMAT!r}, version={VERSION}."
+        f" this reader knows only format={FORMAT!r}, version={VERSION}. Rewrite the shards with"
+        " python -m self_flow.tools.write_latent_shards."
     )
   return metadata
 
@@ -111,17 +143,29 @@ def read_metadata(directory: str) -> dict[str, Any]:
 # CPU runs and the CLI. Real encoders are passed to `write_shards` as callables.
 
 
-def avgpool2_encoder(images: np.ndarray) -> np.ndarray:
-  """Encodes (B, H, W, C) images by 2x2 average pooling to (B, H/2, W/2, C)."""
-  b, h, w, c = images.shape
+def avgpool2_encoder(signals: np.ndarray) -> np.ndarray:
+  """Encodes (B, ..., H, W, C) images or clips by 2x2 spatial average pooling."""
+  *lead, h, w, c = signals.shape
   if h % 2 or w % 2:
-    raise ValueError(f"avgpool2 needs even image height and width, got {h}x{w}.")
-  return images.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    raise ValueError(f"avgpool2 needs even height and width, got {h}x{w}.")
+  return signals.reshape(*lead, h // 2, 2, w // 2, 2, c).mean(axis=(-4, -2))
 
 
-def identity_encoder(images: np.ndarray) -> np.ndarray:
+def identity_encoder(signals: np.ndarray) -> np.ndarray:
   """Uses the pixels themselves as latents (pixel-space training through the same format)."""
-  return images
+  return signals
+
+
+def log_mel_encoder(waveforms: np.ndarray) -> np.ndarray:
+  """Encodes (B, CLIP_SAMPLES) waveforms as the trainer's normalised log-mel features.
+
+  These are the features the embedded spoken-words runs train on, (B, NUM_FRAMES, NUM_MELS),
+  so samples decode to speech with `audio.mel_to_waveform`.
+  """
+  if waveforms.shape[-1] != audio_modality.CLIP_SAMPLES:
+    raise ValueError(f"log_mel needs waveforms of {audio_modality.CLIP_SAMPLES} samples "
+                     f"({audio_modality.SAMPLE_RATE} Hz), got shape {waveforms.shape}.")
+  return audio_modality.log_mel(waveforms)
 
 
 def bytes_text_encoder(max_length: int) -> TextEncoder:
@@ -142,21 +186,29 @@ def bytes_text_encoder(max_length: int) -> TextEncoder:
   return encode
 
 
-IMAGE_ENCODERS: dict[str, ImageEncoder] = {
-    "avgpool2": avgpool2_encoder,
-    "identity": identity_encoder,
+# modality -> name -> built-in signal encoder.
+SIGNAL_ENCODERS: dict[str, dict[str, SignalEncoder]] = {
+    "image": {"avgpool2": avgpool2_encoder, "identity": identity_encoder},
+    "video": {"avgpool2": avgpool2_encoder, "identity": identity_encoder},
+    "audio": {"log_mel": log_mel_encoder},
 }
 # name -> factory taking the maximum text length L.
 TEXT_ENCODERS: dict[str, Callable[[int], TextEncoder]] = {"bytes": bytes_text_encoder}
 
 
-def get_image_encoder(name: str) -> ImageEncoder:
-  """Returns the built-in image encoder called `name` (a key of `IMAGE_ENCODERS`)."""
-  if name not in IMAGE_ENCODERS:
-    raise ValueError(
-        f"Unknown image encoder {name!r}; built-in ones: {', '.join(map(repr, IMAGE_ENCODERS))}."
-    )
-  return IMAGE_ENCODERS[name]
+def _check_modality(modality: str) -> None:
+  if modality not in MODALITIES:
+    raise ValueError(f"Unknown modality {modality!r}; allowed: {', '.join(map(repr, MODALITIES))}.")
+
+
+def get_signal_encoder(modality: str, name: str) -> SignalEncoder:
+  """Returns the built-in encoder called `name` for `modality` (see `SIGNAL_ENCODERS`)."""
+  _check_modality(modality)
+  encoders = SIGNAL_ENCODERS[modality]
+  if name not in encoders:
+    raise ValueError(f"Unknown {modality} encoder {name!r}; built-in ones: "
+                     f"{', '.join(map(repr, encoders))}.")
+  return encoders[name]
 
 
 def get_text_encoder(name: str, max_length: int) -> TextEncoder:
@@ -174,34 +226,38 @@ def write_shards(
     output_dir: str,
     split: str,
     num_shards: int,
-    image_encoder: ImageEncoder,
+    signal_encoder: SignalEncoder,
     text_encoder: TextEncoder,
     batch_size: int,
     latent_scale: float = 1.0,
     latent_shift: float = 0.0,
-    image_encoder_name: str,
+    signal_encoder_name: str,
     text_encoder_name: str,
+    modality: str = "image",
 ) -> dict[str, Any]:
   """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
 
-  Other splits already in `output_dir` are kept; their metadata must agree (encoders, latent
-  scale and shift, field shapes). Rewriting an existing split first drops it from the metadata,
+  Other splits already in `output_dir` are kept; their metadata must agree (modality,
+  encoders, latent scale and shift, field shapes). Rewriting an existing split first drops it from the metadata,
   so an interrupted rewrite leaves it absent rather than inconsistent.
 
   Args:
-    examples: Dicts with `image` (uint8, (H, W, C), one shape for all), `caption` (str) and
+    examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
+      `video` uint8 (T, H, W, C) or `waveform` int16 (samples,)), `caption` (str) and
       optionally `label` (int; -1 = none, the default).
     output_dir: Directory to write; created if missing.
     split: Split name (letters, digits, underscores).
     num_shards: Number of shard files; examples go to them round robin.
-    image_encoder: (B, H, W, C) float32 in [-1, 1] -> (B, h, w, c) latents.
+    signal_encoder: (B, *signal shape) float32 in [-1, 1] -> (B, *latent shape) latents, of
+      the rank `MODALITIES[modality].latent_axes` names.
     text_encoder: list of B captions -> ((B, L, D) embeddings, (B, L) bool mask).
     batch_size: Examples per encoder call. The last batch is padded to this size, so a jitted
       encoder compiles once.
-    latent_scale: Stored latents are `(image_encoder(image) - latent_shift) * latent_scale`.
+    latent_scale: Stored latents are `(signal_encoder(signal) - latent_shift) * latent_scale`.
     latent_shift: See `latent_scale`.
-    image_encoder_name: Name of `image_encoder`, recorded in the metadata.
+    signal_encoder_name: Name of `signal_encoder`, recorded in the metadata.
     text_encoder_name: Name of `text_encoder`, recorded in the metadata.
+    modality: "image", "video" or "audio": what the examples hold (see `MODALITIES`).
 
   Returns:
     The metadata written to `output_dir/metadata.json`.
@@ -209,10 +265,12 @@ def write_shards(
   Raises:
     ValueError: a bad argument or example, or metadata incompatible with the existing splits.
   """
+  _check_modality(modality)
   _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
-                    image_encoder_name, text_encoder_name)
+                    signal_encoder_name, text_encoder_name)
   encoded = _encode_batches(
-      examples, image_encoder, text_encoder, batch_size, latent_scale, latent_shift
+      examples, MODALITIES[modality], signal_encoder, text_encoder, batch_size, latent_scale,
+      latent_shift
   )
   # The first batch gives the field shapes, which are checked before the directory is touched.
   first = next(encoded, None)
@@ -221,9 +279,10 @@ def write_shards(
   header = {
       "format": FORMAT,
       "version": VERSION,
+      "modality": modality,
       "latent_scale": float(latent_scale),
       "latent_shift": float(latent_shift),
-      "image_encoder": image_encoder_name,
+      "signal_encoder": signal_encoder_name,
       "text_encoder": text_encoder_name,
       "fields": first[1],
   }
@@ -263,7 +322,7 @@ def _check_write_args(
     batch_size: int,
     latent_scale: float,
     latent_shift: float,
-    image_encoder_name: str,
+    signal_encoder_name: str,
     text_encoder_name: str,
 ) -> None:
   if not _SPLIT_PATTERN.fullmatch(split):
@@ -276,7 +335,7 @@ def _check_write_args(
     raise ValueError(f"latent_scale={latent_scale} must be finite and non-zero.")
   if not math.isfinite(latent_shift):
     raise ValueError(f"latent_shift={latent_shift} must be finite.")
-  for what, name in (("image_encoder_name", image_encoder_name),
+  for what, name in (("signal_encoder_name", signal_encoder_name),
                      ("text_encoder_name", text_encoder_name)):
     if not isinstance(name, str) or not name:
       raise ValueError(f"{what}={name!r} must be a non-empty string naming the encoder.")
@@ -319,7 +378,8 @@ def _write_metadata(output_dir: str, metadata: dict[str, Any]) -> None:
 
 def _encode_batches(
     examples: Iterable[dict[str, Any]],
-    image_encoder: ImageEncoder,
+    modality: _ModalityFormat,
+    signal_encoder: SignalEncoder,
     text_encoder: TextEncoder,
     batch_size: int,
     latent_scale: float,
@@ -329,16 +389,16 @@ def _encode_batches(
   iterator = iter(examples)
   start = 0
   while batch := list(itertools.islice(iterator, batch_size)):
-    images, captions, labels = _batch_inputs(batch, start)
+    signals, captions, labels = _batch_inputs(batch, start, modality)
     count = len(batch)
     # Pad to a constant batch size so a jitted encoder is compiled once.
-    images = np.pad(images, [(0, batch_size - count)] + [(0, 0)] * 3)
+    signals = np.pad(signals, [(0, batch_size - count)] + [(0, 0)] * (signals.ndim - 1))
     captions = captions + [""] * (batch_size - count)
-    latents = np.asarray(image_encoder(image_modality.from_uint8(images)), np.float32)
+    latents = np.asarray(signal_encoder(modality.to_float(signals)), np.float32)
     embeddings, mask = text_encoder(captions)
     embeddings = np.asarray(embeddings, np.float32)
     mask = np.asarray(mask)
-    _check_encoder_outputs(latents, embeddings, mask, batch_size)
+    _check_encoder_outputs(latents, embeddings, mask, batch_size, modality)
     latents = _to_float16((latents - latent_shift) * latent_scale, "latent", start)
     embeddings = _to_float16(embeddings, "text_embedding", start)
     mask = mask.astype(bool)
@@ -361,23 +421,26 @@ def _encode_batches(
     start += count
 
 
-def _batch_inputs(batch: list[dict[str, Any]], start: int) -> tuple[np.ndarray, list[str], list]:
-  """Checks the examples of one batch and returns (uint8 images, captions, labels)."""
-  images, captions, labels = [], [], []
+def _batch_inputs(batch: list[dict[str, Any]], start: int, modality: _ModalityFormat
+                  ) -> tuple[np.ndarray, list[str], list]:
+  """Checks the examples of one batch and returns (raw signals, captions, labels)."""
+  key = modality.example_key
+  signals, captions, labels = [], [], []
   for offset, example in enumerate(batch):
     where = f"Example {start + offset}"
-    missing = {"image", "caption"} - set(example)
+    missing = {key, "caption"} - set(example)
     if missing:
       raise ValueError(f"{where} lacks {sorted(missing)}; it has keys {sorted(example)}.")
-    image = np.asarray(example["image"])
-    if image.dtype != np.uint8 or image.ndim != 3:
+    signal = np.asarray(example[key])
+    if signal.dtype != modality.dtype or signal.ndim != len(modality.axes):
       raise ValueError(
-          f"{where}: image has dtype {image.dtype} and shape {image.shape}; need uint8 (H, W, C)."
+          f"{where}: {key} has dtype {signal.dtype} and shape {signal.shape}; need "
+          f"{np.dtype(modality.dtype).name} {_axes(modality.axes)}."
       )
-    if images and image.shape != images[0].shape:
+    if signals and signal.shape != signals[0].shape:
       raise ValueError(
-          f"{where}: image shape {image.shape} differs from {images[0].shape}; all images of a "
-          "split must share one shape."
+          f"{where}: {key} shape {signal.shape} differs from {signals[0].shape}; all examples "
+          "of a split must share one shape."
       )
     if not isinstance(example["caption"], str):
       raise ValueError(f"{where}: caption {example['caption']!r} must be a str.")
@@ -385,17 +448,23 @@ def _batch_inputs(batch: list[dict[str, Any]], start: int) -> tuple[np.ndarray, 
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
         -1 <= label <= np.iinfo(np.int32).max):
       raise ValueError(f"{where}: label {label!r} must be an int32 >= 0, or -1 for none.")
-    images.append(image)
+    signals.append(signal)
     captions.append(example["caption"])
     labels.append(int(label))
-  return np.stack(images), captions, labels
+  return np.stack(signals), captions, labels
 
 
-def _check_encoder_outputs(latents, embeddings, mask, batch_size: int) -> None:
-  if latents.ndim != 4 or latents.shape[0] != batch_size:
+def _axes(names: tuple[str, ...]) -> str:
+  """Axis names as a shape in error messages, e.g. "(samples,)"."""
+  return "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
+
+
+def _check_encoder_outputs(latents, embeddings, mask, batch_size: int,
+                           modality: _ModalityFormat) -> None:
+  if latents.ndim != 1 + len(modality.latent_axes) or latents.shape[0] != batch_size:
     raise ValueError(
-        f"image_encoder returned shape {latents.shape} for {batch_size} images; "
-        "need (B, h, w, c)."
+        f"signal_encoder returned shape {latents.shape} for {batch_size} examples of "
+        f"{modality.example_key}; need {_axes(('B', *modality.latent_axes))}."
     )
   if embeddings.ndim != 3 or embeddings.shape[0] != batch_size:
     raise ValueError(
@@ -439,10 +508,15 @@ class LatentShardSource:
   """Random-access source over all shards of one split, for grain.
 
   Index k is the k-th example written (record k // n of shard k % n). Records decode to
-  `{"latent": float32 (h, w, c), "text_embedding": float32 (L, D), "text_mask": bool (L,),
+  `{"latent": float32 latent_shape, "text_embedding": float32 (L, D), "text_mask": bool (L,),
   "label": int32 scalar, "caption": str}`. The repr names only the split and its shapes and
   encoders (not the directory), so grain's checkpoint check passes when a run resumes from a
   copy of the data elsewhere.
+
+  Attributes:
+    metadata: The directory's parsed metadata.json.
+    modality: What the latents encode: "image", "video" or "audio".
+    latent_shape: The shape of every latent, e.g. (t, h, w, c) for video.
   """
 
   def __init__(self, directory: str, split: str):
@@ -483,11 +557,14 @@ class LatentShardSource:
         for name, length in zip(expected, lengths)
     ])
     fields = self.metadata["fields"]
+    self.modality = self.metadata["modality"]
+    self.latent_shape = tuple(fields["latent"]["shape"])
     self._description = (
-        f"LatentShardSource(split={split!r}, num_examples={info['num_examples']}, "
-        f"num_shards={num_shards}, latent_shape={tuple(fields['latent']['shape'])}, "
+        f"LatentShardSource(modality={self.modality!r}, split={split!r}, "
+        f"num_examples={info['num_examples']}, num_shards={num_shards}, "
+        f"latent_shape={self.latent_shape}, "
         f"text_embedding_shape={tuple(fields['text_embedding']['shape'])}, "
-        f"image_encoder={self.metadata['image_encoder']!r}, "
+        f"signal_encoder={self.metadata['signal_encoder']!r}, "
         f"text_encoder={self.metadata['text_encoder']!r})"
     )
 

@@ -14,6 +14,7 @@ import ml_collections
 from self_flow.data import (captions, latent_shards, motion_captions, moving_sprites, pipeline,
                             sources, spoken_words)
 from self_flow.modalities import audio, video
+from self_flow.modalities import spec as spec_lib
 
 # modality -> its data section of the config.
 SECTIONS = {"image": "data", "video": "video", "audio": "audio"}
@@ -31,12 +32,37 @@ def open_source(config: ml_collections.ConfigDict, modality: str, split: str):
   """The random-access source of `modality`'s `split` (prepared on first use when embedded)."""
   section = config[SECTIONS[modality]]
   if section.dataset == "latent_shards":
-    return latent_shards.LatentShardSource(section.data_dir, split)
+    return _open_latent_shards(config, modality, split)
   if modality == "image":
     return sources.open_image_source(section.dataset, split, section.data_dir, section.source)
   if modality == "video":
     return moving_sprites.open_video_source(split, section.data_dir)
   return spoken_words.open_audio_source(split, section.data_dir)
+
+
+def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split: str
+                        ) -> latent_shards.LatentShardSource:
+  """Opens `modality`'s shards, refusing ones of another modality or latent shape.
+
+  Raises before any training state exists, naming the shard directory and the config keys to fix.
+  """
+  section_name = SECTIONS[modality]
+  data_dir = config[section_name].data_dir
+  source = latent_shards.LatentShardSource(data_dir, split)
+  if source.modality != modality:
+    raise ValueError(f"config.{section_name}.data_dir={data_dir!r} holds {source.modality} "
+                     f"latents; the {modality} stream needs {modality} latent shards.")
+  want = spec_lib.modality_specs(config)[modality].signal_shape
+  if source.latent_shape != tuple(want):
+    raise ValueError(f"config.{section_name} describes {modality} latents of shape "
+                     f"{tuple(want)}, but {data_dir!r} holds latents of shape "
+                     f"{source.latent_shape}; set its shape keys to match the shards.")
+  embedding_dim = source.metadata["fields"]["text_embedding"]["shape"][-1]
+  if config.model.conditioning == "text" and embedding_dim != config.text.embedding_dim:
+    raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
+                     f"embeddings in {data_dir!r} have width {embedding_dim}; set "
+                     f"--config.text.embedding_dim={embedding_dim}.")
+  return source
 
 
 def train_processing(config: ml_collections.ConfigDict, modality: str

@@ -1,15 +1,21 @@
-"""CLI: encodes a captioned image dataset once into latent shards for text-to-image training.
+"""CLI: encodes an embedded dataset once into latent shards for pod-style training.
 
-Pod-scale text-to-image training reads pre-encoded latents and caption embeddings
-(`self_flow.data.latent_shards`) instead of running the encoders every step. This tool writes
-them for a dataset the trainer already knows, using the built-in encoders; real autoencoders and
-text encoders are plugged in from Python by passing callables to `latent_shards.write_shards`.
+Pod-scale text-to-image, text-to-video and text-to-audio training reads pre-encoded latents and
+caption embeddings (`self_flow.data.latent_shards`) instead of running the encoders every step.
+This tool writes them for a dataset the trainer already knows, using the built-in encoders; real
+autoencoders (a VAE, Wan2.2's video AE, an audio AE) and text encoders are plugged in from
+Python by passing callables to `latent_shards.write_shards`.
 
-  python -m self_flow.tools.write_latent_shards --output_dir=DIR --dataset=fashion_mnist \
-      --data_dir=./data/tfds --splits=train,test --num_shards=4 --image_encoder=avgpool2 \
+  python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=image \
+      --data_dir=./data/tfds --splits=train,test --num_shards=4 --signal_encoder=avgpool2 \
       --text_encoder=bytes --text_max_length=64
+  python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=video  # sprites
+  python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=audio \
+      --signal_encoder=log_mel  # spoken words as the trainer's log-mel features
 
-Fashion-MNIST has no captions, so each image is captioned from its class name.
+The datasets are Fashion-MNIST (image; captioned from the class name), the moving sprites
+(video; a training phrasing of object, direction and speed, fixed per example) and the spoken
+words (audio; the exact transcript).
 """
 
 from collections.abc import Iterator, Sequence
@@ -17,18 +23,28 @@ import itertools
 from typing import Any
 
 from absl import app, flags
+import numpy as np
 
-from self_flow.data import fashion_mnist_local, latent_shards, sources
+from self_flow.data import (fashion_mnist_local, latent_shards, motion_captions, moving_sprites,
+                            sources, spoken_words)
+
+# The built-in encoder used when --signal_encoder is not given.
+DEFAULT_ENCODERS = {"image": "avgpool2", "video": "avgpool2", "audio": "log_mel"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Latent-shard directory to write (created if missing).")
-flags.DEFINE_enum("dataset", "fashion_mnist", sources.DATASETS, "Image dataset to encode.")
-flags.DEFINE_string("data_dir", "./data/tfds", "TFDS data directory of the image dataset.")
-flags.DEFINE_enum("source", "auto", sources.SOURCES, "Where the image dataset comes from.")
+flags.DEFINE_enum("modality", "image", list(latent_shards.MODALITIES),
+                  "What to encode: Fashion-MNIST images, moving-sprite clips or spoken words.")
+flags.DEFINE_enum("dataset", "fashion_mnist", sources.DATASETS,
+                  "Image dataset to encode (--modality=image only).")
+flags.DEFINE_string("data_dir", "./data/tfds", "TFDS data directory of the dataset.")
+flags.DEFINE_enum("source", "auto", sources.SOURCES,
+                  "Where the image dataset comes from (--modality=image only).")
 flags.DEFINE_list("splits", ["train", "test"], "Splits to encode, comma-separated.")
 flags.DEFINE_integer("num_shards", 4, "ArrayRecord shard files per split.", lower_bound=1)
-flags.DEFINE_enum("image_encoder", "avgpool2", list(latent_shards.IMAGE_ENCODERS),
-                  "Built-in image encoder.")
+flags.DEFINE_string("signal_encoder", None, "Built-in encoder of the modality (image, video: "
+                    "avgpool2, identity; audio: log_mel). Default: "
+                    + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ENCODERS.items()) + ".")
 flags.DEFINE_enum("text_encoder", "bytes", list(latent_shards.TEXT_ENCODERS),
                   "Built-in text encoder.")
 flags.DEFINE_integer("text_max_length", 64, "Text tokens per caption (padded or truncated).",
@@ -52,35 +68,71 @@ def fashion_mnist_caption(label: int) -> str:
   return f"a photo of {article} {name}"
 
 
+def _image_example(index: int, record: dict[str, Any]) -> dict[str, Any]:
+  del index  # One caption per class.
+  label = int(record["label"])
+  return {"image": record["image"], "caption": fashion_mnist_caption(label), "label": label}
+
+
+def _video_example(index: int, record: dict[str, Any]) -> dict[str, Any]:
+  # Seeded by the index, so a rewrite produces the same phrasings.
+  caption = motion_captions.train_caption(int(record["label"]), int(record["motion"]),
+                                          int(record["speed"]), np.random.default_rng(index))
+  return {"video": record["video"], "caption": caption,
+          "label": int(motion_captions.motion_class(int(record["label"]),
+                                                        int(record["motion"])))}
+
+
+def _audio_example(index: int, record: dict[str, Any]) -> dict[str, Any]:
+  del index  # The caption is the exact transcript.
+  label = int(record["label"])
+  return {"waveform": record["waveform"], "caption": spoken_words.transcript(label),
+          "label": label}
+
+
+# modality -> (record index, dataset record) -> example for `latent_shards.write_shards`.
+_EXAMPLES = {"image": _image_example, "video": _video_example, "audio": _audio_example}
+
+
 def captioned_examples(
-    source: Sequence[dict[str, Any]], max_examples: int | None
+    source: Sequence[dict[str, Any]], max_examples: int | None, modality: str = "image"
 ) -> Iterator[dict[str, Any]]:
   """Yields the first `max_examples` records of `source` (all if None) with their captions."""
+  make_example = _EXAMPLES[modality]
   for index in itertools.islice(range(len(source)), max_examples):
-    record = source[index]
-    label = int(record["label"])
-    yield {"image": record["image"], "caption": fashion_mnist_caption(label), "label": label}
+    yield make_example(index, source[index])
+
+
+def open_dataset(modality: str, split: str) -> Sequence[dict[str, Any]]:
+  """The embedded dataset of `modality`, built in --data_dir on first use."""
+  if modality == "video":
+    return moving_sprites.open_video_source(split, FLAGS.data_dir)
+  if modality == "audio":
+    return spoken_words.open_audio_source(split, FLAGS.data_dir)
+  return sources.open_image_source(FLAGS.dataset, split, FLAGS.data_dir, FLAGS.source)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  image_encoder = latent_shards.get_image_encoder(FLAGS.image_encoder)
+  modality = FLAGS.modality
+  encoder_name = FLAGS.signal_encoder or DEFAULT_ENCODERS[modality]
+  signal_encoder = latent_shards.get_signal_encoder(modality, encoder_name)
   text_encoder = latent_shards.get_text_encoder(FLAGS.text_encoder, FLAGS.text_max_length)
   for split in FLAGS.splits:
-    source = sources.open_image_source(FLAGS.dataset, split, FLAGS.data_dir, FLAGS.source)
     latent_shards.write_shards(
-        captioned_examples(source, FLAGS.max_examples),
+        captioned_examples(open_dataset(modality, split), FLAGS.max_examples, modality),
         output_dir=FLAGS.output_dir,
         split=split,
         num_shards=FLAGS.num_shards,
-        image_encoder=image_encoder,
+        signal_encoder=signal_encoder,
         text_encoder=text_encoder,
         batch_size=FLAGS.batch_size,
         latent_scale=FLAGS.latent_scale,
         latent_shift=FLAGS.latent_shift,
-        image_encoder_name=FLAGS.image_encoder,
+        signal_encoder_name=encoder_name,
         text_encoder_name=FLAGS.text_encoder,
+        modality=modality,
     )
 
 
