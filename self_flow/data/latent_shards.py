@@ -238,8 +238,8 @@ def write_shards(
   """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
 
   Other splits already in `output_dir` are kept; their metadata must agree (modality,
-  encoders, latent scale and shift, field shapes). Rewriting an existing split first drops it from the metadata,
-  so an interrupted rewrite leaves it absent rather than inconsistent.
+  encoders, latent scale and shift, field shapes). Rewriting an existing split first drops it
+  from the metadata, so an interrupted rewrite leaves it absent rather than inconsistent.
 
   Args:
     examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
