@@ -1,9 +1,14 @@
-"""The optimizer chain: global-norm clipping then AdamW on a learning-rate schedule."""
+"""The optimizer chain: global-norm clipping then AdamW on a learning-rate schedule (Adam's first
+moment optionally stored in bfloat16)."""
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 SCHEDULES = ("constant", "cosine")
+# optim.moment_dtype -> dtype of Adam's first moment (mu). optax's Adam keeps the second moment
+# (nu) in the params' dtype (it has no nu_dtype), so only mu can be narrowed.
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -25,6 +30,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   parts = []
   if optim.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  if optim.moment_dtype not in MOMENT_DTYPES:
+    raise ValueError(f"optim.moment_dtype={optim.moment_dtype!r}; allowed: {tuple(MOMENT_DTYPES)}.")
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           mu_dtype=MOMENT_DTYPES[optim.moment_dtype],
                            weight_decay=optim.weight_decay))
   return optax.chain(*parts), schedule

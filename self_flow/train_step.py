@@ -7,11 +7,18 @@
    entirely when gamma = 0, so the vanilla baselines pay nothing for it.
 5. L = w_m (L_gen + gamma L_rep) with the modality's loss weight w_m; AdamW update; EMA update.
 
+Gradient accumulation (`train.microbatches` = m): the randomness of steps 1-2 is drawn once for the
+whole global batch (batch-sized arrays, cheap), then the student/teacher forward and backward run
+over m equal slices in a `jax.lax.scan`, so only one microbatch's activations are alive at a
+time. L_gen and L_rep are means over examples and tokens, so the mean of the m slice losses and
+gradients is the full-batch loss and gradient: the step equals the large-batch step up to float
+rounding, with one optimizer and one EMA update.
+
 Each modality (image, video, audio) gets its own step function: its batch has its own shapes, so
 it compiles separately, and the trainer dispatches the step of the modality drawn for that step.
 """
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,19 @@ from flax import nnx
 
 from self_flow import conditioning, objectives, train_state
 from self_flow.modalities import spec as spec_lib
+
+
+class Examples(NamedTuple):
+  """Everything the loss needs per example, leading dim = batch: data and all of its randomness.
+
+  Drawn for the global batch before any microbatch split, so an example's noise, timesteps, mask
+  and dropout do not depend on how the batch is split.
+  """
+
+  x0: jax.Array  # (B, N, C) clean tokens.
+  x1: jax.Array  # (B, N, C) noise, shared by the student and teacher views.
+  cond: Any  # Labels (B,) or a text dict of (B, L, ...) arrays, after CFG dropout.
+  draw: objectives.TimestepDraw  # Per-token (t, s, mask) and the adaLN table/index.
 
 
 def _modality(config: ml_collections.ConfigDict, modality: str | None) -> spec_lib.ModalitySpec:
@@ -33,29 +53,41 @@ def _modality(config: ml_collections.ConfigDict, modality: str | None) -> spec_l
   return specs[modality]
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                 modality: str | None = None) -> Callable:
-  """loss_fn(params, ema_params, batch, rng) -> (loss, aux metrics) for one modality's batches
-  (default: the config's first modality)."""
-  spec = _modality(config, modality)
+def _make_draw_fn(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec) -> Callable:
+  """draw(batch, rng) -> Examples: tokenises the batch and draws its dropout, timesteps and noise
+  (method doc §1.13 steps 1-2)."""
   obj = config.objective
-  pos = jnp.asarray(spec.position_ids)
   null_class = config.data.num_classes
   kind = config.model.conditioning
-  use_teacher = obj.rep_loss_weight > 0
   time_kwargs = dict(distribution=obj.time_distribution, shift=spec.train_shift,
                      logit_mean=obj.logit_normal_mean, logit_std=obj.logit_normal_std)
 
-  def loss_fn(params, ema_params, batch, rng):
+  def draw(batch, rng) -> Examples:
     key_drop, key_time, key_noise = jax.random.split(rng, 3)
     x0 = spec.tokenize(spec.signal(batch).astype(jnp.float32))
     b, n, _ = x0.shape
-    pos_ids = jnp.broadcast_to(pos, (b, n, 3))
     cond = conditioning.drop(key_drop, conditioning.from_batch(batch, kind),
                              probability=obj.condition_dropout, null_class=null_class)
-    draw = objectives.draw_timesteps(key_time, b, n, policy=obj.noising,
-                                     mask_ratio=spec.mask_ratio, time_kwargs=time_kwargs)
+    timesteps = objectives.draw_timesteps(key_time, b, n, policy=obj.noising,
+                                          mask_ratio=spec.mask_ratio, time_kwargs=time_kwargs)
     x1 = jax.random.normal(key_noise, x0.shape, jnp.float32)
+    return Examples(x0, x1, cond, timesteps)
+
+  return draw
+
+
+def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                        spec: spec_lib.ModalitySpec) -> Callable:
+  """loss(params, ema_params, examples) -> (loss, aux): the deterministic part of the loss
+  (method doc §1.13 steps 3-6); every term is a mean over the examples given."""
+  obj = config.objective
+  pos = jnp.asarray(spec.position_ids)
+  use_teacher = obj.rep_loss_weight > 0
+
+  def loss(params, ema_params, examples: Examples):
+    x0, x1, cond, draw = examples
+    b, n, _ = x0.shape
+    pos_ids = jnp.broadcast_to(pos, (b, n, 3))
     x_tau, tau = objectives.noise_tokens(x0, x1, draw.t, draw.s, draw.mask)
 
     student = train_state.merge(graphdef, params)
@@ -76,21 +108,90 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     aux.update(loss_rep=loss_rep, teacher_cosine=cosine, tau_min_mean=tau_min.mean())
     return spec.loss_weight * (loss_gen + obj.rep_loss_weight * loss_rep), aux
 
+  return loss
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                 modality: str | None = None) -> Callable:
+  """loss_fn(params, ema_params, batch, rng) -> (loss, aux metrics) for one modality's batches
+  (default: the config's first modality), on the whole batch at once."""
+  spec = _modality(config, modality)
+  draw = _make_draw_fn(config, spec)
+  examples_loss = _make_examples_loss(config, graphdef, spec)
+
+  def loss_fn(params, ema_params, batch, rng):
+    return examples_loss(params, ema_params, draw(batch, rng))
+
   return loss_fn
+
+
+def split_microbatches(tree, microbatches: int):
+  """(B, ...) leaves -> (microbatches, B / microbatches, ...); microbatch j = rows j, j + m, ...
+
+  Strided, not contiguous: the batch dim arrives sharded over the mesh's (data, fsdp) axes in
+  contiguous row blocks, one per device. Reshaping to (B / m, m, ...) keeps the B / m dim split
+  over the same devices (each block holds whole groups of m rows), so every microbatch is spread
+  over all devices and the split moves no data. Contiguous slices would put each microbatch on a
+  fraction of the devices and make XLA reshard it.
+  """
+
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(f"train.microbatches={microbatches} must divide the batch size "
+                       f"{x.shape[0]}.")
+    rows = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+    return jnp.moveaxis(rows, 1, 0)
+
+  return jax.tree.map(split, tree)
+
+
+def accumulate(grad_fn: Callable, params, ema_params, examples: Examples, microbatches: int):
+  """((loss, aux), grads) of `grad_fn` averaged over `microbatches` equal slices of `examples`.
+
+  A `jax.lax.scan` runs one slice's forward and backward at a time, so peak activation memory is
+  one microbatch's; sums are kept in float32 and cast back to each output's dtype at the end.
+  """
+  if microbatches == 1:
+    return grad_fn(params, ema_params, examples)
+  slices = split_microbatches(examples, microbatches)
+  first = jax.tree.map(lambda x: x[0], slices)
+  shapes = jax.eval_shape(grad_fn, params, ema_params, first)
+
+  def add(total, micro):
+    out = grad_fn(params, ema_params, micro)
+    return jax.tree.map(lambda t, o: t + o.astype(jnp.float32), total, out), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+  total, _ = jax.lax.scan(add, zeros, slices)
+  return jax.tree.map(lambda t, s: (t / microbatches).astype(s.dtype), total, shapes)
+
+
+def make_grad_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                 modality: str | None = None) -> Callable:
+  """grad_fn(params, ema_params, batch, rng) -> ((loss, aux), grads w.r.t. params) of the global
+  batch, as the mean over `train.microbatches` slices: the gradient the train step applies."""
+  spec = _modality(config, modality)
+  draw = _make_draw_fn(config, spec)
+  value_and_grad = jax.value_and_grad(_make_examples_loss(config, graphdef, spec), has_aux=True)
+  microbatches = config.train.microbatches
+
+  def grad_fn(params, ema_params, batch, rng):
+    return accumulate(value_and_grad, params, ema_params, draw(batch, rng), microbatches)
+
+  return grad_fn
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
                     modality: str | None = None) -> Callable:
   """train_step(state, batch, base_rng) -> (state, metrics) for `modality`'s batches;
-  rng = fold_in(base_rng, step)."""
-  loss_fn = make_loss_fn(config, graphdef, modality)
+  rng = fold_in(base_rng, step). One optimizer and one EMA update per global batch."""
+  grad_fn = make_grad_fn(config, graphdef, modality)
   ema_decay = config.optim.ema_decay
 
   def train_step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["ema_params"], batch, rng)
+    (loss, aux), grads = grad_fn(state["params"], state["ema_params"], batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {

@@ -1,4 +1,5 @@
-"""The jitted train step: teacher gradients, baselines reducing to vanilla FM, mesh equivalence."""
+"""The jitted train step: teacher gradients, baselines reducing to vanilla FM, mesh equivalence,
+gradient accumulation and bfloat16 Adam moments."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from self_flow import optim, sharding, train_state, train_step
+from self_flow import config_validation, optim, sharding, train_state, train_step
 
 
 def _setup(config, devices=None):
@@ -125,3 +126,104 @@ def test_bad_mesh_sizes_are_named():
     sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
   with pytest.raises(ValueError, match="at most one may be -1"):
     sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def _sgd_steps(config, devices, microbatches):
+  """State and metrics after two jitted steps from a perturbed state (non-trivial teacher).
+
+  Plain SGD, not AdamW: its update is linear in the gradient, so the new params carry the
+  gradient's float32 rounding only. (Adam divides each element by its own magnitude, which turns
+  the rounding of a near-zero element into a visible part of one update.)
+  """
+  config.train.microbatches = microbatches
+  config_validation.validate(config, num_devices=len(devices))
+  mesh = sharding.create_mesh(config.mesh, devices)
+  tx = optax.sgd(0.1)
+  layout = train_state.state_layout(config, mesh, tx)
+  state = _perturbed(train_state.create_train_state(config, layout, tx))
+  schedule = optax.constant_schedule(0.1)
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule),
+                 in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
+                 out_shardings=(layout.shardings, None), donate_argnums=0)
+  state = jax.device_put(state, layout.shardings)
+  batch = jax.device_put(_batch(config), sharding.batch_sharding(mesh))
+  metrics = []
+  for _ in range(2):
+    state, step_metrics = step(state, batch, jax.random.PRNGKey(0))
+    metrics.append(jax.device_get(step_metrics))
+  return jax.device_get(state), metrics
+
+
+# (data, fsdp, tensor): 1 device, and 8 devices with the batch over fsdp = 2 (8 examples =
+# 4 microbatches x 2 shards) and the MLP over tensor = 4.
+@pytest.mark.parametrize("mesh_sizes", [(1, 1, 1), (1, 2, 4)])
+def test_accumulated_step_equals_large_batch_step(make_config, mesh_sizes):
+  """Same rng and global batch: 2 or 4 microbatches give the 1-microbatch step (loss, every
+  metric, params, EMA) up to float32 rounding, because all per-example randomness is drawn
+  before the split and every loss term is a mean over examples."""
+  config = make_config()
+  config.mesh.update(data=mesh_sizes[0], fsdp=mesh_sizes[1], tensor=mesh_sizes[2])
+  devices = jax.devices()[:int(np.prod(mesh_sizes))]
+  full_state, full_metrics = _sgd_steps(config, devices, 1)
+  assert full_metrics[0]["loss_rep"] > 0.01  # the teacher path is exercised
+  for microbatches in (2, 4):
+    state, metrics = _sgd_steps(config, devices, microbatches)
+    for full, acc in zip(full_metrics, metrics):
+      assert set(full) == set(acc)
+      for key in full:
+        np.testing.assert_allclose(acc[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for part in ("params", "ema_params"):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   state[part], full_state[part])
+    assert int(state["step"]) == 2
+
+
+def test_microbatches_keep_the_batch_spread_over_devices(make_config):
+  """Pure data parallelism on 4 devices: the strided microbatch split moves no batch rows, so
+  the only collectives of the compiled step are the gradient all-reduces."""
+  config = make_config()
+  config.mesh.update(data=4, fsdp=1, tensor=1)
+  config.train.microbatches = 2
+  mesh, tx, schedule, layout, state = _setup(config, jax.devices()[:4])
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule),
+                 in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
+                 out_shardings=(layout.shardings, None))
+  batch = jax.device_put(_batch(config), sharding.batch_sharding(mesh))
+  hlo = step.lower(state, batch, jax.random.PRNGKey(0)).compile().as_text()
+  assert "all-reduce" in hlo
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert collective not in hlo, collective
+
+
+def test_bfloat16_first_moment(make_config):
+  config = make_config()
+  config.optim.moment_dtype = "bfloat16"
+  config_validation.validate(config, num_devices=8)
+  host, metrics, _ = _one_step(config, jax.devices()[:1])
+  mu = jax.tree.leaves(optax.tree.get(host["opt_state"], "mu"))
+  nu = jax.tree.leaves(optax.tree.get(host["opt_state"], "nu"))
+  assert mu and all(x.dtype == jnp.bfloat16 for x in mu)
+  assert nu and all(x.dtype == jnp.float32 for x in nu)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((host["params"],
+                                                              host["ema_params"])))
+  assert np.isfinite(metrics["loss"]) and any(float(np.abs(x).max()) > 0 for x in mu)
+
+
+@pytest.mark.parametrize("microbatches,mesh_data,message", [
+    (0, 1, "config.train.microbatches=0 is not allowed; it must be an integer >= 1"),
+    (3, 1, r"config.train.microbatches=3 is not allowed with config.data.global_batch_size=8"),
+    (2, 8, r"microbatches x mesh data\*fsdp = 2 x 8"),
+])
+def test_bad_microbatch_counts_are_named(make_config, microbatches, mesh_data, message):
+  config = make_config()
+  config.mesh.update(data=mesh_data, fsdp=1, tensor=1)
+  config.train.microbatches = microbatches
+  with pytest.raises(ValueError, match=message):
+    config_validation.validate(config, num_devices=mesh_data)
+
+
+def test_bad_moment_dtype_is_named(make_config):
+  config = make_config()
+  config.optim.moment_dtype = "float16"
+  with pytest.raises(ValueError, match="config.optim.moment_dtype='float16' is not allowed"):
+    config_validation.validate(config, num_devices=8)
