@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 
 from self_flow import sharding
@@ -49,7 +50,7 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   abstract_params = nnx.to_pure_dict(abstract_params)
   param_shardings = sharding.tree_shardings(
-      logical, abstract_params, config.mesh.logical_axis_rules, mesh)
+      logical, abstract_params, sharding.axis_rules(config.mesh), mesh)
   replicated = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_utils.tree_map_params(
@@ -64,6 +65,16 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return StateLayout(graphdef, shardings, abstract)
+
+
+def check_replication(config: ml_collections.ConfigDict, layout: StateLayout
+                      ) -> sharding.ReplicationReport:
+  """Logs how the mesh splits the parameters and refuses an FSDP layout that leaves more than
+  `config.mesh.max_replicated_fraction` of them whole on every device."""
+  report = sharding.replication_report(layout.abstract["params"], layout.shardings["params"])
+  logging.info("Sharding (rules %r): %s", config.mesh.rules, report.summary())
+  sharding.check_replication(report, config.mesh.max_replicated_fraction)
+  return report
 
 
 def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,

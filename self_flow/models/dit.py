@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from self_flow import sharding
 from self_flow.models import layers, scanning
 
 
@@ -63,7 +64,7 @@ class SelfFlowDiT(nnx.Module):
   def embed_tokens(self, x: jax.Array, pos_ids: jax.Array) -> jax.Array:
     pos = layers.sincos_position_embedding(pos_ids, self.hidden_size, self.pos_axes)
     h = self.input_proj(x)
-    return h + pos.astype(h.dtype)
+    return sharding.constrain(h + pos.astype(h.dtype), layers.TOKENS)
 
   def run_blocks(self, h, cond, cond_index, start: int, end: int):
     """Blocks [start, end) (0-based) as one scanned segment over the stacked parameters."""

@@ -1,7 +1,8 @@
 """Building blocks of the token transformer: embeddings, per-token adaLN-Zero blocks, heads.
 
-Parameters carry logical axis names (`nnx.with_partitioning`); which mesh axis each name maps to
-is decided by the config's `mesh.logical_axis_rules`, never here.
+Parameters carry logical axis names (`nnx.with_partitioning`), and the main activations are
+pinned by logical names through `sharding.constrain` (a no-op unless the trainer set rules);
+which mesh axis each name maps to is decided by the config's `mesh` rules, never here.
 
 Per-token conditioning (Self-Flow): every token has its own timestep, but a sample holds only a
 few *distinct* conditioning vectors (two under dual-timestep noising). Conditioning therefore
@@ -15,6 +16,14 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from self_flow import sharding
+from self_flow.models import attention
+
+# Logical axes of the main activations: the token stream, the MLP hidden, attention heads.
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -90,11 +99,11 @@ class TimestepEmbedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention through jax.nn.dot_product_attention (cuDNN / XLA)."""
+  """Multi-head self-attention; the kernel is picked by name in `attention` (XLA/cuDNN/splash)."""
 
   def __init__(self, hidden_size, num_heads, rngs, *, dtype, param_dtype, implementation):
     self.num_heads = num_heads
-    self.implementation = None if implementation == "auto" else implementation
+    self.implementation = implementation
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.qkv = dense(hidden_size, 3 * hidden_size, ("embed", "heads"), rngs, **kw)
     self.proj = dense(hidden_size, hidden_size, ("heads", "embed"), rngs, **kw)
@@ -102,7 +111,7 @@ class Attention(nnx.Module):
   def __call__(self, x):
     batch, tokens, width = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    out = jax.nn.dot_product_attention(
+    out = attention.dot_product_attention(
         qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation)
     return self.proj(out.reshape(batch, tokens, width))
 
@@ -116,7 +125,7 @@ class Mlp(nnx.Module):
     self.fc2 = dense(mlp_dim, hidden_size, ("mlp", "embed"), rngs, **kw)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    return self.fc2(sharding.constrain(jax.nn.gelu(self.fc1(x), approximate=True), HIDDEN))
 
 
 class AdaLNBlock(nnx.Module):
@@ -132,8 +141,10 @@ class AdaLNBlock(nnx.Module):
   def __call__(self, x, cond, cond_index):
     mod = gather_rows(self.modulation(jax.nn.silu(cond)), cond_index)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-    x = x + gate_a * self.attn(modulate(layer_norm(x), shift_a, scale_a))
-    return x + gate_m * self.mlp(modulate(layer_norm(x), shift_m, scale_m))
+    x = sharding.constrain(x + gate_a * self.attn(modulate(layer_norm(x), shift_a, scale_a)),
+                           TOKENS)
+    return sharding.constrain(x + gate_m * self.mlp(modulate(layer_norm(x), shift_m, scale_m)),
+                              TOKENS)
 
 
 class FinalLayer(nnx.Module):
@@ -158,4 +169,4 @@ class ProjectionHead(nnx.Module):
     self.fc2 = dense(hidden_mult * hidden_size, hidden_size, ("mlp", "embed"), rngs, **kw)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.silu(self.fc1(x)))
+    return self.fc2(sharding.constrain(jax.nn.silu(self.fc1(x)), HIDDEN))

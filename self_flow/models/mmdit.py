@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from self_flow.models import layers, rope, scanning
+from self_flow import sharding
+from self_flow.models import attention, layers, rope, scanning
 
 
 def rms_norm(x, scale, eps: float = 1e-6):
@@ -38,8 +39,8 @@ def rms_norm(x, scale, eps: float = 1e-6):
 def joint_attention(q, k, v, cos, sin, key_mask, implementation):
   """RoPE, then attention over the joint sequence; key_mask (B, S) hides padded text keys."""
   q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-  out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
-                                     implementation=implementation)
+  out = attention.dot_product_attention(q, k, v, key_mask=key_mask,
+                                        implementation=implementation)
   return out.reshape(*out.shape[:2], -1)
 
 
@@ -60,12 +61,12 @@ class StreamWeights(nnx.Module):
   def qkv_heads(self, x):
     b, s, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 3, 2)
-    return rms_norm(q[:, :, 0], self.q_scale.value), rms_norm(k[:, :, 0], self.k_scale.value), \
-        v[:, :, 0]
+    return _heads(rms_norm(q[:, :, 0], self.q_scale.value),
+                  rms_norm(k[:, :, 0], self.k_scale.value), v[:, :, 0])
 
   def mlp(self, x):
     gate, up = jnp.split(self.mlp_in(x), 2, axis=-1)
-    return self.mlp_out(jax.nn.silu(gate) * up)
+    return self.mlp_out(sharding.constrain(jax.nn.silu(gate) * up, layers.HIDDEN))
 
 
 class DoubleBlock(nnx.Module):
@@ -73,7 +74,7 @@ class DoubleBlock(nnx.Module):
 
   def __init__(self, hidden_size, num_heads, mlp_dim, rngs, *, dtype, param_dtype, attention):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.attention = None if attention == "auto" else attention
+    self.attention = attention
     self.img = StreamWeights(hidden_size, num_heads, mlp_dim, rngs, **kw)
     self.txt = StreamWeights(hidden_size, num_heads, mlp_dim, rngs, **kw)
 
@@ -90,7 +91,7 @@ class DoubleBlock(nnx.Module):
     txt = txt + _gate(txt_a) * self.txt.proj(out[:, :n_txt])
     img = img + _gate(img_m) * self.img.mlp(_modulate(img, img_m))
     txt = txt + _gate(txt_m) * self.txt.mlp(_modulate(txt, txt_m))
-    return img, txt
+    return sharding.constrain(img, layers.TOKENS), sharding.constrain(txt, layers.TOKENS)
 
 
 class SingleBlock(nnx.Module):
@@ -101,7 +102,7 @@ class SingleBlock(nnx.Module):
     head_dim = hidden_size // num_heads
     self.num_heads = num_heads
     self.mlp_dim = mlp_dim
-    self.attention = None if attention == "auto" else attention
+    self.attention = attention
     self.linear1 = layers.dense(hidden_size, 3 * hidden_size + 2 * mlp_dim, ("embed", "mlp"),
                                 rngs, **kw)
     self.linear2 = layers.dense(hidden_size + mlp_dim, hidden_size, ("mlp", "embed"), rngs, **kw)
@@ -113,10 +114,12 @@ class SingleBlock(nnx.Module):
     h = self.linear1(_modulate(x, mod))
     qkv, gate, up = jnp.split(h, [3 * d, 3 * d + self.mlp_dim], axis=-1)
     q, k, v = jnp.split(qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads), 3, 2)
-    q = rms_norm(q[:, :, 0], self.q_scale.value)
-    k = rms_norm(k[:, :, 0], self.k_scale.value)
-    attn = joint_attention(q, k, v[:, :, 0], cos, sin, key_mask, self.attention)
-    return x + _gate(mod) * self.linear2(jnp.concatenate([attn, jax.nn.silu(gate) * up], -1))
+    q, k, v = _heads(rms_norm(q[:, :, 0], self.q_scale.value),
+                     rms_norm(k[:, :, 0], self.k_scale.value), v[:, :, 0])
+    attn = joint_attention(q, k, v, cos, sin, key_mask, self.attention)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, layers.HIDDEN)
+    return sharding.constrain(
+        x + _gate(mod) * self.linear2(jnp.concatenate([attn, hidden], -1)), layers.TOKENS)
 
 
 def _modulate(x, mod):
@@ -127,6 +130,11 @@ def _modulate(x, mod):
 
 def _gate(mod):
   return jnp.split(mod, 3, axis=-1)[2]
+
+
+def _heads(*arrays):
+  """Pins (B, S, heads, head_dim) attention inputs to the heads' logical axes."""
+  return tuple(sharding.constrain(a, layers.HEADS) for a in arrays)
 
 
 class SelfFlowMMDiT(nnx.Module):
@@ -198,7 +206,8 @@ class SelfFlowMMDiT(nnx.Module):
     single_rows = self.single_mod(jnp.concatenate([text_act, act], axis=1))
     single_index = jnp.concatenate([jnp.zeros((b, n_txt), jnp.int32), t_index + 1], axis=1)
     return dict(
-        img=self._modality_layer(self.inputs, modality)(x), txt=txt, cos=cos, sin=sin,
+        img=sharding.constrain(self._modality_layer(self.inputs, modality)(x), layers.TOKENS),
+        txt=sharding.constrain(txt, layers.TOKENS), cos=cos, sin=sin,
         key_mask=key_mask,
         img_mod=layers.gather_rows(self.double_mod_img(act), t_index),
         txt_mod=self.double_mod_txt(text_act),
