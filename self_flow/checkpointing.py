@@ -34,6 +34,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def reached_preemption(self, step: int) -> bool:
+    """True at the one step every process stops at after a SIGTERM to any of them.
+
+    JAX's preemption sync manager (set up by `jax.distributed.initialize`) catches SIGTERM and
+    agrees on that step; all processes must call this at every step. False without
+    `jax.distributed` (a single process watches SIGTERM with `preemption.PreemptionGuard`)."""
+    return self.manager.reached_preemption(step)
+
   def _check(self, iterators: Mapping) -> None:
     if tuple(iterators) != self.modalities:
       raise ValueError(f"data iterators for {tuple(iterators)} given; this checkpointer holds "
