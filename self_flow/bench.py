@@ -1,0 +1,407 @@
+"""Step-time benchmark: vanilla FM, dual-timestep only, Self-Flow and naive per-token adaLN.
+
+One config, four train steps compiled exactly as the trainer compiles them (same mesh, shardings,
+donated state), fed the same synthetic batch, timed side by side:
+
+  vanilla          single timestep, no teacher         (method=vanilla)
+  dual_timestep    dual-timestep noising, no teacher   (method=dual_timestep)
+  self_flow        dual-timestep + EMA teacher + L_rep (method=self_flow)
+  naive_adaln      self_flow with per-token adaLN computed for every token: the student gets a
+                   (B, N) timestep table with index arange(N), i.e. one modulation row per token,
+                   the cost the distinct-row gather avoids; it must give the same losses.
+
+Repeats are interleaved (each round runs every variant once, in a rotated order), so a noisy
+neighbour slows all variants alike. Every step blocks on its outputs before the clock stops. The
+process CPU time of each step is reported too: pinned to one core it is the step time the core
+would give on a quiet machine, so the CPU-time ratios stay meaningful when the machine is busy.
+`--breakdown` adds where the Self-Flow step's time goes (teacher, backward, optimizer and EMA).
+
+CPU reference protocol (one thread on one core, tcmalloc), as recorded in benchmarks/RESULTS.md:
+
+  taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
+    python -m self_flow.bench --config=configs/c2i.py:cpu_reference
+
+GPU (SiT-XL/2 Self-Flow, bf16; MFU against the device's bf16 peak):
+
+  python -m self_flow.bench --config=configs/c2i.py:cpu_reference --config.model.preset=XL \\
+    --config.model.compute_dtype=bfloat16 --config.model.attention=auto \\
+    --config.data.global_batch_size=64 --repeats=20 \\
+    --variants=vanilla,self_flow
+"""
+
+import contextlib
+import datetime
+import os
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs import base as config_base
+from self_flow import flops, objectives, optim, reporting, sharding, train_state, train_step
+from self_flow.modalities import spec as spec_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
+flags.DEFINE_integer("warmup", 2, "Untimed steps per variant (the first one also compiles).")
+flags.DEFINE_integer("repeats", 12, "Timed steps per variant; the table reports their median.")
+flags.DEFINE_list("variants", ["vanilla", "dual_timestep", "self_flow", "naive_adaln"],
+                  "Variants to time (subset of the four).")
+flags.DEFINE_float("peak_gflops", 0.0,
+                   "Peak GFLOP/s per device for MFU; 0 = the device table (accelerators) or a "
+                   "measured fp32 matmul peak (CPU).")
+flags.DEFINE_bool("breakdown", False,
+                  "Also time the Self-Flow step's parts: forward without and with the teacher, "
+                  "forward + backward, whole step.")
+
+
+class Variant(NamedTuple):
+  method: str  # configs.base.METHODS key
+  naive_adaln: bool
+
+
+VARIANTS = {
+    "vanilla": Variant("vanilla", False),
+    "dual_timestep": Variant("dual_timestep", False),
+    "self_flow": Variant("self_flow", False),
+    "naive_adaln": Variant("self_flow", True),
+}
+
+
+def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with the variant's method (objective keys only)."""
+  config = config.copy_and_resolve_references()
+  config_base.apply_method(config, VARIANTS[name].method)
+  return config
+
+
+@contextlib.contextmanager
+def per_token_adaln():
+  """While tracing, every draw's conditioning table becomes one row per token (B, N) with index
+  arange(N): the same per-token timesteps, so the same model function, at the naive cost."""
+  draw_timesteps = objectives.draw_timesteps
+
+  def per_token(*args, **kwargs):
+    draw = draw_timesteps(*args, **kwargs)
+    table = jnp.take_along_axis(draw.table, draw.index, axis=1)
+    index = jnp.broadcast_to(jnp.arange(table.shape[1], dtype=jnp.int32), table.shape)
+    return draw._replace(table=table, index=index)
+
+  objectives.draw_timesteps = per_token
+  try:
+    yield
+  finally:
+    objectives.draw_timesteps = draw_timesteps
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of the first modality with the pipeline's keys: Gaussian signal, random labels or
+  captions (the step's cost does not depend on the values)."""
+  spec = next(iter(spec_lib.modality_specs(config).values()))
+  rng = np.random.default_rng(seed)
+  b = spec.global_batch_size
+  batch = {spec.signal_key: rng.standard_normal((b, *spec.signal_shape), np.float32)}
+  if config.model.conditioning == "class":
+    batch["label"] = rng.integers(0, config.data.num_classes, (b,), np.int32)
+    return batch
+  length = config.text.max_length
+  batch["text_mask"] = np.ones((b, length), bool)
+  if config.text.encoder == "bytes":
+    batch["text_tokens"] = rng.integers(1, 256, (b, length), np.int32)
+  else:
+    batch["text_embedding"] = rng.standard_normal((b, length, config.text.embedding_dim),
+                                                  np.float32)
+  return batch
+
+
+class Prepared(NamedTuple):
+  """One variant ready to run: its compiled step and the arguments it consumes."""
+
+  step: Any  # compiled (state, batch, rng) -> (state, metrics), state donated
+  state: Any
+  batch: Any
+  rng: jax.Array
+  step_flops: flops.StepFlops  # analytic, global batch
+
+
+class Setup(NamedTuple):
+  """What `train.train_and_evaluate` builds before its loop, with a synthetic batch."""
+
+  mesh: Any
+  tx: Any
+  schedule: Any
+  layout: train_state.StateLayout
+  state: Any
+  batch: Any
+  rng: jax.Array
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Mesh, optimizer, sharded fresh state and a sharded synthetic batch, as the trainer has."""
+  mesh = sharding.create_mesh(config.mesh)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  layout = train_state.state_layout(config, mesh, tx)
+  state = train_state.create_train_state(config, layout, tx)
+  batch = jax.device_put(synthetic_batch(config), sharding.batch_sharding(mesh))
+  rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
+  return Setup(mesh, tx, schedule, layout, state, batch, rng)
+
+
+def prepare(config: ml_collections.ConfigDict, name: str) -> Prepared:
+  """Builds state and step as `train.train_and_evaluate` does, and compiles the step."""
+  config = variant_config(config, name)
+  s = setup(config)
+  replicated = sharding.replicated(s.mesh)
+  step = jax.jit(
+      sharding.activation_sharding(s.mesh, sharding.axis_rules(config.mesh))(
+          train_step.make_train_step(config, s.layout.graphdef, s.tx, s.schedule)),
+      in_shardings=(s.layout.shardings, sharding.batch_sharding(s.mesh), replicated),
+      out_shardings=(s.layout.shardings, replicated), donate_argnums=(0,))
+  naive = VARIANTS[name].naive_adaln
+  with per_token_adaln() if naive else contextlib.nullcontext():
+    compiled = step.lower(s.state, s.batch, s.rng).compile()
+  tokens = flops.model_shape(config).tokens
+  return Prepared(compiled, s.state, s.batch, s.rng,
+                  flops.train_step_flops(config, rows=tokens if naive else None))
+
+
+class Timing(NamedTuple):
+  """Wall and process-CPU seconds of every timed step, and the losses of every step."""
+
+  wall: list[float]
+  cpu: list[float]
+  losses: list[float]
+
+
+def run_interleaved(prepared: dict[str, Prepared], warmup: int, repeats: int
+                    ) -> dict[str, Timing]:
+  """warmup + repeats rounds; each round steps every variant once, rotating which goes first.
+
+  Each step blocks on its whole output (state and metrics, hence the loss) before the clock
+  stops, so no work leaks into the next measurement.
+  """
+  names = list(prepared)
+  states = {n: p.state for n, p in prepared.items()}
+  timing = {n: Timing([], [], []) for n in names}
+  for round_index in range(warmup + repeats):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      p = prepared[name]
+      wall, cpu = time.perf_counter(), time.process_time()
+      states[name], metrics = p.step(states[name], p.batch, p.rng)
+      jax.block_until_ready((states[name], metrics))
+      wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+      timing[name].losses.append(float(metrics["loss"]))
+      if round_index >= warmup:
+        timing[name].wall.append(wall)
+        timing[name].cpu.append(cpu)
+  return timing
+
+
+def check_naive_adaln(timing: dict[str, Timing], rtol: float = 1e-4) -> float | None:
+  """Max relative loss difference between naive and distinct-row adaLN over every step (same
+  init, batch and step rngs, so the same numbers up to float rounding); raises above rtol."""
+  if "naive_adaln" not in timing or "self_flow" not in timing:
+    return None
+  naive, fast = np.asarray(timing["naive_adaln"].losses), np.asarray(timing["self_flow"].losses)
+  diff = float(np.max(np.abs(naive - fast) / np.maximum(np.abs(fast), 1e-12)))
+  if not diff <= rtol:
+    raise AssertionError(f"naive per-token adaLN losses {naive} differ from the distinct-row "
+                         f"losses {fast} (max relative difference {diff:.2e} > {rtol}).")
+  return diff
+
+
+def median_seconds(call, warmup: int, repeats: int) -> tuple[float, float]:
+  """Median (wall, process CPU) seconds of `call()`, blocking on its outputs each time."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(call())
+    wall.append(time.perf_counter() - start_wall)
+    cpu.append(time.process_time() - start_cpu)
+  return float(np.median(wall)), float(np.median(cpu))
+
+
+def breakdown(config: ml_collections.ConfigDict, warmup: int, repeats: int
+              ) -> dict[str, tuple[float, float]]:
+  """Median (wall, CPU) seconds of nested parts of the Self-Flow step, each compiled alone.
+
+  Row differences attribute the step: teacher forward (+ projector and L_rep) = row 2 - row 1,
+  backward = row 3 - row 2, gradient clipping + AdamW + EMA update = row 4 - row 3.
+  """
+  self_flow = variant_config(config, "self_flow")
+  s = setup(self_flow)
+  graphdef = s.layout.graphdef
+  args = (s.state["params"], s.state["ema_params"], s.batch, s.rng)
+  parts = {
+      "student forward and L_gen": train_step.make_loss_fn(
+          variant_config(config, "dual_timestep"), graphdef),
+      "+ teacher forward, projector, L_rep": train_step.make_loss_fn(self_flow, graphdef),
+      "+ backward": train_step.make_grad_fn(self_flow, graphdef),
+  }
+  times = {}
+  for name, fn in parts.items():
+    compiled = jax.jit(fn).lower(*args).compile()
+    times[name] = median_seconds(lambda c=compiled: c(*args), warmup, repeats)
+  step = prepare(config, "self_flow")
+  state = step.state
+
+  def one_step():
+    nonlocal state
+    state, metrics = step.step(state, step.batch, step.rng)
+    return state, metrics
+
+  times["+ clipping, AdamW, EMA (whole step)"] = median_seconds(one_step, warmup, repeats)
+  return times
+
+
+def format_breakdown(times: dict[str, tuple[float, float]]) -> str:
+  lines = ["| Self-Flow step, cumulative | s median | CPU s median |", "|---|---|---|"]
+  lines += [f"| {name} | {wall:.3f} | {cpu:.3f} |" for name, (wall, cpu) in times.items()]
+  return "\n".join(lines)
+
+
+def measured_matmul_peak(size: int = 2048, tries: int = 10) -> float:
+  """Best fp32 GFLOP/s of one jitted size^3 matmul on the default device (a CPU's practical
+  peak, under the same thread and affinity settings as the benchmark)."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  best = float("inf")
+  for _ in range(tries):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+def peak_gflops(configured: float) -> tuple[float, str]:
+  """(peak GFLOP/s per device, where it comes from)."""
+  if configured > 0:
+    return configured, "--peak_gflops"
+  table = reporting.peak_tflops_per_device(0.0)
+  if table:
+    return table * 1e3, f"{jax.devices()[0].device_kind} bf16 table"
+  return measured_matmul_peak(), "measured fp32 2048^3 matmul"
+
+
+def environment() -> dict[str, str]:
+  """What the numbers depend on: device, threads, affinity, allocator, versions, date."""
+  cpu = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  return {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "cpu": f"{cpu}, {os.cpu_count()} logical cores, affinity {affinity}",
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(unset)"),
+      "LD_PRELOAD": os.environ.get("LD_PRELOAD", "(unset)"),
+      "threads in process": str(len(os.listdir("/proc/self/task")))
+                            if os.path.isdir("/proc/self/task") else "?",
+      "versions": f"jax {jax.__version__}, python {platform.python_version()}",
+  }
+
+
+def summarize(timing: dict[str, Timing], prepared: dict[str, Prepared], peak: float
+              ) -> dict[str, dict[str, float]]:
+  """Per variant: median/min/IQR seconds per step, CPU/wall, GFLOP per step, GFLOP/s, MFU."""
+  rows = {}
+  for name, t in timing.items():
+    wall = np.asarray(t.wall)
+    q25, median, q75 = np.percentile(wall, [25, 50, 75])
+    gflop = prepared[name].step_flops.total / 1e9 / jax.device_count()
+    rows[name] = dict(median=float(median), min=float(wall.min()), iqr=float(q75 - q25),
+                      cpu_median=float(np.median(t.cpu)), gflop=gflop, gflops=gflop / median,
+                      mfu=gflop / median / peak if peak else float("nan"))
+  return rows
+
+
+RATIOS = (("self_flow / vanilla", "self_flow", "vanilla"),
+          ("dual_timestep / vanilla", "dual_timestep", "vanilla"),
+          ("naive / distinct-row adaLN (Self-Flow)", "naive_adaln", "self_flow"))
+
+
+def ratios(rows: dict[str, dict[str, float]], key: str = "median") -> dict[str, float]:
+  """Step-time ratios (of `key`: wall or CPU-time medians) of the pairs that were timed."""
+  return {label: rows[a][key] / rows[b][key]
+          for label, a, b in RATIOS if a in rows and b in rows}
+
+
+def format_report(env: dict[str, str], config: ml_collections.ConfigDict, warmup: int,
+                  repeats: int, rows, ratio_values, peak: tuple[float, str],
+                  naive_diff: float | None) -> str:
+  """The markdown that benchmarks/RESULTS.md records."""
+  shape = flops.model_shape(config)
+  m = config.model
+  lines = [f"- {key}: {value}" for key, value in env.items()]
+  lines += [
+      f"- model: {m.architecture} preset {m.preset}, width {shape.width}, depth {shape.depth}, "
+      f"{shape.tokens} tokens x {shape.token_dim} channels, batch "
+      f"{config.data.global_batch_size}, compute {m.compute_dtype}, params {m.param_dtype}, "
+      f"layers {shape.student_layer}/{shape.teacher_layer}, remat {m.remat_policy}",
+      f"- protocol: {warmup} warm-up + {repeats} timed steps per variant, interleaved, every "
+      "step blocked on its outputs",
+      f"- peak for MFU: {peak[0]:.1f} GFLOP/s per device ({peak[1]})",
+      "",
+      "| variant | s/step median | min | IQR | CPU s/step | GFLOP/step | GFLOP/s | MFU |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['iqr']:.3f} | "
+                 f"{r['cpu_median']:.3f} | {r['gflop']:.4g} | {r['gflops']:.4g} | "
+                 f"{r['mfu']:.1%} |")
+  lines.append("")
+  cpu_ratios = ratios(rows, "cpu_median")
+  lines += [f"- {label}: {value:.3f} (CPU time: {cpu_ratios[label]:.3f})"
+            for label, value in ratio_values.items()]
+  if naive_diff is not None:
+    lines.append(f"- naive vs distinct-row adaLN losses, max relative difference over all steps: "
+                 f"{naive_diff:.1e}")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, variants: Sequence[str], warmup: int, repeats: int,
+        configured_peak: float = 0.0) -> dict[str, Any]:
+  """Compiles and times `variants` of `config`; returns the table rows, ratios and report."""
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown or not variants:
+    raise ValueError(f"--variants={list(variants)}: each must be one of {list(VARIANTS)}.")
+  if warmup < 1 or repeats < 1:
+    raise ValueError(f"--warmup={warmup} and --repeats={repeats} must be >= 1.")
+  env = environment()
+  peak = peak_gflops(configured_peak)
+  prepared = {name: prepare(config, name) for name in variants}
+  timing = run_interleaved(prepared, warmup, repeats)
+  naive_diff = check_naive_adaln(timing)
+  rows = summarize(timing, prepared, peak[0])
+  ratio_values = ratios(rows)
+  report = format_report(env, config, warmup, repeats, rows, ratio_values, peak, naive_diff)
+  return {"rows": rows, "ratios": ratio_values, "report": report}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  result = run(FLAGS.config, FLAGS.variants, FLAGS.warmup, FLAGS.repeats, FLAGS.peak_gflops)
+  print(result["report"], flush=True)
+  if FLAGS.breakdown:
+    print("\n" + format_breakdown(breakdown(FLAGS.config, FLAGS.warmup, FLAGS.repeats)),
+          flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
