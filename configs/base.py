@@ -34,7 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.compute_dtype = "bfloat16"  # Activation/matmul dtype: bfloat16 or float32.
   model.param_dtype = "float32"  # Master weight dtype (the EMA is always float32).
   model.remat_policy = "none"  # Rematerialisation per block: none, full, dots (save matmuls).
-  model.attention = "xla"  # jax.nn.dot_product_attention implementation: xla, cudnn or auto.
+  # Attention kernel (models/attention.py): xla, cudnn (GPU; bf16/fp16), splash (TPU Pallas; on
+  # more than one device the step must be traced under jax.set_mesh(mesh)) or auto (cudnn on GPU
+  # where dtype and head dim allow, splash on TPU where it can run, else xla).
+  model.attention = "xla"
   model.conditioning = "class"  # class (labels + null class) or text (captions, see config.text).
   # Backbone: dit (SiT/DiT blocks, class conditioning) or mmdit (FLUX.2-style double-stream then
   # single-stream blocks with joint text attention).
@@ -123,6 +126,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.weight_decay = 0.0  # Decoupled weight decay.
   optim.grad_clip_norm = 1.0  # Global gradient-norm clip; 0 disables.
   optim.ema_decay = 0.9999  # EMA decay of the teacher / evaluation weights.
+  # Adam first moment (mu) dtype: float32 or bfloat16 (halves mu's memory). The second moment (nu)
+  # keeps the params' dtype, model.param_dtype (optax has no nu dtype); the EMA is float32.
+  optim.moment_dtype = "float32"
 
   # --- Training loop. ---
   config.train = train = ml_collections.ConfigDict()
@@ -133,24 +139,32 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.eval_every = 50_000  # Steps between evaluations (samples, FD, accuracy); 0 = only at end.
   train.profile = False  # Capture a jax.profiler trace of 5 steps (TensorBoard profile plugin).
   train.peak_tflops_per_device = 0.0  # Peak bf16 TFLOP/s for MFU; 0 = look up the device kind.
+  # Gradient accumulation: each step's global batch runs as this many equal microbatches, one at a
+  # time (activation memory of one microbatch), then one optimizer and EMA update. Each modality's
+  # global batch must be divisible by microbatches x mesh data*fsdp.
+  train.microbatches = 1
 
   # --- Device mesh: sizes of the (data, fsdp, tensor) axes; one may be -1 (fill the rest). ---
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Pure data parallelism (replicated params).
   mesh.fsdp = 1  # Data parallelism with params/optimizer state sharded (ZeRO-3 / FSDP).
   mesh.tensor = 1  # Tensor (model) parallelism over heads / MLP width.
-  # Logical parameter axis -> mesh axis (or None = replicated). Dims that do not divide the mesh
-  # axis size stay replicated.
-  mesh.logical_axis_rules = (
-      ("layers", None),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("modulation", "tensor"),
-      ("classes", None),
-      ("vocab", None),
-      ("patch", None),
-  )
+  # Multi-slice runs (devices reporting several slice_index): slices along `data`, whose
+  # gradient all-reduce is the only traffic over the slow DCN links; -1 = every slice. `data`
+  # stays the global size (data / dcn_data per slice).
+  mesh.dcn_data = -1
+  # Logical axis -> mesh axis preset (sharding.RULE_PRESETS): "dp" (all parameters replicated),
+  # "fsdp" (weights split over fsdp), "fsdp_tp" (width over fsdp; heads, MLP, modulation and
+  # their activations over tensor). Axes of size 1 make any preset plain data parallelism.
+  mesh.rules = "fsdp_tp"
+  # Explicit (logical name, mesh axis | tuple of mesh axes | None) pairs; each name listed here
+  # replaces that name's preset entries (a name may repeat: candidates tried in order). Dims
+  # that do not divide their mesh axes stay replicated.
+  mesh.logical_axis_rules = ()
+  # On meshes with fsdp > 1: the largest fraction of parameter bytes left replicated on every
+  # device before the trainer refuses to start. Biases, norm scales and other leaves too small
+  # to split are about 1/width of a model (under 1% at width >= 384).
+  mesh.max_replicated_fraction = 0.05
 
   # --- Sampling (evaluation and sample grids; always with the EMA weights). ---
   config.sampling = sampling = ml_collections.ConfigDict()

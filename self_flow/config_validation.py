@@ -15,18 +15,20 @@ from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory, presets, scanning
 
 CHOICES = {
-    "model.attention": ("xla", "cudnn", "auto"),
+    "model.attention": ("xla", "cudnn", "splash", "auto"),
     "model.remat_policy": tuple(scanning.REMAT_POLICIES),
     "model.compute_dtype": tuple(factory.DTYPES),
     "model.param_dtype": tuple(factory.DTYPES),
     "objective.noising": objectives.NOISING_POLICIES,
     "objective.time_distribution": objectives.TIME_DISTRIBUTIONS,
     "optim.schedule": optim.SCHEDULES,
+    "optim.moment_dtype": tuple(optim.MOMENT_DTYPES),
     "sampling.method": sampling.METHODS,
     "data.source": ("auto", "tfds", "debian"),
     "data.dataset": ("fashion_mnist", "latent_shards"),
     "model.architecture": factory.ARCHITECTURES,
     "model.conditioning": conditioning.KINDS,
+    "mesh.rules": tuple(sharding.RULE_PRESETS),
     "text.encoder": ("bytes", "precomputed"),
     "video.dataset": ("moving_sprites", "latent_shards"),
     "audio.dataset": ("spoken_words", "latent_shards"),
@@ -55,6 +57,9 @@ RANGES = {
     "optim.weight_decay": (lambda v: v >= 0, "a float >= 0"),
     "optim.grad_clip_norm": (lambda v: v >= 0, "a float >= 0 (0 disables clipping)"),
     "optim.ema_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.microbatches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "mesh.dcn_data": (lambda v: v == -1 or v >= 1, "-1 (every slice) or an integer >= 1"),
+    "mesh.max_replicated_fraction": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
     "train.num_steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
     "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
@@ -187,13 +192,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if spec.global_batch_size % batch_shards:
       raise ValueError(f"{key}={spec.global_batch_size} must be divisible by mesh "
                        f"data*fsdp={batch_shards} (mesh {shape}).")
+    if spec.global_batch_size % (config.train.microbatches * batch_shards):
+      raise ValueError(f"config.train.microbatches={config.train.microbatches} is not allowed "
+                       f"with {key}={spec.global_batch_size}: the batch must be divisible by "
+                       f"microbatches x mesh data*fsdp = {config.train.microbatches} x "
+                       f"{batch_shards}, so each microbatch spreads over every device.")
     if spec.global_batch_size % jax.process_count():
       raise ValueError(f"{key}={spec.global_batch_size} must be divisible by the process count "
                        f"{jax.process_count()}.")
   if config.eval.batch_size % batch_shards:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by mesh "
                      f"data*fsdp={batch_shards} (mesh {shape}).")
-  for name, axis in config.mesh.logical_axis_rules:
-    if axis is not None and axis not in sharding.MESH_AXES:
-      raise ValueError(f"config.mesh.logical_axis_rules maps {name!r} to {axis!r}; allowed mesh "
-                       f"axes: {list(sharding.MESH_AXES)} or None.")
+  sharding.check_rules(config.mesh.logical_axis_rules)
+  if shape["data"] % max(config.mesh.dcn_data, 1):
+    raise ValueError(f"config.mesh.dcn_data={config.mesh.dcn_data} slices must divide mesh "
+                     f"data={shape['data']} (mesh {shape}).")

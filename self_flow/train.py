@@ -8,6 +8,7 @@ on the step it just dispatched), save on the interval or on SIGTERM, evaluate ev
 the interval and at the end.
 """
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -17,9 +18,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-from self_flow import (checkpointing, config_validation, mixture, optim, preemption, reporting,
-                       sharding, train_state, train_step)
+from self_flow import (checkpointing, config_validation, flops, mixture, optim, preemption,
+                       reporting, sharding, train_state, train_step)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -40,6 +42,19 @@ def _open_train_data(config: ml_collections.ConfigDict, spec: spec_lib.ModalityS
       preprocess=preprocess, transforms=transforms)
 
 
+def _prepare_data(config: ml_collections.ConfigDict, modalities) -> None:
+  """With several processes, process 0 builds the embedded datasets before the others open them.
+
+  Processes sharing a filesystem would otherwise all build the same dataset at once; on
+  per-host disks the others build their own copy after the barrier."""
+  if jax.process_count() == 1:
+    return
+  if jax.process_index() == 0:
+    for name in modalities:
+      modality_sources.open_source(config, name, "train")
+  multihost_utils.sync_global_devices("self_flow: training data prepared")
+
+
 def _create_evaluators(config, graphdef, workdir: str, mesh) -> dict[str, Any]:
   """One evaluator per modality on embedded data (latent shards have no decoder here)."""
   if not config.eval.enabled:
@@ -55,6 +70,20 @@ def _evaluate(evaluators, ema_params, step: int, writer) -> dict[str, float]:
     logging.info("Evaluation of %s at step %d: %s", name, step, " ".join(
         f"{k}={v:.4f}" for k, v in sorted(results.items()) if k.startswith(f"eval/{name}/")))
   return results
+
+
+def _sigterm_guard():
+  """Watches SIGTERM on a single process. With several, JAX's preemption sync manager already
+  catches it (`_preempted`), and a Python handler would replace JAX's."""
+  return contextlib.nullcontext() if jax.process_count() > 1 else preemption.PreemptionGuard()
+
+
+def _preempted(guard, checkpointer: checkpointing.Checkpointer, step: int) -> bool:
+  """Whether to save and exit after `step`. Processes must agree on the step: one saving alone
+  would wait forever for the others, already in the next step's collectives."""
+  if guard is None:
+    return checkpointer.reached_preemption(step)
+  return guard.requested
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -76,7 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.create_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   layout = train_state.state_layout(config, mesh, tx)
+  train_state.check_replication(config, layout)  # logs the split; refuses replicated FSDP
   batch_sharding = sharding.batch_sharding(mesh)
+  _prepare_data(config, specs)
   train_iters = {name: _open_train_data(config, spec) for name, spec in specs.items()}
 
   checkpointer = checkpointing.Checkpointer(
@@ -96,7 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
   step_fns = {
       name: jax.jit(
-          train_step.make_train_step(config, layout.graphdef, tx, schedule, name),
+          sharding.activation_sharding(mesh, sharding.axis_rules(config.mesh))(
+              train_step.make_train_step(config, layout.graphdef, tx, schedule, name)),
           in_shardings=(layout.shardings, batch_sharding, sharding.replicated(mesh)),
           out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
       for name in specs}
@@ -106,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window: list[tuple[str, dict[str, np.ndarray]]] = []
   pending = None  # (step, modality, device metrics) of the step dispatched last.
   compiled: dict[str, Any] = {}  # modality -> compiled step, compiled on first use
-  step_flops: dict[str, float | None] = {}
+  step_flops: dict[str, float] = {}  # modality -> analytic model FLOPs per step per device
   peak = reporting.peak_tflops_per_device(config.train.peak_tflops_per_device)
   hooks = reporting.periodic_hooks(num_steps, writer, str(workdir), config.train.profile)
   window_start = time.time()
@@ -132,8 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             for k, v in reporting.mean_metrics(drawn).items()})
       steps_per_sec = len(window) / max(elapsed, 1e-9)
       scalars["perf/steps_per_sec"] = steps_per_sec
-      flops = [step_flops[n] for n, _ in window]
-      mean_flops = None if None in flops else float(np.mean(flops))
+      mean_flops = float(np.mean([step_flops[n] for n, _ in window]))
       scalars.update(reporting.throughput_metrics(mean_flops, steps_per_sec, peak))
       writer.write_scalars(step, scalars)
       window.clear()
@@ -141,15 +172,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not np.isfinite(losses[step]):
       raise FloatingPointError(f"loss is {losses[step]} at step {step}; stopping before saving.")
 
-  with preemption.PreemptionGuard() as guard:
+  with _sigterm_guard() as guard:
     for step in range(start_step, num_steps):
       name = modality_of(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = pipeline.make_global_batch(next(train_iters[name]), batch_sharding)
         if name not in compiled:
           compiled[name] = step_fns[name].lower(state, batch, base_rng).compile()
-          step_flops[name] = reporting.compiled_flops(compiled[name])
-          logging.info("Compiled the %s train step: %s FLOPs per step per device.", name,
+          step_flops[name] = flops.train_step_flops(config, name).total / jax.device_count()
+          logging.info("Compiled the %s train step: %.4g model FLOPs per step per device.", name,
                        step_flops[name])
         state, metrics = compiled[name](state, batch, base_rng)
       if pending is not None:
@@ -157,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending = (step + 1, name, metrics)
       for hook in hooks:
         hook(step + 1)
-      if guard.requested:
+      if _preempted(guard, checkpointer, step + 1):
         drain(pending)
         pending = None
         checkpointer.save(step + 1, state, train_iters, config, force=True)
