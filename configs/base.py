@@ -80,6 +80,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.shuffle_seed = 0  # Seed of the data order (reshuffled every epoch).
   data.worker_count = 0  # grain worker processes for multiprocess prefetch; 0 reads in-process.
   data.worker_buffer_size = 2  # Batches each grain worker prefetches.
+  # A latent-shard record that does not decode or has the wrong shape/dtype: "error" stops with
+  # the shard file and record index; "skip" trains on the next good record instead and counts
+  # the skipped ones in the log (the data order of a resumed run stays exact either way).
+  data.bad_records = "error"
 
   # --- Video (modality "video"): clips (T, H, W, C) as spatio-temporal patch tokens. ---
   config.video = video = ml_collections.ConfigDict()
@@ -143,6 +147,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   # time (activation memory of one microbatch), then one optimizer and EMA update. Each modality's
   # global batch must be divisible by microbatches x mesh data*fsdp.
   train.microbatches = 1
+  # A step whose loss or gradient is NaN/inf (detected on device, every step): "skip" leaves the
+  # state as it was and counts it (train/nonfinite_steps); "stop" ends the run before that state
+  # can be saved, so the last checkpoint stays the last good one.
+  train.nonfinite = "skip"
+  # "skip" still stops after this many non-finite steps in a row (the run has diverged).
+  train.max_nonfinite_in_a_row = 10
+  # Fine-tuning: a run directory (or its checkpoints/ directory) of ANOTHER run whose latest
+  # checkpoint initialises params and EMA where names and shapes match (the rest is initialised
+  # fresh, the optimizer and step start over). Used only when --workdir has no checkpoint.
+  train.init_from = ""
 
   # --- Device mesh: sizes of the (data, fsdp, tensor) axes; one may be -1 (fill the rest). ---
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -5,13 +5,28 @@ writes to a temporary directory and renames), so a crash or SIGTERM mid-save lea
 finished checkpoint intact. Only the latest `keep` checkpoints are kept. A multi-modal run has
 one data iterator per modality (item `data_iter_<modality>`); which modality a step trains is a
 function of the step (`self_flow.mixture`), so iterators + step restore the mixture exactly.
+
+A finished checkpoint can still be damaged later (a truncated copy, a lost file on a flaky
+disk): `restore_latest` then moves it aside (renamed, never deleted) and falls back to the one
+before. A failed write (disk full, permissions) raises `CheckpointWriteError`, which says that
+the previous checkpoint is intact.
 """
 
 from collections.abc import Mapping, Sequence
+import time
+from typing import Any
 
+from absl import logging
+from etils import epath
 import grain
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed; the checkpoints written before it are untouched."""
 
 
 def _iterator_item(modality: str) -> str:
@@ -23,6 +38,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int, modalities: Sequence[str]):
     self.modalities = tuple(modalities)
+    self._pending = None  # step of the last save started (maybe still being written)
     self.manager = ocp.CheckpointManager(
         directory,
         item_names=("state", "config") + tuple(map(_iterator_item, self.modalities)),
@@ -33,6 +49,35 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.manager.directory) / str(step)
+
+  def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{"params/blocks/...": (shape, dtype)} of the saved state, read from metadata only."""
+    return saved_state_shapes(self.step_dir(step) / "state")
+
+  def set_aside(self, step: int, reason: str) -> epath.Path:
+    """Renames the checkpoint of `step` to `<step>.unreadable-<time>` (process 0; all wait).
+
+    Renaming keeps the bytes for inspection and takes the step out of orbax's view, so the run
+    can fall back to an earlier checkpoint and later save this step number again."""
+    target = self.step_dir(step).parent / f"{step}.unreadable-{int(time.time())}"
+    if jax.process_index() == 0:
+      self.step_dir(step).rename(target)
+      logging.warning("Checkpoint of step %d is unreadable (%s); moved it to %s.", step, reason,
+                      target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"self_flow: checkpoint {step} set aside")
+    self.manager.reload()
+    return target
+
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step)` (not forced) would write a checkpoint."""
+    return self.manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
     """True at the one step every process stops at after a SIGTERM to any of them.
@@ -54,8 +99,15 @@ class Checkpointer:
     `iterators` maps each modality to its training iterator."""
     self._check(iterators)
     items = {_iterator_item(m): grain.checkpoint.CheckpointSave(it) for m, it in iterators.items()}
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()), **items))
+    try:
+      started = self.manager.save(step, force=force, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
+          **items))
+    except Exception as err:  # orbax also re-raises here a failure of the previous async save
+      raise self._write_error(step, err) from err
+    if started:
+      self._pending = step
+    return started
 
   def restore(self, step: int, abstract_state, iterators: Mapping[str, grain.DatasetIterator]):
     """Restores `step` into the shardings of `abstract_state`; iterators are restored in place."""
@@ -66,11 +118,75 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), **items))
     return restored.state
 
+  def restore_latest(self, abstract_state, iterators: Mapping[str, grain.DatasetIterator],
+                     check=None) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
+
+    `check(step)`, called first for each candidate, may raise to refuse the run (e.g. an
+    incompatible config); that error propagates. A checkpoint whose metadata or arrays cannot
+    be read is set aside and the previous one tried, with a warning naming both."""
+    for step in reversed(self.all_steps()):
+      try:
+        self.saved_shapes(step)
+        self.saved_config(step)
+      except Exception as err:  # pylint: disable=broad-except
+        self._fall_back(step, err)
+        continue
+      if check is not None:
+        check(step)
+      try:
+        return step, self.restore(step, abstract_state, iterators)
+      except Exception as err:  # pylint: disable=broad-except
+        self._fall_back(step, err)
+    return None, None
+
+  def _fall_back(self, step: int, err: Exception) -> None:
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    target = self.set_aside(step, reason)
+    earlier = [s for s in self.all_steps() if s < step]
+    logging.warning("Falling back from the checkpoint of step %d (moved to %s) to %s.", step,
+                    target, f"step {earlier[-1]}" if earlier else "a fresh start (no earlier one)")
+
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is on disk; raises `CheckpointWriteError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._write_error(self._pending, err) from err
+
+  def _write_error(self, step: int | None, err: Exception) -> CheckpointWriteError:
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    try:  # let an earlier save still in flight finish, then list only what is on disk
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # that earlier save failed too: it is not listed below
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    earlier = [s for s in self.all_steps() if s != step]
+    kept = (f"the previous checkpoint (step {earlier[-1]}) is intact" if earlier
+            else "no earlier checkpoint exists")
+    return CheckpointWriteError(
+        f"Writing {what} to {self.manager.directory} failed ({type(err).__name__}: {err}); "
+        f"{kept}. Free disk space or fix the directory's permissions, then rerun the same command "
+        "to resume from the last good checkpoint.")
 
   def close(self) -> None:
     self.manager.close()
+
+
+def saved_state_shapes(state_dir) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{"/"-joined path: (shape, dtype name)} of a saved state item, from its metadata only."""
+  tree = ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {path_name(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in flat}
+
+
+def path_name(path) -> str:
+  """A pytree key path as "params/blocks/attn/qkv/kernel", the same for saved and live trees."""
+  return "/".join(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k))
+                  for k in path)

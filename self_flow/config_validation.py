@@ -8,8 +8,10 @@ functions that later build the objects, so the rules cannot drift apart.
 import jax
 import ml_collections
 
+from configs import base
+
 from self_flow import conditioning, objectives, optim, sampling, sharding
-from self_flow.data import modality_sources, moving_sprites
+from self_flow.data import latent_shards, modality_sources, moving_sprites
 from self_flow.modalities import audio
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory, presets, scanning
@@ -32,6 +34,8 @@ CHOICES = {
     "text.encoder": ("bytes", "precomputed"),
     "video.dataset": ("moving_sprites", "latent_shards"),
     "audio.dataset": ("spoken_words", "latent_shards"),
+    "train.nonfinite": ("skip", "stop"),
+    "data.bad_records": latent_shards.BAD_RECORD_POLICIES,
 }
 
 # key -> (predicate, description of what is allowed)
@@ -58,6 +62,7 @@ RANGES = {
     "optim.grad_clip_norm": (lambda v: v >= 0, "a float >= 0 (0 disables clipping)"),
     "optim.ema_decay": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
     "train.microbatches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "train.max_nonfinite_in_a_row": (lambda v: v >= 1, "an integer >= 1"),
     "mesh.dcn_data": (lambda v: v == -1 or v >= 1, "-1 (every slice) or an integer >= 1"),
     "mesh.max_replicated_fraction": (lambda v: 0 <= v <= 1, "a float in [0, 1]"),
     "train.num_steps": (lambda v: v >= 1, "an integer >= 1"),
@@ -152,8 +157,51 @@ def _check_text_source(config: ml_collections.ConfigDict) -> None:
                      f"{carried}, so set text.encoder={want!r}.")
 
 
+def _type_name(value) -> str:
+  return {bool: "a bool", int: "an int", float: "a float", str: "a string", tuple: "a tuple",
+          list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _type_ok(value, reference) -> bool:
+  """Whether `value` may stand where the base config has `reference` (ints pass as floats)."""
+  if isinstance(reference, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(reference, bool)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float))
+  if isinstance(reference, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(reference))
+
+
+def check_keys_and_types(config: ml_collections.ConfigDict, reference=None,
+                         prefix: str = "") -> None:
+  """Every key must exist in `configs/base.py` and hold a value of that key's type there.
+
+  Configs built from `get_base_config()` are locked against new keys, but a config assembled
+  elsewhere (a notebook dict, a JSON of an old run) is not: this catches the typo `lerning_rate`
+  that would otherwise be ignored, and a "1e-4" string where a float belongs."""
+  reference = base.get_base_config() if reference is None else reference
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in reference:
+      known = ", ".join(sorted(reference.keys()))
+      raise ValueError(f"config.{name} is not a config key; "
+                       f"{f'config.{prefix[:-1]}' if prefix else 'config'} has: {known}.")
+    value, want = config[key], reference[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(value, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"config.{name}={value!r} is not allowed; it must be a section "
+                         f"(ConfigDict) with keys {sorted(want.keys())}.")
+      check_keys_and_types(ml_collections.ConfigDict(value) if isinstance(value, dict) else value,
+                           want, name + ".")
+    elif not _type_ok(value, want):
+      raise ValueError(f"config.{name}={value!r} has the wrong type: it must be "
+                       f"{_type_name(want)} (default {want!r}), not {_type_name(value)}.")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ValueError naming the first bad key, its value and what is allowed."""
+  check_keys_and_types(config)
   for key, allowed in CHOICES.items():
     value = _get(config, key)
     if value not in allowed:

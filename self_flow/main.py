@@ -5,6 +5,8 @@ then `train.train_and_evaluate`. `--config.key=value` overrides any config key.
 """
 
 import os
+import shlex
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,7 +53,11 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   from self_flow import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if result.get("preempted_at") is not None:  # exit status 0: the scheduler may restart us
+    logging.warning("Preempted: the checkpoint of step %d is saved in %s. To resume, rerun the "
+                    "same command: python -m self_flow.main %s", result["preempted_at"],
+                    FLAGS.workdir, shlex.join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ the interval and at the end.
 """
 
 import contextlib
+import errno
+import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -21,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from self_flow import (checkpointing, config_validation, flops, mixture, optim, preemption,
-                       reporting, sharding, train_state, train_step)
+                       reporting, run_compatibility, sharding, train_state, train_step)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -86,6 +89,69 @@ def _preempted(guard, checkpointer: checkpointing.Checkpointer, step: int) -> bo
   return guard.requested
 
 
+def _prepare_workdir(workdir: str) -> epath.Path:
+  """Creates `workdir` and proves it writable (a probe file), before any work is done.
+
+  A read-only mount, a path under a file or a bucket without write access would otherwise
+  surface only at the first checkpoint, after the set-up and the first interval of training."""
+  if "://" not in workdir:  # orbax needs absolute local paths
+    workdir = os.path.abspath(workdir)
+  path = epath.Path(workdir)
+  probe = path / f".write_probe_{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("self_flow")
+    probe.unlink()
+  except OSError as err:
+    raise OSError(err.errno or errno.EACCES,
+                  f"--workdir={workdir} is not writable ({type(err).__name__}: {err}); "
+                  "checkpoints, logs and samples go there. Pick a directory this process can "
+                  "create and write.") from err
+  return path
+
+
+def _check_free_space(workdir: epath.Path, abstract_state, keep: int) -> None:
+  """Refuses a local workdir without room for one checkpoint; warns below `keep` + 1 of them."""
+  if "://" in str(workdir):
+    return
+  needed = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
+  free = shutil.disk_usage(str(workdir)).free
+  if free < needed:
+    raise OSError(errno.ENOSPC, f"--workdir={workdir} has {free / 2**20:.1f} MiB free; one "
+                  f"checkpoint of this run needs about {needed / 2**20:.1f} MiB. Free space or "
+                  "use another directory.")
+  if free < (keep + 1) * needed:
+    logging.warning("%s has %.1f MiB free: fewer than train.keep_checkpoints + 1 = %d "
+                    "checkpoints of %.1f MiB fit.", workdir, free / 2**20, keep + 1,
+                    needed / 2**20)
+
+
+def _restore_or_init(config, checkpointer: checkpointing.Checkpointer, layout, tx, train_iters,
+                     workdir: epath.Path):
+  """(start step, state): the newest readable checkpoint of `workdir` if its arrays fit this
+  config (else an error naming the differing keys, before anything is written), otherwise a
+  fresh state, optionally initialised from another run (`train.init_from`)."""
+
+  def check(step):
+    run_compatibility.check_resumable(
+        workdir=str(workdir), step=step, saved_config=checkpointer.saved_config(step),
+        saved_shapes=checkpointer.saved_shapes(step), config_dict=config.to_dict(),
+        abstract_state=layout.abstract)
+
+  step, state = checkpointer.restore_latest(layout.abstract, train_iters, check=check)
+  if step is not None:
+    logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
+    if config.train.init_from:
+      logging.warning("config.train.init_from=%r is ignored: %s already has a checkpoint.",
+                      config.train.init_from, workdir)
+    return step, state
+  state = train_state.create_train_state(config, layout, tx)
+  if config.train.init_from:
+    state, _, _ = run_compatibility.restore_matching(config.train.init_from, state,
+                                                     layout.abstract)
+  return 0, state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
@@ -93,10 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics} for scripts and tests (plus "preempted_at" after a SIGTERM).
   """
   config_validation.validate(config)
-  if "://" not in workdir:  # orbax needs absolute local paths
-    workdir = os.path.abspath(workdir)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = _prepare_workdir(workdir)
   num_steps = config.train.num_steps
 
   specs = spec_lib.modality_specs(config)
@@ -106,6 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   layout = train_state.state_layout(config, mesh, tx)
   train_state.check_replication(config, layout)  # logs the split; refuses replicated FSDP
+  _check_free_space(workdir, layout.abstract, config.train.keep_checkpoints)
   batch_sharding = sharding.batch_sharding(mesh)
   _prepare_data(config, specs)
   train_iters = {name: _open_train_data(config, spec) for name, spec in specs.items()}
@@ -113,16 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = checkpointing.Checkpointer(
       str(workdir / "checkpoints"), save_every=config.train.checkpoint_every,
       keep=config.train.keep_checkpoints, modalities=tuple(specs))
-  start_step = checkpointer.latest_step()
-  if start_step is None:
-    start_step = 0
-    state = train_state.create_train_state(config, layout, tx)
-  else:
-    logging.info("Resuming from the checkpoint of step %d in %s.", start_step, workdir)
-    state = checkpointer.restore(start_step, layout.abstract, train_iters)
+  start_step, state = _restore_or_init(config, checkpointer, layout, tx, train_iters, workdir)
 
   writer = reporting.create_writer(str(workdir))
-  writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in run_compatibility.flatten_config(config.to_dict()).items()})
   evaluators = _create_evaluators(config, layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
   step_fns = {
@@ -162,6 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if drawn:
             scalars.update({f"train/{modality}/{k}": v
                             for k, v in reporting.mean_metrics(drawn).items()})
+      # A running total: its latest value, not the window mean (train/finite is the fraction).
+      scalars["train/nonfinite_steps"] = float(window[-1][1]["nonfinite_steps"])
       steps_per_sec = len(window) / max(elapsed, 1e-9)
       scalars["perf/steps_per_sec"] = steps_per_sec
       mean_flops = float(np.mean([step_flops[n] for n, _ in window]))
@@ -169,10 +230,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write_scalars(step, scalars)
       window.clear()
       window_start = time.time()
-    if not np.isfinite(losses[step]):
-      raise FloatingPointError(f"loss is {losses[step]} at step {step}; stopping before saving.")
+    _check_finite(step, host)
 
-  with _sigterm_guard() as guard:
+  nonfinite_in_a_row = 0
+
+  def _check_finite(step: int, host) -> None:
+    """Acts on the step's on-device finiteness flag: skip (counted) or stop, per config."""
+    nonlocal nonfinite_in_a_row
+    if host["finite"]:
+      nonfinite_in_a_row = 0
+      return
+    nonfinite_in_a_row += 1
+    what = f"step {step}: loss {float(host['loss'])}, gradient norm {float(host['grad_norm'])}"
+    policy = config.train.nonfinite
+    if policy == "skip" and nonfinite_in_a_row < config.train.max_nonfinite_in_a_row:
+      logging.warning("Non-finite %s; skipped the update (state unchanged; %d skipped in this "
+                      "run, %d in a row).", what, int(host["nonfinite_steps"]), nonfinite_in_a_row)
+      return
+    why = ("train.nonfinite='stop'" if policy == "stop" else
+           f"{nonfinite_in_a_row} in a row reached train.max_nonfinite_in_a_row")
+    latest = checkpointer.latest_step()
+    raise FloatingPointError(
+        f"Non-finite {what}; stopping ({why}). Nothing after step {step - 1} was saved: "
+        + (f"the last checkpoint (step {latest}) is intact; rerun the same command to resume "
+           "from it" if latest is not None else "no checkpoint had been written yet")
+        + " (lower optim.learning_rate or check the data if it happens again).")
+
+  def save(step: int, force: bool = False) -> None:
+    """Saves on the interval (or forced) once step's metrics were checked finite: a state
+    that went NaN never becomes the latest checkpoint."""
+    nonlocal pending
+    if not (force or checkpointer.should_save(step)):
+      return
+    if pending is not None:
+      drain(pending)
+      pending = None
+    checkpointer.save(step, state, train_iters, config, force=force)
+
+  with _sigterm_guard() as guard, _finish_saves_on_error(checkpointer):
     for step in range(start_step, num_steps):
       name = modality_of(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -189,37 +284,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for hook in hooks:
         hook(step + 1)
       if _preempted(guard, checkpointer, step + 1):
-        drain(pending)
-        pending = None
-        checkpointer.save(step + 1, state, train_iters, config, force=True)
-        checkpointer.wait()
-        logging.warning("Saved step %d after SIGTERM; exiting.", step + 1)
+        save(step + 1, force=True)
+        checkpointer.wait()  # a second SIGTERM meanwhile only sets the flag again
+        logging.warning("Saved the checkpoint of step %d in %s after SIGTERM; exiting. To resume, "
+                        "rerun the same command with the same --workdir.", step + 1, workdir)
         writer.flush()
         return {"losses": losses, "modalities": modalities, "eval": None,
                 "preempted_at": step + 1}
-      checkpointer.save(step + 1, state, train_iters, config)
+      save(step + 1)
       every = config.train.eval_every
       if evaluators and every and (step + 1) % every == 0 and step + 1 < num_steps:
         _evaluate(evaluators, state["ema_params"], step + 1, writer)
     if pending is not None:
       drain(pending)
+      pending = None
+    if checkpointer.latest_step() != num_steps:
+      save(num_steps, force=True)
+    checkpointer.wait()
 
-  if checkpointer.latest_step() != num_steps:
-    checkpointer.save(num_steps, state, train_iters, config, force=True)
-  checkpointer.wait()
   final = _evaluate(evaluators, state["ema_params"], num_steps, writer) if evaluators else None
   writer.flush()
   checkpointer.close()
   return {"losses": losses, "modalities": modalities, "eval": final}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """Nested config dict -> {"a.b": value} with values TensorBoard's hparams accept."""
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-  return flat
+@contextlib.contextmanager
+def _finish_saves_on_error(checkpointer: checkpointing.Checkpointer):
+  """On an error in the loop, lets an async save already under way finish before the error
+  propagates (the process may exit right after), without masking the error."""
+  try:
+    yield
+  except BaseException:
+    try:
+      checkpointer.wait()
+    except checkpointing.CheckpointWriteError as err:
+      logging.error("%s", err)
+    raise

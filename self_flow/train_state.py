@@ -18,7 +18,9 @@ from flax import nnx
 from self_flow import sharding
 from self_flow.models import factory
 
-TrainState = dict[str, Any]  # {"step": int32 scalar, "params", "ema_params", "opt_state"}
+# {"step": int32 scalar, "nonfinite_steps": int32 scalar (steps skipped for a NaN/inf loss or
+# gradient), "params", "ema_params", "opt_state"}.
+TrainState = dict[str, Any]
 
 
 class StateLayout(NamedTuple):
@@ -56,11 +58,12 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   opt_shardings = optax.tree_utils.tree_map_params(
       tx, lambda _, s: s, abstract_opt, param_shardings,
       transform_non_params=lambda leaf: jax.tree.map(lambda _: replicated, leaf))
-  shardings = {"step": replicated, "params": param_shardings, "ema_params": param_shardings,
-               "opt_state": opt_shardings}
+  shardings = {"step": replicated, "nonfinite_steps": replicated, "params": param_shardings,
+               "ema_params": param_shardings, "opt_state": opt_shardings}
   ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
                               abstract_params)
-  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+            "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
             "ema_params": ema_abstract, "opt_state": abstract_opt}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
@@ -86,6 +89,7 @@ def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         "step": jnp.zeros((), jnp.int32),
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
         "params": params,
         "ema_params": jax.tree.map(lambda p: p.astype(jnp.float32), params),
         "opt_state": tx.init(params),

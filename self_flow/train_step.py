@@ -185,23 +185,39 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
                     modality: str | None = None) -> Callable:
   """train_step(state, batch, base_rng) -> (state, metrics) for `modality`'s batches;
-  rng = fold_in(base_rng, step). One optimizer and one EMA update per global batch."""
+  rng = fold_in(base_rng, step). One optimizer and one EMA update per global batch.
+
+  Numerical faults are detected here, on device: `metrics["finite"]` is 0 when the loss or any
+  gradient is NaN/inf. With `train.nonfinite="skip"` such a step leaves params, EMA and
+  optimizer state exactly as they were (the step counter still advances, so the next batch
+  brings new data and new randomness) and `state["nonfinite_steps"]` counts it; with "stop" the
+  update is applied and the host stops before it can be saved.
+  """
   grad_fn = make_grad_fn(config, graphdef, modality)
   ema_decay = config.optim.ema_decay
+  skip_nonfinite = config.train.nonfinite == "skip"
 
   def train_step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = grad_fn(state["params"], state["ema_params"], batch, rng)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {
-        "step": state["step"] + 1,
+    updated = {
         "params": params,
         "ema_params": train_state.update_ema(state["ema_params"], params, ema_decay),
         "opt_state": opt_state,
     }
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), learning_rate=schedule(state["step"]))
+    if skip_nonfinite:
+      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
+                             {k: state[k] for k in updated})
+    nonfinite_steps = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+    new_state = dict(updated, step=state["step"] + 1, nonfinite_steps=nonfinite_steps)
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm,
+                   param_norm=optax.global_norm(updated["params"]),
+                   learning_rate=schedule(state["step"]), finite=finite.astype(jnp.float32),
+                   nonfinite_steps=nonfinite_steps)
     return new_state, metrics
 
   return train_step

@@ -504,6 +504,14 @@ class _ShardInstruction:
   examples_in_shard: int
 
 
+# What a reader does with a bad record (config data.bad_records).
+BAD_RECORD_POLICIES = ("error", "skip")
+
+
+class BadRecordError(ValueError):
+  """A record that does not decode or does not match the directory's metadata."""
+
+
 class LatentShardSource:
   """Random-access source over all shards of one split, for grain.
 
@@ -519,8 +527,14 @@ class LatentShardSource:
     latent_shape: The shape of every latent, e.g. (t, h, w, c) for video.
   """
 
-  def __init__(self, directory: str, split: str):
+  def __init__(self, directory: str, split: str, bad_records: str = "error"):
     """Opens `split` of the latent-shard directory `directory`.
+
+    `bad_records` decides what a record that does not decode, or decodes to the wrong shape,
+    dtype or non-finite values, does: "error" raises `BadRecordError` naming its shard file and
+    record; "skip" returns the next good record in written order instead (a deterministic
+    stand-in, so batches keep their size and a resumed run its data order) and counts it in
+    `skipped_records` (per reading process), with a warning for each.
 
     Raises:
       FileNotFoundError: the directory, its metadata.json or a shard file is missing.
@@ -550,6 +564,11 @@ class LatentShardSource:
           f"directory holds {len(found)} ({', '.join(found[:4]) or 'none'}"
           f"{', ...' if len(found) > 4 else ''}); expected {expected[0]} ... {expected[-1]}."
       )
+    if bad_records not in BAD_RECORD_POLICIES:
+      raise ValueError(f"bad_records={bad_records!r}; allowed: {BAD_RECORD_POLICIES}.")
+    self._bad_records = bad_records
+    self.skipped_records = 0
+    self._shard_names = expected
     self._num_shards = num_shards
     self._offsets = [0, *itertools.accumulate(lengths)][:-1]
     self._records = array_record_data_source.ArrayRecordDataSource([
@@ -578,12 +597,51 @@ class LatentShardSource:
       raise IndexError(f"Index {index} is out of range for {self!r}.")
     return self._offsets[index % self._num_shards] + index // self._num_shards
 
+  def _checked(self, index: int, read) -> dict[str, Any]:
+    """Decodes and checks record `index` (raw bytes from `read()`); BadRecordError names it."""
+    try:
+      record = _decode(read())
+      for name, spec in self.metadata["fields"].items():
+        if name in ("caption", "label") or name not in record:
+          continue
+        value = record[name]
+        if tuple(value.shape) != tuple(spec["shape"]):
+          raise ValueError(f"{name} has shape {tuple(value.shape)}, the metadata says "
+                           f"{tuple(spec['shape'])}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+          raise ValueError(f"{name} holds non-finite values")
+      return record
+    except Exception as err:  # pylint: disable=broad-except  (msgpack, I/O, shape: all bad data)
+      shard = self._shard_names[index % self._num_shards]
+      raise BadRecordError(f"latent shard {shard!r} record {index // self._num_shards} "
+                           f"(example {index} of {self!r}) is unreadable: {err}") from err
+
+  def _read(self, index: int) -> dict[str, Any]:
+    """Record `index`, or with bad_records="skip" the next good one (with a warning)."""
+    for offset in range(len(self)):
+      candidate = (index + offset) % len(self)
+      try:
+        return self._checked(candidate, lambda: self._records[self._key(candidate)])
+      except BadRecordError as err:
+        if self._bad_records == "error":
+          raise
+        self.skipped_records += 1
+        logging.warning("Skipping a bad record (data.bad_records='skip', %d skipped so far by "
+                        "this reader): %s", self.skipped_records, err)
+    raise BadRecordError(f"every record of {self!r} is unreadable.")
+
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return _decode(self._records[self._key(index)])
+    self._key(index)  # range check
+    return self._read(int(index))
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    """Reads many records in one call; ArrayRecord serves them in parallel per shard."""
-    return [_decode(r) for r in self._records.__getitems__([self._key(i) for i in indices])]
+    """Reads many records in one call; ArrayRecord serves them in parallel per shard (a batch
+    containing a bad record is re-read one record at a time)."""
+    try:
+      raw = self._records.__getitems__([self._key(i) for i in indices])
+      return [self._checked(int(i), lambda r=r: r) for i, r in zip(indices, raw)]
+    except BadRecordError:
+      return [self._read(int(i)) for i in indices]
 
   def __repr__(self) -> str:
     return self._description

@@ -48,7 +48,7 @@ def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split:
   """
   section_name = SECTIONS[modality]
   data_dir = config[section_name].data_dir
-  source = latent_shards.LatentShardSource(data_dir, split)
+  source = latent_shards.LatentShardSource(data_dir, split, bad_records=config.data.bad_records)
   if source.modality != modality:
     raise ValueError(f"config.{section_name}.data_dir={data_dir!r} holds {source.modality} "
                      f"latents; the {modality} stream needs {modality} latent shards.")
