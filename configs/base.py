@@ -29,6 +29,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.mlp_ratio = 4.0  # MLP hidden width / D.
   model.patch_size = 2  # Side of the square image patch that becomes one token.
   model.projector_hidden_mult = 2  # Projection head Linear(D -> m*D) -> SiLU -> Linear(m*D -> D).
+  # Importing the authors' released dit checkpoints (self_flow.tools.convert_official_checkpoint):
+  # what the timestep embedding sees, "t" (paper convention, t = 1 is noise) or "one_minus_t" (as
+  # the official network does inside its public forward); and which channel half of the 2-D
+  # sin-cos position embedding encodes the row: "height_width" (first half) or "width_height"
+  # (second half, the official SiT/MAE table). mmdit needs the defaults.
+  model.timestep_input = "t"
+  model.position_embedding_order = "height_width"
   model.student_layer = 0  # 1-based block whose output feeds the projector; 0 = round(0.3 depth).
   model.teacher_layer = 0  # 1-based block whose raw output is the target; 0 = round(0.7 depth).
   model.compute_dtype = "bfloat16"  # Activation/matmul dtype: bfloat16 or float32.
@@ -80,6 +87,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.shuffle_seed = 0  # Seed of the data order (reshuffled every epoch).
   data.worker_count = 0  # grain worker processes for multiprocess prefetch; 0 reads in-process.
   data.worker_buffer_size = 2  # Batches each grain worker prefetches.
+  # Latent shards holding a posterior (latent_std, written by tools/encode_latents): "mean" trains
+  # on the stored posterior mean; "posterior" draws mean + std * eps afresh each epoch, eps fixed
+  # by (shuffle_seed, example, epoch) so resumes are exact (as REPA samples stored VAE moments).
+  data.latent_sampling = "mean"
   # A latent-shard record that does not decode or has the wrong shape/dtype: "error" stops with
   # the shard file and record index; "skip" trains on the next good record instead and counts
   # the skipped ones in the log (the data order of a resumed run stays exact either way).

@@ -14,7 +14,7 @@ from self_flow import conditioning, objectives, optim, sampling, sharding
 from self_flow.data import latent_shards, modality_sources, moving_sprites
 from self_flow.modalities import audio
 from self_flow.modalities import spec as spec_lib
-from self_flow.models import factory, presets, scanning
+from self_flow.models import dit, factory, presets, scanning
 
 CHOICES = {
     "model.attention": ("xla", "cudnn", "splash", "auto"),
@@ -28,7 +28,10 @@ CHOICES = {
     "sampling.method": sampling.METHODS,
     "data.source": ("auto", "tfds", "debian"),
     "data.dataset": ("fashion_mnist", "latent_shards"),
+    "data.latent_sampling": ("mean", "posterior"),
     "model.architecture": factory.ARCHITECTURES,
+    "model.timestep_input": dit.TIMESTEP_INPUTS,
+    "model.position_embedding_order": tuple(factory.POSITION_ORDERS),
     "model.conditioning": conditioning.KINDS,
     "mesh.rules": tuple(sharding.RULE_PRESETS),
     "text.encoder": ("bytes", "precomputed"),

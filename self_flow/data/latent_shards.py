@@ -27,6 +27,10 @@ On-disk format (version 2). A directory (local or mounted, e.g. with gcsfuse) ho
   A split's shards are usable only once its entry is in `metadata.json`; a directory without
   the file, or a split missing from it, was not (completely) written and is refused.
 
+  With P writer processes (`write_shards(process_index=p, process_count=P, barrier=...)`), n is
+  a multiple of P and process p encodes the examples k = p, p + P, ... of the stream, so it alone
+  writes the shards i = p, p + P, ...; process 0 writes metadata.json after all have finished.
+
 One directory holds one modality (`MODALITIES`), whose latents have the rank the trainer's
 tokenizer of that modality expects:
 
@@ -41,6 +45,10 @@ Each record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays:
 * `latent` float16: `(signal_encoder(signal) - latent_shift) * latent_scale`, the convention
   of SD3/FLUX autoencoders, applied at write time so the trainer reads latents ready for the
   model.
+* `latent_std` float16, only when the signal encoder returns a Gaussian posterior (mean, std),
+  e.g. the SD-VAE: `latent` is then the scaled posterior mean and `latent_std` the scaled std
+  (`std * |latent_scale|`), so the trainer can draw a fresh latent every epoch
+  (`PosteriorSample`). Listed in `fields` when present; readers that ignore it see the mean.
 * `text_embedding` (L, D) float16 and `text_mask` (L,) bool (True = real token), from the text
   encoder.
 * `caption` utf-8 bytes, kept for sampling prompts and debugging.
@@ -60,8 +68,10 @@ from absl import logging
 from array_record.python import array_record_data_source
 from array_record.python import array_record_module
 from flax import serialization
+import grain
 import numpy as np
 
+from self_flow.data import pipeline
 from self_flow.modalities import audio as audio_modality
 from self_flow.modalities import image as image_modality
 from self_flow.text import tokenizer
@@ -72,7 +82,9 @@ METADATA_FILE = "metadata.json"
 # group_size:1 puts every record in its own chunk: reading one record decodes only that record.
 WRITER_OPTIONS = "group_size:1"
 
-# (B, *signal shape) float32 signals in [-1, 1] -> (B, *latent shape) latents.
+# (B, *signal shape) float32 signals in [-1, 1] -> (B, *latent shape) latents, or a
+# (mean, std) pair of such arrays for an encoder with a Gaussian posterior (stored as
+# `latent` and `latent_std`).
 SignalEncoder = Callable[[np.ndarray], Any]
 # B captions -> ((B, L, D) float32 embeddings, (B, L) bool mask, True = real token).
 TextEncoder = Callable[[list[str]], tuple[Any, Any]]
@@ -234,12 +246,22 @@ def write_shards(
     signal_encoder_name: str,
     text_encoder_name: str,
     modality: str = "image",
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
   """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
 
   Other splits already in `output_dir` are kept; their metadata must agree (modality,
   encoders, latent scale and shift, field shapes). Rewriting an existing split first drops it
   from the metadata, so an interrupted rewrite leaves it absent rather than inconsistent.
+
+  Several processes (e.g. the hosts of a TPU pod, sharing `output_dir`) write one split
+  together: each calls this with its `process_index` and the examples k = process_index,
+  process_index + process_count, ... of the split, in that order, and writes only its own shard
+  files. Process 0 clears the old split before anyone writes and writes the metadata after
+  everyone has finished; `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders
+  these steps.
 
   Args:
     examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
@@ -249,7 +271,8 @@ def write_shards(
     split: Split name (letters, digits, underscores).
     num_shards: Number of shard files; examples go to them round robin.
     signal_encoder: (B, *signal shape) float32 in [-1, 1] -> (B, *latent shape) latents, of
-      the rank `MODALITIES[modality].latent_axes` names.
+      the rank `MODALITIES[modality].latent_axes` names, or a (mean, std) pair of them for a
+      Gaussian posterior (stored as `latent` and `latent_std`).
     text_encoder: list of B captions -> ((B, L, D) embeddings, (B, L) bool mask).
     batch_size: Examples per encoder call. The last batch is padded to this size, so a jitted
       encoder compiles once.
@@ -258,6 +281,10 @@ def write_shards(
     signal_encoder_name: Name of `signal_encoder`, recorded in the metadata.
     text_encoder_name: Name of `text_encoder`, recorded in the metadata.
     modality: "image", "video" or "audio": what the examples hold (see `MODALITIES`).
+    process_index: This process's index in [0, process_count).
+    process_count: Processes writing the split together; must divide `num_shards`.
+    barrier: Blocks until every process has called it with the same name; required when
+      `process_count > 1`.
 
   Returns:
     The metadata written to `output_dir/metadata.json`.
@@ -268,6 +295,7 @@ def write_shards(
   _check_modality(modality)
   _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
                     signal_encoder_name, text_encoder_name)
+  _check_process_args(num_shards, process_index, process_count, barrier)
   encoded = _encode_batches(
       examples, MODALITIES[modality], signal_encoder, text_encoder, batch_size, latent_scale,
       latent_shift
@@ -275,7 +303,8 @@ def write_shards(
   # The first batch gives the field shapes, which are checked before the directory is touched.
   first = next(encoded, None)
   if first is None:
-    raise ValueError(f"No examples given for split {split!r}; nothing written.")
+    raise ValueError(f"No examples given for split {split!r} (process {process_index} of "
+                     f"{process_count}); nothing written.")
   header = {
       "format": FORMAT,
       "version": VERSION,
@@ -286,34 +315,80 @@ def write_shards(
       "text_encoder": text_encoder_name,
       "fields": first[1],
   }
-  metadata = _metadata_for_new_split(output_dir, split, header)
-  paths = [os.path.join(output_dir, shard_name(split, i, num_shards)) for i in range(num_shards)]
-  writers = [array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS) for path in paths]
-  shard_lengths = [0] * num_shards
+  sync = barrier or (lambda name: None)
+  if process_index == 0:
+    metadata = _metadata_for_new_split(output_dir, split, header)
+  sync(f"latent_shards {output_dir} {split}: old shards cleared")
+  # This process's examples are k = process_index + j * process_count; example k goes to shard
+  # k % num_shards, one of this process's shards since process_count divides num_shards.
+  writers = {
+      i: array_record_module.ArrayRecordWriter(
+          os.path.join(output_dir, shard_name(split, i, num_shards)), WRITER_OPTIONS)
+      for i in range(process_index, num_shards, process_count)
+  }
   try:
-    for index, (record, fields) in enumerate(itertools.chain([first], encoded)):
-      if fields != metadata["fields"]:
+    for count, (record, fields) in enumerate(itertools.chain([first], encoded), start=1):
+      index = process_index + (count - 1) * process_count
+      if fields != header["fields"]:
         raise ValueError(
             f"Example {index} of split {split!r} has fields {fields}, but earlier examples "
-            f"have {metadata['fields']}; all examples must share one shape."
+            f"have {header['fields']}; all examples must share one shape."
         )
       writers[index % num_shards].write(serialization.msgpack_serialize(record))
-      shard_lengths[index % num_shards] += 1
-      if (index + 1) % _LOG_EVERY == 0:
-        logging.info("%s: wrote %d examples of split %r.", output_dir, index + 1, split)
+      if count % _LOG_EVERY == 0:
+        logging.info("%s: process %d wrote %d examples of split %r.", output_dir, process_index,
+                     count, split)
   finally:
-    for writer in writers:
+    for writer in writers.values():
       writer.close()
-  num_examples = sum(shard_lengths)
-  metadata["splits"][split] = {
-      "num_examples": num_examples,
-      "num_shards": num_shards,
-      "shard_lengths": shard_lengths,
-  }
-  _write_metadata(output_dir, metadata)
-  logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split, num_examples,
-               num_shards)
-  return metadata
+  sync(f"latent_shards {output_dir} {split}: shards written")
+  if process_index == 0:
+    shard_lengths = _written_shard_lengths(output_dir, split, num_shards)
+    num_examples = sum(shard_lengths)
+    metadata["splits"][split] = {
+        "num_examples": num_examples,
+        "num_shards": num_shards,
+        "shard_lengths": shard_lengths,
+    }
+    _write_metadata(output_dir, metadata)
+    logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split,
+                 num_examples, num_shards)
+  sync(f"latent_shards {output_dir} {split}: metadata written")
+  return read_metadata(output_dir)
+
+
+def _check_process_args(num_shards: int, process_index: int, process_count: int,
+                        barrier: Callable[[str], None] | None) -> None:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
+                     "process_count >= 1 and 0 <= process_index < process_count.")
+  if num_shards % process_count:
+    raise ValueError(f"num_shards={num_shards} must be a multiple of process_count="
+                     f"{process_count}: every process writes its own shard files.")
+  if process_count > 1 and barrier is None:
+    raise ValueError(f"process_count={process_count} needs a barrier (e.g. "
+                     "jax.experimental.multihost_utils.sync_global_devices).")
+
+
+def _written_shard_lengths(output_dir: str, split: str, num_shards: int) -> list[int]:
+  """Record counts of the shard files, checked to be a round robin over one example stream.
+
+  Every process has finished writing; a count off the round robin means the processes were not
+  given the examples k = p, p + P, ... of one stream.
+  """
+  lengths = []
+  for i in range(num_shards):
+    reader = array_record_module.ArrayRecordReader(
+        os.path.join(output_dir, shard_name(split, i, num_shards)))
+    lengths.append(reader.num_records())
+    reader.close()
+  total = sum(lengths)
+  expected = [len(range(i, total, num_shards)) for i in range(num_shards)]
+  if lengths != expected:
+    raise ValueError(f"{output_dir!r}: the shards of split {split!r} hold {lengths} records, not "
+                     f"the round robin {expected} of {total} examples; the writer processes "
+                     "were given inconsistent example streams. Split not recorded.")
+  return lengths
 
 
 def _check_write_args(
@@ -394,11 +469,20 @@ def _encode_batches(
     # Pad to a constant batch size so a jitted encoder is compiled once.
     signals = np.pad(signals, [(0, batch_size - count)] + [(0, 0)] * (signals.ndim - 1))
     captions = captions + [""] * (batch_size - count)
-    latents = np.asarray(signal_encoder(modality.to_float(signals)), np.float32)
+    encoded = signal_encoder(modality.to_float(signals))
+    # A (mean, std) pair is a Gaussian posterior; its std is stored as `latent_std`.
+    latents, stds = encoded if isinstance(encoded, tuple) else (encoded, None)
+    latents = np.asarray(latents, np.float32)
     embeddings, mask = text_encoder(captions)
     embeddings = np.asarray(embeddings, np.float32)
     mask = np.asarray(mask)
     _check_encoder_outputs(latents, embeddings, mask, batch_size, modality)
+    if stds is not None:
+      stds = np.asarray(stds, np.float32)
+      if stds.shape != latents.shape:
+        raise ValueError(f"signal_encoder returned a posterior std of shape {stds.shape} for "
+                         f"means of shape {latents.shape}; they must match.")
+      stds = _to_float16(stds * abs(latent_scale), "latent_std", start)
     latents = _to_float16((latents - latent_shift) * latent_scale, "latent", start)
     embeddings = _to_float16(embeddings, "text_embedding", start)
     mask = mask.astype(bool)
@@ -409,6 +493,8 @@ def _encode_batches(
         "caption": {"shape": [], "dtype": "utf-8 bytes"},
         "label": {"shape": [], "dtype": "int32"},
     }
+    if stds is not None:
+      fields["latent_std"] = {"shape": list(stds.shape[1:]), "dtype": "float16"}
     for row in range(count):
       record = {
           "latent": latents[row],
@@ -417,6 +503,8 @@ def _encode_batches(
           "caption": captions[row].encode("utf-8"),
           "label": np.asarray(labels[row], np.int32),
       }
+      if stds is not None:
+        record["latent_std"] = stds[row]
       yield record, fields
     start += count
 
@@ -517,7 +605,8 @@ class LatentShardSource:
 
   Index k is the k-th example written (record k // n of shard k % n). Records decode to
   `{"latent": float32 latent_shape, "text_embedding": float32 (L, D), "text_mask": bool (L,),
-  "label": int32 scalar, "caption": str}`. The repr names only the split and its shapes and
+  "label": int32 scalar, "caption": str}`, plus `"latent_std"` float32 latent_shape when the
+  shards hold a posterior std. The repr names only the split and its shapes and
   encoders (not the directory), so grain's checkpoint check passes when a run resumes from a
   copy of the data elsewhere.
 
@@ -649,10 +738,42 @@ class LatentShardSource:
 
 def _decode(raw: bytes) -> dict[str, Any]:
   record = serialization.msgpack_restore(raw)
-  return {
+  decoded = {
       "latent": record["latent"].astype(np.float32),
       "text_embedding": record["text_embedding"].astype(np.float32),
       "text_mask": record["text_mask"].astype(bool),
       "label": np.asarray(record["label"], np.int32),
       "caption": record["caption"].decode("utf-8"),
   }
+  if "latent_std" in record:
+    decoded["latent_std"] = record["latent_std"].astype(np.float32)
+  return decoded
+
+
+# Training on a stored posterior (`latent_std` present, config data.latent_sampling="posterior").
+
+
+def preprocess_posterior(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """`pipeline.preprocess_latents` keeping `latent_std`, for `PosteriorSample` to draw with.
+
+  Module-level so grain's spawned worker processes can import it by name.
+  """
+  return {**pipeline.preprocess_latents(record),
+          "latent_std": np.asarray(record["latent_std"], np.float32)}
+
+
+class PosteriorSample(grain.transforms.RandomMap):
+  """Replaces the stored posterior mean `latent` by a draw `latent + latent_std * eps`.
+
+  eps ~ N(0, I) from the per-example rng grain derives from the pipeline seed and the example's
+  position in the shuffled, repeated stream, i.e. from (seed, example, epoch): every epoch
+  draws fresh latents (as REPA-style trainers do from stored moments), a resumed iterator draws
+  the same ones again, and the draw does not depend on the process count.
+  """
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    element = dict(element)
+    std = element.pop("latent_std")
+    noise = rng.standard_normal(std.shape, dtype=np.float32)
+    element["latent"] = (element["latent"] + std * noise).astype(np.float32)
+    return element

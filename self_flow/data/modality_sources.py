@@ -57,6 +57,12 @@ def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split:
     raise ValueError(f"config.{section_name} describes {modality} latents of shape "
                      f"{tuple(want)}, but {data_dir!r} holds latents of shape "
                      f"{source.latent_shape}; set its shape keys to match the shards.")
+  if (modality == "image" and config.data.latent_sampling == "posterior"
+      and "latent_std" not in source.metadata["fields"]):
+    raise ValueError(f"config.data.latent_sampling='posterior' needs shards with a posterior "
+                     f"std (field latent_std), but {data_dir!r} holds only latents; set "
+                     "--config.data.latent_sampling=mean or re-encode with "
+                     "self_flow.tools.encode_latents.")
   embedding_dim = source.metadata["fields"]["text_embedding"]["shape"][-1]
   if config.model.conditioning == "text" and embedding_dim != config.text.embedding_dim:
     raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
@@ -73,6 +79,8 @@ def train_processing(config: ml_collections.ConfigDict, modality: str
   exact transcript for speech); latent shards carry precomputed caption embeddings.
   """
   if uses_latent_shards(config, modality):
+    if modality == "image" and config.data.latent_sampling == "posterior":
+      return latent_shards.preprocess_posterior, (latent_shards.PosteriorSample(),)
     return pipeline.preprocess_latents, ()
   text = config.model.conditioning == "text"
   max_length = config.text.max_length

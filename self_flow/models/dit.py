@@ -16,6 +16,10 @@ from flax import nnx
 from self_flow import sharding
 from self_flow.models import layers, scanning
 
+# What the timestep embedding sees: "t" (the paper convention, t = 1 is noise) or "one_minus_t"
+# (the authors' released checkpoints: their inner SiT-convention network embeds 1 - t).
+TIMESTEP_INPUTS = ("t", "one_minus_t")
+
 
 def _check_image(modality: str) -> None:
   if modality != "image":
@@ -30,8 +34,11 @@ class SelfFlowDiT(nnx.Module):
       self, *, in_dim: int, out_dim: int, hidden_size: int, depth: int, num_heads: int,
       mlp_ratio: float, num_classes: int, projector_hidden_mult: int, student_layer: int,
       teacher_layer: int, pos_axes: tuple[int, ...], dtype: Any, param_dtype: Any,
-      remat_policy: str, attention: str, rngs: nnx.Rngs):
+      remat_policy: str, attention: str, rngs: nnx.Rngs, timestep_input: str = "t"):
     scanning.check_remat_policy(remat_policy)
+    if timestep_input not in TIMESTEP_INPUTS:
+      raise ValueError(f"model.timestep_input={timestep_input!r}; allowed: {TIMESTEP_INPUTS}.")
+    self.timestep_input = timestep_input
     self.hidden_size = hidden_size
     self.depth = depth
     self.num_classes = num_classes
@@ -59,6 +66,8 @@ class SelfFlowDiT(nnx.Module):
 
   def condition(self, t_table: jax.Array, labels: jax.Array) -> jax.Array:
     """Conditioning rows (B, K, D): timestep embedding of each table entry + the label embedding."""
+    if self.timestep_input == "one_minus_t":
+      t_table = 1.0 - t_table
     return self.t_embedder(t_table) + self.label_embed(labels)[:, None, :]
 
   def embed_tokens(self, x: jax.Array, pos_ids: jax.Array) -> jax.Array:

@@ -9,6 +9,9 @@ from self_flow.models import dit, mmdit, presets
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHITECTURES = ("dit", "mmdit")
+# model.position_embedding_order -> the image position-id axes whose sin-cos halves fill the
+# width, in order: rows first (ours) or columns first (the official SiT/MAE table).
+POSITION_ORDERS = {"height_width": image.POSITION_AXES, "width_height": image.POSITION_AXES[::-1]}
 
 
 def parse_dtype(name: str, key: str):
@@ -51,10 +54,18 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     if tuple(token_dims) != ("image",):
       raise ValueError(f"modalities={tuple(config.modalities)}: the dit backbone generates "
                        "images only; use model.architecture='mmdit' for video and audio.")
+    if m.position_embedding_order not in POSITION_ORDERS:
+      raise ValueError(f"model.position_embedding_order={m.position_embedding_order!r}; "
+                       f"allowed: {sorted(POSITION_ORDERS)}.")
     return dit.SelfFlowDiT(depth=dims.depth, num_classes=config.data.num_classes,
                            in_dim=token_dims["image"], out_dim=token_dims["image"],
-                           pos_axes=image.POSITION_AXES, **common)
+                           pos_axes=POSITION_ORDERS[m.position_embedding_order],
+                           timestep_input=m.timestep_input, **common)
   if m.architecture == "mmdit":
+    if (m.timestep_input, m.position_embedding_order) != ("t", "height_width"):
+      raise ValueError(f"model.timestep_input={m.timestep_input!r} and model.position_embedding_"
+                       f"order={m.position_embedding_order!r} import official dit checkpoints; "
+                       "the mmdit backbone needs 't' and 'height_width'.")
     if m.conditioning != "text":
       raise ValueError(f"model.conditioning={m.conditioning!r}: the mmdit backbone is "
                        "text-conditioned; use model.conditioning='text'.")

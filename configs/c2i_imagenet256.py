@@ -1,0 +1,69 @@
+"""Class-conditional ImageNet 256x256: the paper's main setup (Sec. 4, Tab. 1) on SD-VAE latents.
+
+SiT-XL/2 with per-token adaLN on 32x32x4 SD-VAE latents (256 tokens), trained "with the REPA
+setup": AdamW lr 1e-4 constant, no weight decay, clip 1.0, global batch 256, EMA 0.9999, label
+dropout 0.1, uniform p(t), R_M 0.25, gamma 0.8, student/teacher layers round(0.3 depth) /
+round(0.7 depth) (8/20 for XL), bfloat16 compute.
+
+Data: the trainer reads pre-encoded latents from a latent-shard directory; it never runs the VAE.
+ImageNet pixels (TFDS imagenet2012 or an image folder) go through the encode tool first, which
+stores the scaled (x 0.18215) posterior mean and std of every center-cropped image:
+
+  python -m self_flow.tools.encode_latents --vae_path=/data/sd-vae-ft-ema --source=tfds \
+      --tfds_data_dir=/data/tensorflow_datasets --split=train --output_dir=/data/imagenet256_sdvae
+  python -m self_flow.main --config=configs/c2i_imagenet256.py \
+      --config.data.data_dir=/data/imagenet256_sdvae --workdir=gs://BUCKET/c2i_imagenet256
+
+Variants (`--config=configs/c2i_imagenet256.py:<variant>[,method=<method>]`): XL (default), L, B,
+S: the SiT-*/2 sizes, feature layers by the 0.3/0.7 rule (XL 8/20, L 7/17, B and S 4/8).
+Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
+
+Evaluation: the trainer evaluates only embedded datasets (it has no decoder for latents), so it
+is off here. The paper's numbers come from 50k samples of the EMA model with the 250-step SDE
+sampler set below, no CFG, decoded by the SD-VAE, scored by the ADM evaluator (separate tool).
+"""
+
+from configs import base
+
+VARIANTS = ("XL", "L", "B", "S")
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, variant="XL", method="self_flow")
+  if args["variant"] not in VARIANTS:
+    raise ValueError(f"variant {args['variant']!r} is unknown; allowed: {', '.join(VARIANTS)}.")
+  config = base.get_base_config()
+  base.apply_method(config, args["method"])  # self_flow: dual-timestep noising, gamma 0.8.
+  config.model.preset = args["variant"]  # SiT-S/B/L/XL: hidden, depth and heads of the preset.
+  config.model.patch_size = 2  # 32x32 latents -> 256 tokens of 2x2x4.
+  config.model.student_layer = 0  # 0 = round(0.3 depth): 8 for XL.
+  config.model.teacher_layer = 0  # 0 = round(0.7 depth): 20 for XL.
+  config.model.compute_dtype = "bfloat16"  # bf16 mixed precision, float32 master weights.
+  config.data.dataset = "latent_shards"  # Pre-encoded SD-VAE latents (tools/encode_latents).
+  config.data.data_dir = ""  # Required: the latent-shard directory (--config.data.data_dir=...).
+  config.data.image_size = 32  # 256x256 images / the VAE's factor 8.
+  config.data.num_channels = 4  # SD-VAE latent channels (already x 0.18215 in the shards).
+  config.data.num_classes = 1000  # ImageNet-1k; label 1000 is the null class for CFG.
+  config.data.global_batch_size = 256  # REPA/SiT global batch.
+  config.data.worker_count = 4  # Shard reading and posterior draws off the training thread.
+  # REPA samples the stored posterior moments each epoch; "mean" trains on the mean only.
+  config.data.latent_sampling = "posterior"
+  config.objective.time_distribution = "uniform"  # Paper A.2: uniform, unshifted p(t).
+  config.objective.mask_ratio = 0.25  # R_M for images.
+  config.objective.condition_dropout = 0.1  # REPA's cfg-prob.
+  config.optim.learning_rate = 1e-4  # AdamW (0.9, 0.999), eps 1e-8: REPA defaults.
+  config.optim.schedule = "constant"  # No decay.
+  config.optim.warmup_steps = 0  # None in the paper or REPA.
+  config.optim.weight_decay = 0.0  # REPA: no weight decay.
+  config.optim.grad_clip_norm = 1.0  # Global-norm clip (paper README).
+  config.optim.ema_decay = 0.9999  # The EMA teacher and evaluation weights.
+  config.train.num_steps = 4_000_000  # Tab. 1 is at 4M steps.
+  config.train.checkpoint_every = 10_000  # 400 saves over 4M steps; SIGTERM saves in between.
+  config.train.eval_every = 0  # No in-trainer evaluation on latents (see the docstring).
+  config.eval.enabled = False  # The trainer has no decoder for latent shards.
+  # The sampler of the paper's ImageNet numbers (SiT SDE, 250 steps, no guidance), used by the
+  # sample-export and evaluation tools.
+  config.sampling.method = "sde"
+  config.sampling.num_steps = 250
+  config.sampling.cfg_scale = 1.0
+  return config

@@ -1,0 +1,558 @@
+"""Tests for the Flax SD-VAE, its diffusers weight loader, the latent encoding tool, posterior
+sampling in the trainer's shard pipeline, and the ImageNet-256 config training on encoded shards.
+
+The diffusers layout is spelled out independently here (`_diffusers_shapes`) and the layers are
+checked against plain numpy written from the PyTorch definitions, so a naming or layout slip in
+the loader cannot cancel out.
+"""
+
+import json
+import os
+import threading
+
+from absl import flags
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from PIL import Image
+import pytest
+
+from configs import base, c2i_imagenet256
+from self_flow import config_validation, train
+from self_flow.data import latent_shards, modality_sources, pipeline, sources
+from self_flow.modalities import spec
+from self_flow.models import autoencoder_kl, presets
+from self_flow.tools import encode_latents
+
+# Two levels (one downsample), one resnet per encoder level: 16x16 images -> 8x8x4 latents.
+_TINY = autoencoder_kl.AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1,
+                                         norm_num_groups=4)
+# Four levels like SD-VAE (factor 8): 64x64 images -> 8x8x4 latents.
+_TOOL_VAE = autoencoder_kl.AutoencoderConfig(block_out_channels=(8, 8, 16, 16),
+                                             layers_per_block=1, norm_num_groups=4)
+
+
+# --- The diffusers state dict, written independently of the loader. ---
+
+
+def _diffusers_shapes(config, legacy_attention: frozenset = frozenset()) -> dict:
+  """name -> PyTorch shape of every tensor of diffusers' AutoencoderKL with `config`.
+
+  Mid-block attention of the parts in `legacy_attention` ("encoder", "decoder") uses the names
+  and 1x1-conv shapes of older checkpoints (diffusers AttentionBlock).
+  """
+  shapes = {}
+  latent, image = config.latent_channels, config.image_channels
+
+  def conv(name, cin, cout, k):
+    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+  def norm(name, c):
+    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+  def resnet(name, cin, cout):
+    norm(f"{name}.norm1", cin)
+    conv(f"{name}.conv1", cin, cout, 3)
+    norm(f"{name}.norm2", cout)
+    conv(f"{name}.conv2", cout, cout, 3)
+    if cin != cout:
+      conv(f"{name}.conv_shortcut", cin, cout, 1)
+
+  def mid(part, c):
+    name = f"{part}.mid_block"
+    resnet(f"{name}.resnets.0", c, c)
+    norm(f"{name}.attentions.0.group_norm", c)
+    legacy = part in legacy_attention
+    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
+                     ("to_out.0", "proj_attn")):
+      shapes[f"{name}.attentions.0.{old if legacy else new}.weight"] = (
+          (c, c, 1, 1) if legacy else (c, c))
+      shapes[f"{name}.attentions.0.{old if legacy else new}.bias"] = (c,)
+    resnet(f"{name}.resnets.1", c, c)
+
+  channels = config.block_out_channels
+  conv("encoder.conv_in", image, channels[0], 3)
+  previous = channels[0]
+  for i, c in enumerate(channels):
+    for j in range(config.layers_per_block):
+      resnet(f"encoder.down_blocks.{i}.resnets.{j}", previous if j == 0 else c, c)
+    if i < len(channels) - 1:
+      conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
+    previous = c
+  mid("encoder", channels[-1])
+  norm("encoder.conv_norm_out", channels[-1])
+  conv("encoder.conv_out", channels[-1], 2 * latent, 3)
+  conv("quant_conv", 2 * latent, 2 * latent, 1)
+  conv("post_quant_conv", latent, latent, 1)
+  reversed_channels = channels[::-1]
+  conv("decoder.conv_in", latent, reversed_channels[0], 3)
+  mid("decoder", reversed_channels[0])
+  previous = reversed_channels[0]
+  for i, c in enumerate(reversed_channels):
+    for j in range(config.layers_per_block + 1):
+      resnet(f"decoder.up_blocks.{i}.resnets.{j}", previous if j == 0 else c, c)
+    if i < len(channels) - 1:
+      conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
+    previous = c
+  norm("decoder.conv_norm_out", channels[0])
+  conv("decoder.conv_out", channels[0], image, 3)
+  return shapes
+
+
+def _random_tensors(shapes: dict, seed: int = 0) -> dict:
+  """Random float32 tensors of `shapes`: fan-in scaled weights, norm scales near 1."""
+  rng = np.random.default_rng(seed)
+  tensors = {}
+  for name, shape in shapes.items():
+    if len(shape) > 1:
+      value = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
+    elif "norm" in name and name.endswith(".weight"):
+      value = 1.0 + 0.2 * rng.normal(size=shape)
+    else:
+      value = 0.2 * rng.normal(size=shape)
+    tensors[name] = value.astype(np.float32)
+  return tensors
+
+
+def _write_safetensors(path, tensors: dict, dtypes: dict | None = None) -> None:
+  """Writes a safetensors file; `dtypes` maps names to F16 or BF16 (default F32)."""
+  numpy_dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+  header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+  for name, value in tensors.items():
+    kind = (dtypes or {}).get(name, "F32")
+    raw = np.ascontiguousarray(value.astype(numpy_dtypes[kind])).tobytes()
+    header[name] = {"dtype": kind, "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  encoded = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))
+
+
+def _write_diffusers_dir(directory, config, seed: int = 0) -> dict:
+  """A diffusers VAE directory (config.json + safetensors) with random weights."""
+  os.makedirs(directory, exist_ok=True)
+  tensors = _random_tensors(_diffusers_shapes(config), seed)
+  _write_safetensors(os.path.join(directory, autoencoder_kl.WEIGHTS_FILE), tensors)
+  with open(os.path.join(directory, autoencoder_kl.CONFIG_FILE), "w") as f:
+    json.dump({"_class_name": "AutoencoderKL", "act_fn": "silu",
+               "block_out_channels": list(config.block_out_channels),
+               "down_block_types": ["DownEncoderBlock2D"] * len(config.block_out_channels),
+               "up_block_types": ["UpDecoderBlock2D"] * len(config.block_out_channels),
+               "in_channels": 3, "out_channels": 3, "latent_channels": config.latent_channels,
+               "layers_per_block": config.layers_per_block,
+               "norm_num_groups": config.norm_num_groups, "scaling_factor": 0.18215}, f)
+  return tensors
+
+
+# --- Plain numpy layers from the PyTorch definitions (NHWC activations, PyTorch weights). ---
+
+
+def _np_conv(x, weight, bias, stride=1, padding=((1, 1), (1, 1))):
+  """Cross-correlation of NHWC `x` with an OIHW `weight`, explicit (before, after) padding."""
+  _, _, kh, kw = weight.shape
+  x = np.pad(x, ((0, 0), *padding, (0, 0)))
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, weight.shape[0])) + bias
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+      out += patch @ weight[:, :, i, j].T
+  return out
+
+
+def _np_group_norm(x, groups, weight, bias, eps=1e-6):
+  b, h, w, c = x.shape
+  grouped = x.reshape(b, h, w, groups, c // groups)
+  mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+  var = grouped.var(axis=(1, 2, 4), keepdims=True)
+  return ((grouped - mean) / np.sqrt(var + eps)).reshape(x.shape) * weight + bias
+
+
+def _silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def _np_resnet(x, t, name, groups):
+  h = _np_conv(_silu(_np_group_norm(x, groups, t[f"{name}.norm1.weight"],
+                                    t[f"{name}.norm1.bias"])),
+               t[f"{name}.conv1.weight"], t[f"{name}.conv1.bias"])
+  h = _np_conv(_silu(_np_group_norm(h, groups, t[f"{name}.norm2.weight"],
+                                    t[f"{name}.norm2.bias"])),
+               t[f"{name}.conv2.weight"], t[f"{name}.conv2.bias"])
+  if f"{name}.conv_shortcut.weight" in t:
+    x = _np_conv(x, t[f"{name}.conv_shortcut.weight"], t[f"{name}.conv_shortcut.bias"],
+                 padding=((0, 0), (0, 0)))
+  return x + h
+
+
+def _np_attention(x, t, name, groups, names=("to_q", "to_k", "to_v", "to_out.0")):
+  b, h, w, c = x.shape
+  tokens = _np_group_norm(x, groups, t[f"{name}.group_norm.weight"],
+                          t[f"{name}.group_norm.bias"]).reshape(b, h * w, c)
+  q, k, v, o = ((t[f"{name}.{n}.weight"].reshape(c, c), t[f"{name}.{n}.bias"]) for n in names)
+  query, key, value = (tokens @ wt.T + bias for wt, bias in (q, k, v))
+  logits = query @ key.transpose(0, 2, 1) / np.sqrt(c)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return x + ((weights @ value) @ o[0].T + o[1]).reshape(b, h, w, c)
+
+
+# --- The model. ---
+
+
+_encode = jax.jit(lambda model, images: model.encode(images))
+
+
+def test_tiny_vae_encodes_and_decodes_with_diffusers_shapes_and_ranges(tmp_path):
+  # Random weights from numpy: Flax's random init compiles one PRNG program per parameter shape
+  # (about 18 s for this tiny model on the test machine), loading them takes a second.
+  np.savez(tmp_path / "vae.npz", **_random_tensors(_diffusers_shapes(_TINY)))
+  model = autoencoder_kl.load_autoencoder(str(tmp_path / "vae.npz"), _TINY)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  mean, std = _encode(model, images)
+  assert mean.shape == std.shape == (2, 8, 8, 4) and mean.dtype == np.float32
+  assert np.isfinite(mean).all() and (np.asarray(std) > 0).all()
+  decoded = jax.jit(lambda m, z: m.decode(z))(model, mean)
+  assert decoded.shape == (2, 16, 16, 3) and decoded.dtype == np.float32
+  assert -1.0 <= float(decoded.min()) and float(decoded.max()) <= 1.0
+  # The log-variance (second half of quant_conv's output) is clipped to [-30, 20].
+  model.quant_conv.kernel.value = np.zeros((1, 1, 8, 8), np.float32)
+  for logvar, clipped in ((100.0, 20.0), (-100.0, -30.0), (3.0, 3.0)):
+    model.quant_conv.bias.value = np.array([0.5] * 4 + [logvar] * 4, np.float32)
+    mean, std = _encode(model, images)
+    np.testing.assert_allclose(mean, 0.5)
+    np.testing.assert_allclose(std, np.exp(clipped / 2), rtol=1e-6)
+
+
+def test_loader_puts_diffusers_weights_where_the_layers_use_them(tmp_path):
+  # Encoder attention in the older names as 1x1 convs, decoder attention as linears.
+  shapes = _diffusers_shapes(_TINY, legacy_attention=frozenset({"encoder"}))
+  tensors = _random_tensors(shapes)
+  low_precision = {"encoder.conv_in.bias": "F16", "post_quant_conv.weight": "BF16"}
+  path = str(tmp_path / "vae.safetensors")
+  _write_safetensors(path, tensors, low_precision)
+  model = autoencoder_kl.load_autoencoder(path, _TINY)
+  groups = _TINY.norm_num_groups
+  rng = np.random.default_rng(1)
+
+  # Half-precision tensors arrive as float32 of their rounded values.
+  tensors["encoder.conv_in.bias"] = tensors["encoder.conv_in.bias"].astype(np.float16)
+  tensors["post_quant_conv.weight"] = tensors["post_quant_conv.weight"].astype(
+      ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(model.encoder.conv_in.bias.value,
+                                tensors["encoder.conv_in.bias"])
+  x = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(
+      model.encoder.conv_in(x),
+      _np_conv(x, tensors["encoder.conv_in.weight"], tensors["encoder.conv_in.bias"]),
+      rtol=1e-4, atol=1e-4)
+  h = rng.normal(size=(2, 16, 16, 8)).astype(np.float32)
+  name = "encoder.down_blocks.0.downsamplers.0.conv"
+  np.testing.assert_allclose(  # stride 2, one zero row/column at the bottom/right only
+      model.encoder.down_blocks[0].downsample(h),
+      _np_conv(h, tensors[f"{name}.weight"], tensors[f"{name}.bias"], stride=2,
+               padding=((0, 1), (0, 1))), rtol=1e-4, atol=1e-4)
+  h = rng.normal(size=(2, 8, 8, 8)).astype(np.float32)
+  np.testing.assert_allclose(  # 8 -> 16 channels: with conv_shortcut
+      model.encoder.down_blocks[1].resnets[0](h),
+      _np_resnet(h, tensors, "encoder.down_blocks.1.resnets.0", groups), rtol=1e-4, atol=1e-4)
+  h = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
+  np.testing.assert_allclose(
+      model.encoder.mid_block.attention(h),
+      _np_attention(h, tensors, "encoder.mid_block.attentions.0", groups,
+                    ("query", "key", "value", "proj_attn")), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      model.decoder.mid_block.attention(h),
+      _np_attention(h, tensors, "decoder.mid_block.attentions.0", groups), rtol=1e-4, atol=1e-4)
+  latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  np.testing.assert_allclose(
+      model.post_quant_conv(latents),
+      _np_conv(latents, tensors["post_quant_conv.weight"], tensors["post_quant_conv.bias"],
+               padding=((0, 0), (0, 0))), rtol=1e-4, atol=1e-4)
+
+  # The same tensors from an .npz give the same model.
+  np.savez(tmp_path / "vae.npz", **tensors)
+  from_npz = autoencoder_kl.load_autoencoder(str(tmp_path / "vae.npz"), _TINY)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
+               nnx.state(from_npz, nnx.Param))
+
+
+def test_loader_reads_a_diffusers_directory_with_its_config(tmp_path):
+  _write_diffusers_dir(tmp_path / "vae", _TOOL_VAE)
+  model = autoencoder_kl.load_autoencoder(str(tmp_path / "vae"))
+  assert model.config == _TOOL_VAE and model.config.downsampling_factor == 8
+  mean, _ = jax.eval_shape(model.encode, jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
+  assert mean.shape == (1, 8, 8, 4)
+  with pytest.raises(ValueError, match="down_block_types"):
+    autoencoder_kl.AutoencoderConfig.from_diffusers({"down_block_types": ["CrossAttnDownBlock2D"]})
+  with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+    autoencoder_kl.load_autoencoder(str(tmp_path))
+
+
+def test_loader_errors_name_every_bad_key(tmp_path):
+  tensors = _random_tensors(_diffusers_shapes(_TINY))
+  del tensors["decoder.conv_out.bias"]
+  tensors["encoder.extra.weight"] = np.zeros(3, np.float32)
+  tensors["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
+  path = str(tmp_path / "bad.safetensors")
+  _write_safetensors(path, tensors)
+  with pytest.raises(ValueError) as error:
+    autoencoder_kl.load_autoencoder(path, _TINY)
+  message = str(error.value)
+  assert "1 missing keys: decoder.conv_out.bias" in message
+  assert "1 unexpected keys: encoder.extra.weight" in message
+  assert "quant_conv.weight has shape (8, 8, 3, 3), the model needs (8, 8, 1, 1)" in message
+
+  with open(path, "r+b") as f:  # a dtype the reader does not know
+    header_size = int.from_bytes(f.read(8), "little")
+    header = f.read(header_size).replace(b'"F32"', b'"I32"', 1)
+    f.seek(8)
+    f.write(header)
+  with pytest.raises(ValueError, match="has dtype I32"):
+    autoencoder_kl.read_safetensors(path)
+  (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+  with pytest.raises(ValueError, match="not a safetensors file"):
+    autoencoder_kl.read_safetensors(str(tmp_path / "junk.safetensors"))
+  with pytest.raises(ValueError, match=r"\.safetensors .* or \.npz"):
+    autoencoder_kl.read_weights(str(tmp_path / "vae.pt"))
+
+
+# --- The ImageNet-256 config. ---
+
+
+@pytest.mark.parametrize("variant,layers", [("XL", (8, 20)), ("L", (7, 17)), ("B", (4, 8)),
+                                            ("S", (4, 8))])
+@pytest.mark.parametrize("method", sorted(base.METHODS))
+def test_imagenet256_variants_validate_with_the_paper_settings(variant, layers, method):
+  config = c2i_imagenet256.get_config(f"{variant},method={method}")
+  with pytest.raises(ValueError, match="data_dir is empty"):  # the shard path is required
+    config_validation.validate(config, num_devices=8)
+  config.data.data_dir = "/shards"
+  config_validation.validate(config, num_devices=8)
+  dims = presets.resolve_dims(config.model.preset)
+  assert presets.feature_layers(dims.depth) == layers and config.model.preset == variant
+  assert spec.modality_specs(config)["image"].num_tokens == 256
+  assert config.objective.noising == base.METHODS[method]["noising"]
+  assert (config.data.image_size, config.data.num_channels, config.data.num_classes) == (
+      32, 4, 1000)
+  assert (config.sampling.method, config.sampling.num_steps) == ("sde", 250)
+  assert config.data.latent_sampling == "posterior" and not config.eval.enabled
+  with pytest.raises(ValueError, match="allowed: XL, L, B, S"):
+    c2i_imagenet256.get_config("XXL")
+
+
+# --- Preprocessing and the encode tool. ---
+
+
+def test_adm_center_crop_keeps_the_central_square():
+  red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+  wide = np.zeros((200, 400, 3), np.uint8)  # 100 red | 200 green | 100 blue columns
+  wide[:, :100], wide[:, 100:300], wide[:, 300:] = red, green, blue
+  for image in (wide, wide.transpose(1, 0, 2)):  # landscape and portrait
+    crop = encode_latents.center_crop(Image.fromarray(image), 64)
+    assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+    # Only the green square survives (bicubic mixes colours at the crop edges only).
+    interior = crop[3:-3, 3:-3].reshape(-1, 3).astype(int)
+    assert np.abs(interior - green).max() <= 2
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(encode_latents.center_crop(Image.fromarray(noise), 64), noise)
+  grey = encode_latents.center_crop(Image.fromarray(noise[..., 0]), 32)
+  assert grey.shape == (32, 32, 3) and (grey[..., 0] == grey[..., 2]).all()
+  small = encode_latents.center_crop(Image.fromarray(noise[:20, :30]), 64)  # upsampled
+  assert small.shape == (64, 64, 3)
+
+
+def _image_folder(root, sizes_per_class: dict) -> list[str]:
+  """class_name/i.png|jpg random images; returns the files in the tool's (sorted) order."""
+  rng = np.random.default_rng(0)
+  files = []
+  for name, sizes in sorted(sizes_per_class.items()):
+    os.makedirs(root / name)
+    for i, (h, w) in enumerate(sizes):
+      path = str(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+      files.append(path)
+  return files
+
+
+def test_processes_split_the_example_stream_without_overlap(tmp_path):
+  files = _image_folder(tmp_path / "images", {"a": [(12, 12)] * 3, "b": [(12, 16)] * 4})
+  source = encode_latents.FolderSource(str(tmp_path / "images"))
+  assert source.class_names == ["a", "b"] and len(source) == len(files)
+
+  def stream(index, count):
+    return list(encode_latents.process_examples(source, len(files), True, 8, index, count, 2))
+
+  single = stream(0, 1)  # all originals, then all flips
+  assert len(single) == 2 * len(files)
+  assert [e["label"] for e in single] == [0, 0, 0, 1, 1, 1, 1] * 2
+  np.testing.assert_array_equal(single[len(files)]["image"], single[0]["image"][:, ::-1])
+  for count in (2, 3):  # process p holds examples p, p + count, ...
+    merged = [None] * len(single)
+    for index in range(count):
+      merged[index::count] = stream(index, count)
+    for got, want in zip(merged, single):
+      np.testing.assert_array_equal(got["image"], want["image"])
+      assert (got["label"], got["caption"]) == (want["label"], want["caption"])
+
+
+def test_processes_write_one_split_together(tmp_path):
+  """Two writer processes (threads with a barrier) give the shards one process would write."""
+  rng = np.random.default_rng(0)
+  examples = [{"image": rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "caption": "",
+               "label": i} for i in range(11)]
+  barrier = threading.Barrier(2)
+  errors = []
+
+  def write(index):
+    try:
+      latent_shards.write_shards(
+          examples[index::2], output_dir=str(tmp_path), split="train", num_shards=4,
+          signal_encoder=latent_shards.avgpool2_encoder,
+          text_encoder=encode_latents.no_text_encoder, batch_size=3,
+          signal_encoder_name="avgpool2", text_encoder_name="none", process_index=index,
+          process_count=2, barrier=lambda name: barrier.wait(timeout=60))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors, errors
+  source = latent_shards.LatentShardSource(str(tmp_path), "train")
+  assert [int(source[k]["label"]) for k in range(len(source))] == list(range(11))
+  with pytest.raises(ValueError, match="multiple of process_count"):
+    latent_shards.write_shards(examples, output_dir=str(tmp_path), split="x", num_shards=3,
+                               signal_encoder=latent_shards.avgpool2_encoder,
+                               text_encoder=encode_latents.no_text_encoder, batch_size=3,
+                               signal_encoder_name="a", text_encoder_name="none",
+                               process_index=0, process_count=2, barrier=print)
+
+
+def _constant_posterior(signals):
+  """Example k (an image filled with k) -> mean 10 k, std 0.5 everywhere."""
+  mean = np.round((signals + 1.0) * 127.5) * 10.0
+  return mean, np.full_like(mean, 0.5)
+
+
+def _posterior_config(directory, sampling: str):
+  config = c2i_imagenet256.get_config("S")
+  config.data.data_dir = str(directory)
+  config.data.image_size = 2
+  config.data.num_channels = 4
+  config.data.latent_sampling = sampling
+  return config
+
+
+def _epochs(config, seed: int, count: int, state=None):
+  source = modality_sources.open_source(config, "image", "train")
+  preprocess, transforms = modality_sources.train_processing(config, "image")
+  iterator = pipeline.make_train_iterator(
+      source, global_batch_size=len(source), seed=seed, process_index=0, process_count=1,
+      worker_count=0, preprocess=preprocess, transforms=transforms)
+  if state is not None:
+    iterator.set_state(state)
+  return [next(iterator)["latent"] for _ in range(count)], iterator.get_state()
+
+
+def test_posterior_sampling_is_fixed_by_seed_example_and_epoch(tmp_path):
+  examples = [{"image": np.full((2, 2, 4), k, np.uint8), "caption": "", "label": 0}
+              for k in range(12)]
+  kwargs = dict(split="train", num_shards=2, text_encoder=encode_latents.no_text_encoder,
+                batch_size=5, signal_encoder_name="constant", text_encoder_name="none")
+  latent_shards.write_shards(examples, output_dir=str(tmp_path / "posterior"),
+                             signal_encoder=_constant_posterior, **kwargs)
+  config = _posterior_config(tmp_path / "posterior", "posterior")
+
+  (first, second), _ = _epochs(config, seed=3, count=2)  # one batch = one epoch
+  again, _ = _epochs(config, seed=3, count=2)
+  np.testing.assert_array_equal(np.stack(again), np.stack([first, second]))
+
+  def noise_by_example(latents):  # example k has mean 10 k and std 0.5
+    examples = np.round(latents.mean(axis=(1, 2, 3)) / 10).astype(int)
+    assert sorted(examples) == list(range(12))
+    return ((latents - 10.0 * examples[:, None, None, None]) / 0.5)[np.argsort(examples)]
+
+  noise_first, noise_second = noise_by_example(first), noise_by_example(second)
+  assert abs(noise_first.mean()) < 0.3 and 0.8 < noise_first.std() < 1.2
+  assert not np.allclose(noise_first, noise_second)  # a fresh draw every epoch
+  other_seed, _ = _epochs(config, seed=4, count=1)
+  assert not np.allclose(noise_by_example(other_seed[0]), noise_first)
+  _, state = _epochs(config, seed=3, count=1)  # resumed after epoch 0: epoch 1 as before
+  resumed, _ = _epochs(config, seed=3, count=1, state=state)
+  np.testing.assert_array_equal(resumed[0], second)
+
+  (means,), _ = _epochs(_posterior_config(tmp_path / "posterior", "mean"), seed=3, count=1)
+  np.testing.assert_array_equal(np.sort(means.mean(axis=(1, 2, 3))), 10.0 * np.arange(12))
+  latent_shards.write_shards(examples, output_dir=str(tmp_path / "means_only"),
+                             signal_encoder=lambda s: _constant_posterior(s)[0], **kwargs)
+  with pytest.raises(ValueError, match="latent_sampling='posterior' needs shards with"):
+    modality_sources.open_source(_posterior_config(tmp_path / "means_only", "posterior"),
+                                 "image", "train")
+
+
+def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
+  files = _image_folder(tmp_path / "images", {"cat": [(64, 64)] * 3, "dog": [(64, 80)] * 3})
+  _write_diffusers_dir(tmp_path / "tiny-vae", _TOOL_VAE)
+  output_dir = str(tmp_path / "latents")
+  options = flags.FlagValues()
+  encode_latents.define_flags(options)
+  options(["encode_latents", f"--output_dir={output_dir}", f"--vae_path={tmp_path / 'tiny-vae'}",
+           "--source=folder", f"--image_dir={tmp_path / 'images'}", "--image_size=64",
+           "--flip", "--num_shards=2", "--batch_size=8", "--num_workers=2"])
+  metadata = encode_latents.run(options)
+
+  assert metadata["splits"]["train"]["num_examples"] == 2 * len(files)
+  assert metadata["fields"]["latent"] == metadata["fields"]["latent_std"] == {
+      "shape": [8, 8, 4], "dtype": "float16"}
+  assert metadata["latent_scale"] == pytest.approx(0.18215)
+  assert metadata["signal_encoder"] == "autoencoder_kl:tiny-vae"
+  source = latent_shards.LatentShardSource(output_dir, "train")
+  model = autoencoder_kl.load_autoencoder(str(tmp_path / "tiny-vae"))
+  checked = [0, 4, 6, 11]  # cat, dog, flipped cat, flipped dog
+  images = [encode_latents.center_crop(Image.open(files[k % len(files)]), 64) for k in checked]
+  images = [image[:, ::-1] if k >= len(files) else image for image, k in zip(images, checked)]
+  means, stds = _encode(model, np.stack(images).astype(np.float32) / 127.5 - 1.0)
+  for index, mean, std in zip(checked, means, stds):
+    record = source[index]
+    np.testing.assert_allclose(record["latent"], 0.18215 * mean, rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(record["latent_std"], 0.18215 * std, rtol=2e-3, atol=2e-4)
+    assert int(record["label"]) == (index % len(files) >= 3)
+    assert record["caption"] == ("dog" if index % len(files) >= 3 else "cat")
+
+  config = c2i_imagenet256.get_config("S")  # shrunk to a tiny model on the 8x8x4 latents
+  config.model.preset = "custom"
+  config.model.hidden_size = 32
+  config.model.depth = 3  # feature layers 1 and 2 by the 0.3/0.7 rule
+  config.model.num_heads = 2
+  config.model.compute_dtype = "float32"
+  config.data.data_dir = output_dir
+  config.data.image_size = 8
+  config.data.num_classes = 2
+  config.data.global_batch_size = 8
+  config.data.worker_count = 0
+  config.train.num_steps = 2
+  config.train.log_every = 1
+  config.mesh.data = -1
+  result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
+  assert sorted(result["losses"]) == [1, 2] and result["eval"] is None
+  assert all(np.isfinite(loss) for loss in result["losses"].values())
+
+
+def test_tfds_source_reads_images_labels_and_class_names(fashion_mnist_dir):
+  source = encode_latents.TfdsSource("fashion_mnist_local", "train", fashion_mnist_dir)
+  assert len(source) == 60_000 and source.class_names[:2] == ["t-shirt/top", "trouser"]
+  records = sources.open_image_source("fashion_mnist", "train", fashion_mnist_dir, "debian")
+  for index, loader in zip(range(5, 20, 7), source.strided(5, 7, 20)):
+    image, label = loader()
+    assert label == int(records[index]["label"])
+    np.testing.assert_array_equal(np.asarray(image), records[index]["image"][..., 0])
+  examples = list(encode_latents.process_examples(source, 3, False, 16, 0, 1, 2))
+  assert [e["caption"] for e in examples] == [source.class_names[e["label"]] for e in examples]
+  assert examples[0]["image"].shape == (16, 16, 3)
