@@ -212,6 +212,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.classifier_batch_size = 128  # Batch size of the evaluation classifier.
   ev.classifier_learning_rate = 1e-3  # Learning rate of the evaluation classifier.
   ev.cache_dir = "./data/eval_cache"  # Where the trained classifier is cached.
+  # Linear probe of the EMA model's pooled hidden states, one linear classifier per block, top-1
+  # on the test split as eval/image/probe_layer<k> (evaluation/linear_probe.py; paper Fig. 4b).
+  ev.probe_steps = 0  # Full-batch Adam steps of each layer's classifier; 0 = no probe.
+  ev.probe_layers = ()  # 1-based blocks probed (hidden state after the block); () = every block.
+  ev.probe_t = 0.0  # Noise level of the probe input (paper convention: 0 = clean, 1 = noise).
+  ev.probe_examples = 2000  # Train-split images the probe fits on, and test images it scores.
+  ev.probe_learning_rate = 1e-2  # Adam learning rate of the probe (features are standardised).
+  # Held-out flow loss of the EMA model in this many equal bins of t, same noise and timesteps for
+  # every run, as eval/image/loss_t<lo>-<hi> and their mean eval/image/loss
+  # (evaluation/stratified_loss.py); 0 = off.
+  ev.loss_bins = 0
   return config
 
 

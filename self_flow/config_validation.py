@@ -12,6 +12,7 @@ from configs import base
 
 from self_flow import conditioning, objectives, optim, sampling, sharding
 from self_flow.data import latent_shards, modality_sources, moving_sprites
+from self_flow.evaluation import linear_probe
 from self_flow.modalities import audio
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import dit, factory, presets, scanning
@@ -92,6 +93,11 @@ RANGES = {
     "eval.classifier_steps": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_learning_rate": (lambda v: v > 0, "a float > 0"),
+    "eval.probe_steps": (lambda v: v >= 0, "an integer >= 0 (0 = no linear probe)"),
+    "eval.probe_t": (lambda v: 0 <= v <= 1, "a float in [0, 1] (0 = clean input)"),
+    "eval.probe_examples": (lambda v: v >= 2, "an integer >= 2"),
+    "eval.probe_learning_rate": (lambda v: v > 0, "a float > 0"),
+    "eval.loss_bins": (lambda v: v >= 0, "an integer >= 0 (0 = no stratified loss)"),
     **{f"{section}.{key}": (lambda v: v >= 1, "an integer >= 1")
        for section, keys in (("video", ("num_frames", "image_size", "num_channels", "patch_time",
                                         "patch_size", "global_batch_size")),
@@ -216,6 +222,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   m = config.model
   dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
+  linear_probe.resolve_layers(config.eval.probe_layers, dims.depth)
   specs = spec_lib.modality_specs(config)  # names, probabilities, patch/token divisibility
   _check_modalities(config, specs)
   _check_text_source(config)

@@ -3,6 +3,9 @@
 No Inception weights are available offline, so the feature space is a small classifier trained
 once on the embedded dataset and cached (`classifier.load_or_train_classifier`); the same
 classifier scores whether class- or caption-conditioned samples show the requested class.
+Optional, by config: a linear probe of the model's hidden states per block (`eval.probe_steps`
+> 0, `linear_probe.py`) and the held-out flow loss per timestep bin (`eval.loss_bins` > 0,
+`stratified_loss.py`).
 Metrics are named `eval/image/...`; video and audio have their own evaluators beside this one.
 """
 
@@ -12,12 +15,35 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from self_flow import conditioning, sharding
 from self_flow.data import captions as caption_lib
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import classifier as classifier_lib
-from self_flow.evaluation import frechet, generation
+from self_flow.evaluation import frechet, generation, linear_probe, stratified_loss
 from self_flow.modalities import image
 from self_flow.modalities import spec as spec_lib
+from self_flow.models import presets
+
+
+def map_in_chunks(fn, params, arrays: tuple, chunk: int, batch_sharding) -> np.ndarray:
+  """fn(params, *rows) over `chunk`-row slices of host arrays (pytrees with a leading example
+  dim), split over the mesh's batch axes; the per-example outputs come back concatenated.
+
+  The last slice is padded to `chunk` rows, so every call has one compiled shape.
+  """
+  total = len(jax.tree.leaves(arrays)[0])
+  outputs = []
+  for start in range(0, total, chunk):
+    part = jax.tree.map(lambda a, s=start: np.asarray(a[s:s + chunk]), arrays)
+    count = len(jax.tree.leaves(part)[0])
+    padded = jax.tree.map(
+        lambda a, c=count: np.pad(a, [(0, chunk - c)] + [(0, 0)] * (a.ndim - 1)), part)
+    # Every process holds the same values; each contributes the shards its devices own.
+    global_part = jax.tree.map(
+        lambda a: jax.make_array_from_callback(a.shape, batch_sharding,
+                                               lambda index, a=a: a[index]), padded)
+    outputs.append(np.asarray(fn(params, *global_part))[:count])
+  return np.concatenate(outputs)
 
 
 class ImageEvaluator:
@@ -27,11 +53,23 @@ class ImageEvaluator:
                mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = workdir
-    self.generate = generation.Generator(config, graphdef, mesh,
-                                         spec_lib.modality_specs(config)["image"])
+    self.spec = spec_lib.modality_specs(config)["image"]
+    self.generate = generation.Generator(config, graphdef, mesh, self.spec)
     self._classifier = None
     self._reference = None
     self.classifier_accuracy = None
+    self._batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    m, ev = config.model, config.eval
+    depth = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads).depth
+    self.probe_layers = linear_probe.resolve_layers(ev.probe_layers, depth)
+    self._probe_features = jax.jit(
+        linear_probe.make_features_fn(graphdef, self.spec, self.probe_layers, ev.probe_t),
+        out_shardings=replicated)
+    self._example_loss = jax.jit(stratified_loss.make_loss_fn(graphdef, self.spec),
+                                 out_shardings=replicated)
+    self._probe_data = None  # (train images, train labels, test images, test labels), uint8
+    self._held_out = None  # (test images uint8, labels): the FD reference and loss examples
 
   def _prepare(self):
     data, ev = self.config.data, self.config.eval
@@ -45,8 +83,13 @@ class ImageEvaluator:
         learning_rate=ev.classifier_learning_rate, num_classes=data.num_classes,
         eval_images=test_images, eval_labels=test_labels)
     logging.info("Image evaluation classifier: held-out accuracy %.4f.", self.classifier_accuracy)
-    held_out = image.from_uint8(test_images[:ev.num_samples])
-    self._reference = frechet.feature_statistics(self._features(held_out))
+    # Copies, so the full splits can be freed.
+    self._held_out = (test_images[:ev.num_samples].copy(), test_labels[:ev.num_samples].copy())
+    self._reference = frechet.feature_statistics(
+        self._features(image.from_uint8(self._held_out[0])))
+    n = ev.probe_examples
+    self._probe_data = tuple(a[:n].copy() for a in (train_images, train_labels, test_images,
+                                                    test_labels))
 
   def _features(self, images: np.ndarray) -> np.ndarray:
     return classifier_lib.extract_features(self._classifier, images, self.config.eval.batch_size)
@@ -78,9 +121,54 @@ class ImageEvaluator:
         accuracy_name: float(np.mean(logits.argmax(-1) == labels)),
         "eval/image/classifier_heldout_accuracy": float(self.classifier_accuracy),
     }
+    if ev.probe_steps:
+      results.update(self.linear_probe(ema_params))
+    if ev.loss_bins:
+      results.update(self.stratified_loss(ema_params))
     writer.write_scalars(step, results)
     self._write_grid(ema_params, step, writer)
     return results
+
+  def _tokens(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images (n, H, W, C) -> float32 tokens (n, N, C_token) in the model's range."""
+    return np.asarray(self.spec.tokenize(image.from_uint8(images)))
+
+  def _map(self, fn, ema_params, *arrays) -> np.ndarray:
+    return map_in_chunks(fn, ema_params, arrays, self.config.eval.batch_size,
+                         self._batch_sharding)
+
+  def linear_probe(self, ema_params) -> dict[str, float]:
+    """Top-1 of a linear probe on each probed block's pooled hidden state (`linear_probe.py`),
+    fed the null condition so that only the image can carry the class."""
+    if self._classifier is None:
+      self._prepare()
+    ev, num_classes = self.config.eval, self.config.data.num_classes
+    train_images, train_labels, test_images, test_labels = self._probe_data
+
+    def features(images):  # (layers, n, D)
+      null = conditioning.null_like(self.condition(np.zeros(len(images), np.int32)), num_classes)
+      noise = linear_probe.probe_noise(len(images), self.spec)
+      return self._map(self._probe_features, ema_params, self._tokens(images), noise,
+                       jax.tree.map(np.asarray, null)).transpose(1, 0, 2)
+
+    accuracy = linear_probe.fit_and_score(
+        features(train_images), train_labels, features(test_images), test_labels,
+        num_classes=num_classes, num_steps=ev.probe_steps,
+        learning_rate=ev.probe_learning_rate)
+    return dict(zip(linear_probe.metric_names("image", self.probe_layers), map(float, accuracy)))
+
+  def stratified_loss(self, ema_params) -> dict[str, float]:
+    """Held-out flow loss in each of `eval.loss_bins` timestep bins and their mean
+    (`stratified_loss.py`), conditioned on the held-out labels (or caption phrasings)."""
+    if self._classifier is None:
+      self._prepare()
+    images, labels = self._held_out
+    tokens, cond = self._tokens(images), self.condition(labels)
+    timesteps, noise = stratified_loss.draw(len(tokens), self.config.eval.loss_bins, self.spec)
+    losses = [float(np.mean(self._map(self._example_loss, ema_params, tokens, noise, t, cond)))
+              for t in timesteps]
+    names = stratified_loss.metric_names("image", self.config.eval.loss_bins)
+    return {**dict(zip(names, losses)), "eval/image/loss": float(np.mean(losses))}
 
   def _write_grid(self, ema_params, step: int, writer) -> None:
     """A grid of samples for fixed conditions: one column per class, or per prompt of

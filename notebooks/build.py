@@ -1,0 +1,416 @@
+"""Writes the Colab notebooks of this folder from the cell sources below.
+
+  python notebooks/build.py
+
+The notebooks are generated, so they are reviewed here as plain Python strings and rebuilt
+identically (fixed cell ids, no outputs). Each has a parameters cell (tag "parameters", as
+papermill expects) holding its step counts and sizes; tests/test_notebooks.py executes the
+quickstart with tiny values put after that cell.
+"""
+
+import os
+import textwrap
+
+import nbformat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+REPO_URL = "https://github.com/<owner>/self_flow.git"
+
+SETUP = '''
+# Finds the self_flow checkout (this notebook's folder or one above it); on Colab, clones it and
+# installs what it needs. Safe to run again.
+import os
+import subprocess
+import sys
+
+
+def find_checkout(start):
+  path = os.path.abspath(start)
+  while True:
+    if os.path.isfile(os.path.join(path, "self_flow", "train.py")):
+      return path
+    if os.path.dirname(path) == path:
+      return None
+    path = os.path.dirname(path)
+
+
+repo = find_checkout(os.getcwd()) or find_checkout("self_flow_repo")
+if repo is None:
+  if "google.colab" not in sys.modules:
+    raise RuntimeError("Start Jupyter inside a self_flow checkout (this notebook lives in its "
+                       "notebooks/ folder), or open the notebook on Colab, which clones one.")
+  if "<owner>" in repo_url:
+    raise ValueError("Set repo_url in the parameters cell to the repository's git URL.")
+  subprocess.run(["git", "clone", "--depth=1", repo_url, "self_flow_repo"], check=True)
+  repo = os.path.abspath("self_flow_repo")
+  # The embedded datasets: Fashion-MNIST files (images and video sprites), espeak-ng (speech).
+  subprocess.run("apt-get -qq update && apt-get -qq install -y dataset-fashion-mnist espeak-ng",
+                 shell=True, check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r",
+                  os.path.join(repo, "requirements.txt")], check=True)
+os.chdir(repo)  # configs name data and cache folders relative to the checkout
+if repo not in sys.path:
+  sys.path.insert(0, repo)
+print("self_flow checkout:", repo)
+'''
+
+SETUP_NOTE = '''
+## Set-up
+
+Locally (Jupyter started inside the checkout, `pip install -r requirements.txt` done) this only
+finds the checkout. On Colab it clones the repository (set `repo_url` above), installs the
+Debian packages of the embedded datasets and `requirements.txt`. If pip replaced packages Colab
+had already imported, use *Runtime > Restart session* and run all cells again (the clone is
+found and nothing is installed twice).
+'''
+
+def train_cell(config_module: str, settings: str) -> str:
+  """The configure-and-train cell: `settings` sets the parameters on `config`."""
+  return f'''
+import logging as pylogging
+import time
+
+from absl import logging
+
+from configs import {config_module}
+from self_flow import train
+
+# Progress without every library's INFO messages: the metric lines (every
+# config.train.log_every steps), compilations, evaluation results, and all warnings.
+logging.set_verbosity(logging.INFO)
+logging.get_absl_logger().addFilter(
+    lambda record: record.levelno >= pylogging.WARNING
+    or record.module in ("logging_writer", "periodic_actions", "train"))
+
+config = {config_module}.get_config(f"local,method={{method}}")
+{textwrap.dedent(settings).strip()}
+config.lock()  # so that a misspelt key in config_overrides raises
+config.update_from_flattened_dict(config_overrides)
+
+start = time.time()
+result = train.train_and_evaluate(config, workdir)
+print(f"Trained and evaluated in {{time.time() - start:.0f}} s.")
+for name, value in sorted((result["eval"] or {{}}).items()):
+  print(f"{{name}}: {{value:.4f}}")
+'''
+
+
+QUICKSTART = [
+    ("markdown", '''
+# self_flow quickstart: class-conditional Self-Flow on Fashion-MNIST
+
+Trains the CPU-sized class-conditional model (`configs/c2i.py:local`: a 6-block, width-128 DiT
+on 28x28 Fashion-MNIST) with Self-Flow, then samples it with its EMA weights. With the default
+parameters it takes about 15 minutes on a 2-core CPU runtime (Colab's free CPU runtime).
+'''),
+    ("parameters", f'''
+train_steps = 1000  # Optimizer steps (the config's full recipe is 1500).
+method = "self_flow"  # self_flow, vanilla, dual_timestep, diffusion_forcing or full_masking.
+workdir = "workdirs/quickstart"  # Checkpoints, TensorBoard logs, samples; a rerun resumes.
+eval_samples = 500  # Generated images for the Frechet distance and the class accuracy.
+sampling_steps = 50  # Euler steps per sample.
+grid_rows = 4  # Rows of the sample grids below (one column per class).
+config_overrides = {{}}  # Any other config key, e.g. {{"optim.learning_rate": 5e-4}}.
+repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+'''),
+    ("markdown", SETUP_NOTE),
+    ("code", SETUP),
+    ("markdown", '''
+## Configure and train
+
+`train.train_and_evaluate(config, workdir)` is the same loop `python -m self_flow.main` runs: it
+checkpoints to `workdir`, logs to TensorBoard there, and evaluates the EMA model at the end
+(Fréchet distance and class accuracy in the feature space of a small classifier trained once on
+Fashion-MNIST and cached). Run again with the same `workdir` and it resumes.
+'''),
+    ("code", train_cell("c2i", '''
+        config.train.num_steps = train_steps
+        config.eval.num_samples = eval_samples
+        config.sampling.num_steps = sampling_steps
+        ''')),
+    ("code", '''
+import matplotlib.pyplot as plt
+
+steps = sorted(result["losses"])
+plt.figure(figsize=(6, 3))
+plt.plot(steps, [result["losses"][s] for s in steps])
+plt.xlabel("step")
+plt.ylabel("training loss")
+plt.yscale("log")
+plt.show()
+'''),
+    ("markdown", '''
+## Sample with the EMA weights
+
+The EMA weights of the last checkpoint, restored with orbax into the layout training used, then
+sampled with the same sampler the evaluation uses: one column per class, first without guidance
+(the setting of the paper's metrics), then with classifier-free guidance.
+'''),
+    ("code", '''
+import io
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from IPython.display import Image, display
+from PIL import Image as PILImage
+
+from self_flow import optim, sharding, train_state
+from self_flow.data import fashion_mnist_local
+from self_flow.evaluation import generation
+from self_flow.modalities import image
+from self_flow.modalities import spec as spec_lib
+
+mesh = sharding.create_mesh(config.mesh)
+tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+layout = train_state.state_layout(config, mesh, tx)
+with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                           item_names=("state",)) as manager:
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(layout.abstract)))
+ema_params = restored.state["ema_params"]
+print(f"EMA weights of step {step}.")
+
+
+def show(pixels, scale=3):
+  """Displays a uint8 (H, W, C) picture, enlarged."""
+  picture = PILImage.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+  picture = picture.resize((picture.width * scale, picture.height * scale), PILImage.NEAREST)
+  buffer = io.BytesIO()
+  picture.save(buffer, "PNG")
+  display(Image(data=buffer.getvalue()))
+
+
+def sample_grid(cfg_scale):
+  """grid_rows x num_classes samples, one column per class."""
+  sample_config = config.copy_and_resolve_references()
+  sample_config.sampling.cfg_scale = cfg_scale
+  labels = np.tile(np.arange(config.data.num_classes), grid_rows)
+  devices = jax.device_count()  # one sampler batch for the whole grid, split over devices
+  sample_config.eval.batch_size = -(-len(labels) // devices) * devices
+  generate = generation.Generator(sample_config, layout.graphdef, mesh,
+                                  spec_lib.modality_specs(sample_config)["image"])
+  samples = generate(ema_params, labels, seed=0)
+  return image.make_grid(image.to_uint8(samples), columns=config.data.num_classes)
+'''),
+    ("grid", '''
+print("Columns:", ", ".join(fashion_mnist_local.CLASS_NAMES[:config.data.num_classes]))
+print("No guidance (cfg_scale 1):")
+show(sample_grid(cfg_scale=1.0))
+print("Classifier-free guidance, cfg_scale 2:")
+show(sample_grid(cfg_scale=2.0))
+'''),
+    ("markdown", '''
+## What the evaluation wrote
+
+Every evaluation writes a grid to `workdir/samples/` (and TensorBoard: `tensorboard
+--logdir workdirs`). The last one:
+'''),
+    ("code", '''
+import glob
+
+grids = sorted(glob.glob(os.path.join(workdir, "samples", "*.png")))
+print(os.path.basename(grids[-1]))
+display(Image(filename=grids[-1]))
+'''),
+]
+
+ABLATION = [
+    ("markdown", '''
+# Self-Flow vs vanilla flow matching vs dual-timestep only
+
+Runs the ablation harness (`self_flow/ablate.py`) on the CPU-sized class-conditional config:
+each (variant, seed) is its own training run in its own process; then the logged metrics are
+read back and summarised in a table (mean ± std over seeds), plots, and sentences that say which
+differences are beyond seed noise and which are not. The same from a shell:
+
+```bash
+python -m self_flow.ablate --config=configs/c2i.py:local \\
+  --variants=vanilla,dual_timestep,self_flow --seeds=2 --steps=200 --output=workdirs/ablation
+```
+
+The default parameters (3 variants x 2 seeds x 200 steps) take about 15 minutes on a 2-core CPU
+runtime; so short a run shows how the harness works, not the paper's gains (which need far
+longer training; see docs/ablations.md). Rerunning the cell skips finished runs.
+'''),
+    ("parameters", f'''
+variants = ["vanilla", "dual_timestep", "self_flow"]  # Methods; the first is the reference.
+seeds = 2  # Runs per variant; 2 is the fewest that gives a seed-noise estimate.
+train_steps = 200  # Optimizer steps per run.
+eval_every = 0  # Steps between evaluations (curves); 0 = only at the end.
+output = "workdirs/ablation_notebook"  # Runs and results page.
+# Settings of every run: evaluation sizes, the linear probe and the stratified loss.
+overrides = {{"eval.num_samples": 400, "eval.batch_size": 128, "eval.probe_steps": 500,
+             "eval.probe_examples": 1000, "eval.loss_bins": 10}}
+repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+'''),
+    ("markdown", SETUP_NOTE),
+    ("code", SETUP),
+    ("markdown", '''
+## Run every (variant, seed)
+
+Each run's output goes to `train.log` in its workdir (`output/runs/<variant>_seed<seed>`).
+'''),
+    ("code", '''
+import json
+import time
+
+from self_flow import ablate
+
+settings = ablate.run_overrides(train_steps, eval_every,
+                                {key: str(value) for key, value in overrides.items()})
+runs = ablate.plan_runs(variants, seeds, output)
+train_run = ablate.subprocess_train_fn("configs/c2i.py", "local", settings)
+
+
+def train_with_progress(run):
+  start = time.time()
+  print(f"{run.name}: training ...", flush=True)
+  train_run(run)
+  print(f"{run.name}: finished in {time.time() - start:.0f} s", flush=True)
+
+
+results = ablate.run_ablation(
+    runs, train_with_progress, output, fingerprint=json.dumps(settings, sort_keys=True),
+    description=f"notebooks/ablation.ipynb: {variants}, {seeds} seeds, {train_steps} steps")
+for run in results["runs"]:
+  print(run["name"], run["status"])
+'''),
+    ("markdown", '''
+## Results
+
+The table and the noise sentences from `output/results.md`, then its plots: metrics against the
+training step (line: mean over seeds, band: min to max), the linear-probe accuracy per block,
+and the held-out flow loss per timestep bin.
+'''),
+    ("code", '''
+from IPython.display import Image, Markdown, display
+
+with open(os.path.join(output, "results.md")) as f:
+  page = f.read()
+display(Markdown(page.split("## Plots")[0]))
+for name in results["plots"]:
+  print(name)
+  display(Image(filename=os.path.join(output, name)))
+'''),
+]
+
+MULTIMODAL = [
+    ("markdown", '''
+# One model for images, video and audio
+
+A short joint run of `configs/multimodal.py:local`: one MMDiT with per-modality input and output
+projections, trained on captioned Fashion-MNIST images, moving-sprite clips with motion captions
+and spoken words (synthesised with espeak-ng), one modality drawn per step. The evaluation then
+writes an image grid, video strips and spectrograms with WAV files, shown below. With the
+default parameters it takes about 15 minutes on a 2-core CPU runtime.
+'''),
+    ("parameters", f'''
+train_steps = 300  # Optimizer steps over all modalities (the local config's recipe).
+method = "self_flow"  # self_flow, vanilla, dual_timestep, diffusion_forcing or full_masking.
+workdir = "workdirs/multimodal_notebook"  # Checkpoints, logs, samples; a rerun resumes.
+eval_samples = 128  # Generated samples per modality for its Frechet distance and accuracy.
+sampling_steps = 25  # Euler steps per sample.
+classifier_steps = 300  # Steps of each evaluation classifier (trained once, then cached).
+config_overrides = {{}}  # Any other config key, e.g. {{"mixture.probabilities.audio": 0.3}}.
+repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+'''),
+    ("markdown", SETUP_NOTE),
+    ("code", SETUP),
+    ("markdown", '''
+## Train jointly
+
+Per-modality training metrics are logged as `train/<modality>/...`, evaluations as
+`eval/<modality>/...`. The first run also builds the video and audio datasets (about a minute)
+and trains the evaluation classifiers.
+'''),
+    ("code", train_cell("multimodal", '''
+        config.train.num_steps = train_steps
+        config.eval.num_samples = eval_samples
+        config.sampling.num_steps = sampling_steps
+        config.eval.classifier_steps = classifier_steps
+        ''')),
+    ("markdown", '''
+## Samples of the final evaluation
+
+Images (one column per held-out caption), video strips (one clip per row, frames left to right,
+its caption printed above) and spectrograms, then one audio player per spoken word.
+'''),
+    ("code", '''
+import glob
+import io
+
+from IPython.display import Audio, Image, display
+from PIL import Image as PILImage
+
+samples_dir = os.path.join(workdir, "samples")
+final = f"step_{config.train.num_steps:08d}"
+
+
+def show(path, scale=2):
+  picture = PILImage.open(path)
+  picture = picture.resize((picture.width * scale, picture.height * scale), PILImage.NEAREST)
+  buffer = io.BytesIO()
+  picture.save(buffer, "PNG")
+  display(Image(data=buffer.getvalue()))
+
+
+for path in sorted(glob.glob(os.path.join(samples_dir, f"{final}_*.png"))):
+  print(os.path.basename(path))
+  captions = path[:-len(".png")] + ".txt"
+  if os.path.exists(captions):
+    with open(captions) as f:
+      print(f.read())
+  show(path)
+'''),
+    ("code", '''
+from self_flow.data import spoken_words
+
+for word in spoken_words.WORDS:
+  path = os.path.join(samples_dir, f"{final}_audio_{word}.wav")
+  if os.path.exists(path):
+    print(word)
+    display(Audio(filename=path))
+'''),
+]
+
+
+def _cell(kind: str, source: str, index: int, prefix: str):
+  """A notebook cell; "parameters" and "grid" are code cells with that tag (tests find them)."""
+  source = textwrap.dedent(source).strip("\n")
+  if kind == "markdown":
+    cell = nbformat.v4.new_markdown_cell(source)
+  else:
+    cell = nbformat.v4.new_code_cell(source)
+    if kind in ("parameters", "grid"):
+      cell.metadata["tags"] = ["parameters" if kind == "parameters" else "sample-grid"]
+  cell.id = f"{prefix}-{index:02d}"  # fixed ids: a rebuild changes nothing
+  return cell
+
+
+def build(cells, name: str) -> nbformat.NotebookNode:
+  notebook = nbformat.v4.new_notebook()
+  notebook.metadata = {
+      "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+      "language_info": {"name": "python"},
+      "colab": {"provenance": []},
+  }
+  notebook.cells = [_cell(kind, source, i, name) for i, (kind, source) in enumerate(cells)]
+  nbformat.validate(notebook)
+  return notebook
+
+
+NOTEBOOKS = {"quickstart": QUICKSTART, "ablation": ABLATION, "multimodal": MULTIMODAL}
+
+
+def main() -> None:
+  for name, cells in NOTEBOOKS.items():
+    path = os.path.join(HERE, f"{name}.ipynb")
+    nbformat.write(build(cells, name), path)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,201 @@
+"""The ablation harness: runs per (variant, seed), resuming, reading metrics back, the results
+page and plots, and the within-noise rule."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from self_flow import ablate
+from conftest import tiny_config
+
+VARIANTS = ("vanilla", "self_flow")
+
+
+def _tiny_run_config(make_config, data_dir, tmp_path):
+  def make(variant: str, seed: int):
+    config = make_config(variant)
+    config.seed = config.data.shuffle_seed = seed
+    config.data.data_dir = data_dir
+    config.data.source = "debian"
+    config.train.num_steps = 3
+    config.train.log_every = 1
+    config.train.eval_every = 0  # one evaluation, at the end
+    config.train.checkpoint_every = 3
+    config.eval.num_samples = 24
+    config.eval.batch_size = 24  # divisible by the 8-device batch axes
+    config.eval.grid_rows = 1
+    config.eval.classifier_steps = 30
+    config.eval.cache_dir = str(tmp_path / "eval_cache")  # shared: trained once
+    config.eval.probe_steps = 20
+    config.eval.probe_examples = 48
+    config.eval.loss_bins = 4
+    config.sampling.num_steps = 2
+    return config
+
+  return make
+
+
+@pytest.fixture(scope="module")
+def ablation(fashion_mnist_dir, tmp_path_factory):
+  """2 variants x 2 seeds x 3 steps of the tiny config, trained in this process."""
+  tmp_path = tmp_path_factory.mktemp("ablation")
+  output = str(tmp_path / "out")
+  runs = ablate.plan_runs(VARIANTS, 2, output)
+  make = _tiny_run_config(tiny_config, fashion_mnist_dir, tmp_path)
+  results = ablate.run_ablation(runs, ablate.in_process_train_fn(make), output,
+                                fingerprint="tiny", description="tiny test ablation")
+  return runs, output, results
+
+
+def test_results_page_has_every_metric_per_variant(ablation):
+  runs, output, results = ablation
+  assert [r["status"] for r in results["runs"]] == ["finished"] * 4
+  with open(os.path.join(output, "results.md")) as f:
+    page = f.read()
+  assert "| metric | vanilla (n=2) | self_flow (n=2) |" in page
+  rows = {line.split(" | ")[0].lstrip("| ").rstrip(" ↓↑"): line for line in page.splitlines()
+          if line.startswith("| eval/") or line.startswith("| train/")}
+  expected = (["eval/image/fd", "eval/image/class_accuracy", "eval/image/loss"]
+              + [f"eval/image/loss_t{a}-{b}" for a, b in
+                 (("0.00", "0.25"), ("0.25", "0.50"), ("0.50", "0.75"), ("0.75", "1.00"))]
+              + [f"eval/image/probe_layer{k}" for k in (1, 2, 3, 4)]
+              + ["train/teacher_cosine", "train/loss_gen"])
+  assert list(rows) == expected  # in the table's order
+  for name, row in rows.items():
+    vanilla, self_flow = row.strip(" |").split(" | ")[1:]
+    assert " ± " in self_flow, row  # mean ± std over 2 seeds
+    if name == "train/teacher_cosine":
+      assert vanilla == "—"  # vanilla has no teacher
+    else:
+      assert " ± " in vanilla, row
+  assert "eval/image/classifier_heldout_accuracy" not in rows  # the same for every run
+  assert "## Differences from vanilla" in page and "**self_flow vs vanilla**" in page
+
+
+def test_results_json_and_plots(ablation):
+  runs, output, results = ablation
+  with open(os.path.join(output, "results.json")) as f:
+    saved = json.load(f)
+  assert saved["variants"] == list(VARIANTS) and saved["reference"] == "vanilla"
+  fd = saved["summary"]["self_flow"]["eval/image/fd"]
+  assert fd["n"] == 2 and fd["min"] <= fd["mean"] <= fd["max"] and len(fd["values"]) == 2
+  finals = {r["name"]: r["final"] for r in saved["runs"]}
+  assert set(finals) == {r.name for r in runs}
+  for accuracy in (v for f in finals.values() for k, v in f.items() if "probe_layer" in k):
+    assert 0.0 <= accuracy <= 1.0
+  # Each curve point holds one value per seed: the band's range.
+  curve = saved["curves"]["train/loss_gen"]["self_flow"]
+  assert curve["steps"] == [1, 2, 3] and all(len(v) == 2 for v in curve["values"])
+  assert saved["curves"]["eval/image/fd"]["vanilla"]["steps"] == [3]
+  for name in ("curve_eval_image_fd.png", "curve_eval_image_class_accuracy.png",
+               "curve_eval_image_loss.png", "curve_train_loss_gen.png",
+               "probe_image_by_layer.png", "loss_image_by_t.png"):
+    path = os.path.join(output, name)
+    assert name in saved["plots"]
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_repeated_invocation_skips_finished_runs(ablation):
+  runs, output, _ = ablation
+
+  def must_not_train(run):
+    raise AssertionError(f"{run.name} finished already")
+
+  results = ablate.run_ablation(runs, must_not_train, output, fingerprint="tiny")
+  assert [r["status"] for r in results["runs"]] == ["finished earlier"] * 4
+  assert results["summary"]["vanilla"]["eval/image/fd"]["n"] == 2  # still read back
+  # Other settings (a different fingerprint, e.g. more steps) train again.
+  statuses = ablate.execute(runs[:1], lambda run: None, fingerprint="more steps")
+  assert statuses == {runs[0].name: "finished"}
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path):
+  runs = ablate.plan_runs(["vanilla", "dual_timestep"], 2, str(tmp_path))
+  trained = []
+
+  def train(run):
+    if run.name == "vanilla_seed1":
+      raise RuntimeError("out of memory")
+    trained.append(run.name)
+
+  statuses = ablate.execute(runs, train)
+  assert trained == ["vanilla_seed0", "dual_timestep_seed0", "dual_timestep_seed1"]
+  assert statuses["vanilla_seed1"] == "failed: RuntimeError: out of memory"
+  assert not os.path.exists(os.path.join(runs[1].workdir, ablate.MARKER))
+  # The failed run is retried next time; the others are not.
+  assert ablate.execute(runs, lambda run: trained.append(run.name)) == {
+      "vanilla_seed0": "finished earlier", "vanilla_seed1": "finished",
+      "dual_timestep_seed0": "finished earlier", "dual_timestep_seed1": "finished earlier"}
+
+
+# The within-noise rule on synthetic numbers.
+
+
+def test_within_noise_rule():
+  spread = ablate.Spread
+  assert ablate.verdict(spread((10.0, 10.2, 9.9)), spread((12.0, 12.3, 11.8))) == "beyond noise"
+  # Overlapping ranges: within noise even though the means differ by more than either std.
+  assert ablate.verdict(spread((10.0, 11.0, 12.5)), spread((12.4, 13.0, 14.0))) == "within noise"
+  # Separate ranges, but the difference (5.55) is below the larger std (7.07): within noise.
+  assert ablate.verdict(spread((0.0, 10.0)), spread((10.5, 10.6))) == "within noise"
+  assert ablate.verdict(spread((1.0,)), spread((5.0, 5.1))) == "undetermined"
+
+
+def test_sentences_say_what_is_beyond_noise():
+  spread = ablate.Spread
+  summary = {
+      "vanilla": {"eval/image/fd": spread((20.0, 21.0, 20.5)),
+                  "eval/image/probe_layer2": spread((0.40, 0.45, 0.42))},
+      "self_flow": {"eval/image/fd": spread((15.0, 15.5, 15.2)),
+                    "eval/image/probe_layer2": spread((0.41, 0.47, 0.44)),
+                    "train/teacher_cosine": spread((0.9, 0.91, 0.92))},
+  }
+  metrics = ablate.table_metrics(summary)
+  assert metrics == ["eval/image/fd", "eval/image/probe_layer2", "train/teacher_cosine"]
+  records = ablate.compare(summary, metrics, "vanilla")
+  assert [r["metric"] for r in records] == ["eval/image/fd", "eval/image/probe_layer2"]
+  [sentence] = ablate.sentences(records, summary)
+  assert sentence == (
+      "**self_flow vs vanilla**: beyond seed noise: eval/image/fd lower by 5.267 (15.23 vs 20.5, "
+      "better). Within seed noise: eval/image/probe_layer2.")
+  table = ablate.markdown_table(summary, ["vanilla", "self_flow"], metrics,
+                                {"vanilla": 3, "self_flow": 3})
+  assert table[2] == "| eval/image/fd ↓ | 20.5 ± 0.5 | 15.23 ± 0.25 |"
+  assert table[4] == "| train/teacher_cosine | — | 0.91 ± 0.01 |"
+
+
+# Planning and the command line.
+
+
+def test_train_command_and_settings(tmp_path):
+  [run] = ablate.plan_runs(["dual_timestep"], 1, str(tmp_path))
+  assert run.workdir == os.path.join(str(tmp_path), "runs", "dual_timestep_seed0")
+  overrides = ablate.run_overrides(200, 100, ablate.parse_overrides(["eval.loss_bins=5"]))
+  command = ablate.train_command(run, "configs/c2i.py", "local", overrides, python="python")
+  assert command == [
+      "python", "-m", "self_flow.main", "--config=configs/c2i.py:local,method=dual_timestep",
+      f"--workdir={run.workdir}", "--config.seed=0", "--config.data.shuffle_seed=0",
+      "--config.train.num_steps=200", "--config.train.eval_every=100",
+      "--config.eval.probe_steps=500", "--config.eval.loss_bins=5"]
+  with pytest.raises(ValueError, match="names a method"):
+    ablate.train_command(run, "configs/c2i.py", "local,method=vanilla", overrides)
+  with pytest.raises(ValueError, match="'eval.loss_bins' .* <key>=<value>"):
+    ablate.parse_overrides(["eval.loss_bins"])
+  with pytest.raises(ValueError, match=r"variants=\['vanila'\] must be distinct names"):
+    ablate.plan_runs(["vanila"], 1, str(tmp_path))
+  with pytest.raises(ValueError, match="seeds=0"):
+    ablate.plan_runs(["vanilla"], 0, str(tmp_path))
+
+
+def test_cli_rejects_an_unknown_variant(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "self_flow.ablate", "--config=configs/c2i.py:local",
+       "--variants=vanilla,selfflow", "--steps=10", f"--output={tmp_path}"],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "variants=['vanilla', 'selfflow'] must be distinct names" in proc.stderr
+  assert not os.path.exists(tmp_path / "runs")
