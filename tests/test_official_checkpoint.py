@@ -21,7 +21,7 @@ from self_flow import config_validation, train_state
 from self_flow.modalities import image
 from self_flow.models import factory, presets
 from self_flow.tools import convert_official_checkpoint as convert
-from self_flow.tools import torch_checkpoint
+from self_flow import weight_files
 import official_reference as reference
 
 HIDDEN, HEADS, DEPTH, CHANNELS, LATENT, PATCH, CLASSES = 64, 4, 4, 4, 8, 2, 10
@@ -319,7 +319,7 @@ def test_torch_zip_reader(tmp_path):
          "scalar": FakeTensor("3", 7, (), ())}
   write_torch_zip(tmp_path / "ckpt.pt", {"model": {"w": FakeTensor("3", 0, (2,), (1,))},
                                          "ema": ema, "step": 7})
-  loaded = torch_checkpoint.load_state_dict(str(tmp_path / "ckpt.pt"))  # Default: "ema".
+  loaded = weight_files.load_state_dict(str(tmp_path / "ckpt.pt"))  # Default: "ema".
   np.testing.assert_array_equal(loaded["w"], matrix)
   np.testing.assert_array_equal(loaded["w_t"], matrix.T)
   np.testing.assert_array_equal(loaded["half"], half)
@@ -327,16 +327,16 @@ def test_torch_zip_reader(tmp_path):
                                 (bf16_bits.astype(np.uint32) << 16).view(np.float32).reshape(2, 3))
   np.testing.assert_array_equal(loaded["tail"], np.arange(4, 10, dtype=np.float32).reshape(2, 3))
   assert loaded["scalar"].shape == () and loaded["scalar"] == 7
-  model = torch_checkpoint.load_state_dict(str(tmp_path / "ckpt.pt"), entry="model")
+  model = weight_files.load_state_dict(str(tmp_path / "ckpt.pt"), entry="model")
   np.testing.assert_array_equal(model["w"], [0, 1])
   with pytest.raises(ValueError, match="'nope'.*'ema', 'model', 'step'"):
-    torch_checkpoint.load_state_dict(str(tmp_path / "ckpt.pt"), entry="nope")
+    weight_files.load_state_dict(str(tmp_path / "ckpt.pt"), entry="nope")
   with pytest.raises(ValueError, match="'step'.* not a state dict"):
-    torch_checkpoint.load_state_dict(str(tmp_path / "ckpt.pt"), entry="step")
+    weight_files.load_state_dict(str(tmp_path / "ckpt.pt"), entry="step")
   write_torch_zip(tmp_path / "no_ema.pt", {"model": {"w": FakeTensor("3", 0, (2,), (1,))},
                                            "step": 7})
   with pytest.raises(ValueError, match=r"not a flat state dict.*entry=.*\['model'\]"):
-    torch_checkpoint.load_state_dict(str(tmp_path / "no_ema.pt"))
+    weight_files.load_state_dict(str(tmp_path / "no_ema.pt"))
 
 
 def test_torch_reader_refuses_code(tmp_path):
@@ -347,7 +347,7 @@ def test_torch_reader_refuses_code(tmp_path):
   STORAGES.clear()
   write_torch_zip(tmp_path / "evil.pt", None, pickle_bytes=payload)
   with pytest.raises(Exception, match="os.system"):
-    torch_checkpoint.load_state_dict(str(tmp_path / "evil.pt"))
+    weight_files.load_state_dict(str(tmp_path / "evil.pt"))
   assert not marker.exists()
 
 
@@ -356,7 +356,7 @@ def test_npz_and_safetensors_reader(tmp_path):
   arrays = {"ema.a": rng.standard_normal((2, 3)).astype(np.float32),
             "ema.b": rng.standard_normal(4).astype(np.float16), "step": np.int64(3)}
   np.savez(tmp_path / "w.npz", **arrays)
-  loaded = torch_checkpoint.load_state_dict(str(tmp_path / "w.npz"), entry="ema")
+  loaded = weight_files.load_state_dict(str(tmp_path / "w.npz"), entry="ema")
   assert sorted(loaded) == ["a", "b"]
   np.testing.assert_array_equal(loaded["a"], arrays["ema.a"])
 
@@ -372,12 +372,12 @@ def test_npz_and_safetensors_reader(tmp_path):
   header_bytes = json.dumps(header).encode()
   (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes
                                            + data)
-  loaded = torch_checkpoint.load_state_dict(str(tmp_path / "w.safetensors"))
+  loaded = weight_files.load_state_dict(str(tmp_path / "w.safetensors"))
   np.testing.assert_array_equal(loaded["a"], arrays["ema.a"])
   np.testing.assert_array_equal(loaded["b"], arrays["ema.b"])
   np.testing.assert_array_equal(loaded["c"], bf16)
   with pytest.raises(ValueError, match="unknown weights format"):
-    torch_checkpoint.load_state_dict(str(tmp_path / "w.ckpt"))
+    weight_files.load_state_dict(str(tmp_path / "w.ckpt"))
 
 
 def test_convert_file_end_to_end(converted, tmp_path):

@@ -27,7 +27,7 @@ Weights: no download; `load_params(path)` reads a user-supplied file, by either 
   * pytorch-fid names (pt_inception-2015-12-05-6726825d.pth): "<Module>.<branch>.conv.weight"
     (OIHW), ".bn.{weight,bias,running_mean,running_var}" (".bn.num_batches_tracked" ignored),
     "fc.weight" (1008, 2048), optional "fc.bias".
-A .npz is read with numpy; .pt/.pth/.bin/.safetensors through `self_flow.tools.torch_checkpoint`.
+A .npz is read with numpy; .pt/.pth/.bin/.safetensors through `self_flow.weight_files`.
 
 CAVEAT: numbers are comparable to published ADM FIDs only with the TF graph's weights and the
 "adm" preprocessing at 299x299; other weights, resizes or input sizes give other numbers. With
@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+
+from self_flow import weight_files
 
 INPUT_SIZE = 299  # The TF graph's input side; any other is for tests only.
 MIN_INPUT_SIZE = 75  # Smallest side the stride-2 valid convolutions and pools leave >= 1x1.
@@ -459,12 +461,8 @@ def to_named_arrays(params: dict, naming: str) -> dict[str, np.ndarray]:
 
 
 def read_weights_file(path: str) -> dict[str, np.ndarray]:
-  """{name: array} of a .npz (numpy) or .pt/.pth/.bin/.safetensors file (torch_checkpoint)."""
-  if path.lower().endswith(".npz"):
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
-      return {name: npz[name] for name in npz.files}
-  from self_flow.tools import torch_checkpoint  # pylint: disable=g-import-not-at-top
-  return torch_checkpoint.load_state_dict(path)
+  """{name: array} of a .npz, .pt/.pth/.bin or .safetensors file (self_flow.weight_files)."""
+  return weight_files.load_state_dict(path)
 
 
 def load_params(path: str) -> dict:

@@ -32,9 +32,10 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
+
+from self_flow import weight_files
 
 # Latents are multiplied by this before diffusion training (and divided before decoding).
 SD_VAE_SCALE = 0.18215
@@ -281,9 +282,8 @@ class AutoencoderKL(nnx.Module):
     return jnp.clip(images, -1.0, 1.0)
 
 
-# --- Weights: a safetensors reader and the conversion from diffusers' PyTorch state dict. ---
+# --- Weights: the conversion from diffusers' PyTorch state dict. ---
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 # nnx attribute -> diffusers module path, for the single-element lists diffusers keeps.
 _TORCH_MODULES = {"downsample": "downsamplers.0.conv", "upsample": "upsamplers.0.conv",
                   "attention": "attentions.0", "to_out": "to_out.0"}
@@ -293,55 +293,11 @@ _LEGACY_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0"
 _MAX_LISTED = 8
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads every tensor of a .safetensors file as float32 numpy (F32, F16 and BF16 tensors).
-
-  Format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
-  {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the bytes after the header),
-  an optional "__metadata__" entry, then the raw little-endian tensor bytes.
-
-  Raises:
-    ValueError: the file is not safetensors, or holds a tensor of another dtype.
-  """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    header_size = int.from_bytes(f.read(8), "little")
-    if size < 8 or header_size > size - 8:
-      raise ValueError(f"{path!r} is not a safetensors file: its header length {header_size} "
-                       f"does not fit in its {size} bytes.")
-    try:
-      header = json.loads(f.read(header_size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-      raise ValueError(f"{path!r} is not a safetensors file: bad JSON header ({error}).") from None
-    data = f.read()
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path!r}: tensor {name!r} has dtype {info['dtype']}; this reader knows "
-                       f"{', '.join(_SAFETENSORS_DTYPES)}.")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    begin, end = info["data_offsets"]
-    count = math.prod(info["shape"])
-    if end - begin != count * dtype.itemsize or end > len(data):
-      raise ValueError(f"{path!r}: tensor {name!r} of shape {info['shape']} ({info['dtype']}) "
-                       f"has data_offsets {info['data_offsets']} outside the {len(data)} data "
-                       "bytes or of the wrong length.")
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=begin)
-    tensors[name] = values.reshape(info["shape"]).astype(np.float32)
-  return tensors
-
-
 def read_weights(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch-layout state dict as float32 numpy, from a .safetensors or .npz file."""
-  if path.endswith(".safetensors"):
-    return read_safetensors(path)
-  if path.endswith(".npz"):
-    with np.load(path) as npz:
-      return {name: np.asarray(npz[name], np.float32) for name in npz.files}
-  raise ValueError(f"Weight file {path!r} must end in .safetensors (diffusers) or .npz (the same "
-                   "names and PyTorch layouts, saved with numpy).")
+  """A PyTorch-layout state dict as float32 numpy, from a .safetensors (diffusers), .npz or
+  torch .pt/.bin file (`self_flow.weight_files`, which never runs code from the file)."""
+  weights = weight_files.load_state_dict(path)
+  return {name: np.asarray(value, np.float32) for name, value in weights.items()}
 
 
 def torch_name(path: tuple) -> str:

@@ -42,7 +42,7 @@ from flax import nnx
 from configs import base, c2i
 from self_flow.modalities import image
 from self_flow.models import factory, layers, presets
-from self_flow.tools import torch_checkpoint
+from self_flow import weight_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -329,7 +329,7 @@ def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
 def convert_file(input_path: str, output_dir: str, *, entry: str | None = None,
                  num_heads: int = 0) -> ml_collections.ConfigDict:
   """Reads a weights file, converts it and saves it; returns the config written."""
-  state_dict = torch_checkpoint.load_state_dict(input_path, entry)
+  state_dict = weight_files.load_state_dict(input_path, entry)
   config = official_config(state_dict, num_heads=num_heads)
   params = convert_state_dict(state_dict, config)
   del state_dict  # Frees the file's storages (the params hold copies) before orbax copies again.
