@@ -122,18 +122,19 @@ class Checkpointer:
                      check=None) -> tuple[int | None, Any]:
     """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
 
-    `check(step)`, called first for each candidate, may raise to refuse the run (e.g. an
-    incompatible config); that error propagates. A checkpoint whose metadata or arrays cannot
+    `check(step, saved_config, saved_shapes)`, called first for each candidate with what was
+    read from its metadata, may raise to refuse the run (e.g. an incompatible config); that
+    error propagates. A checkpoint whose metadata or arrays cannot
     be read is set aside and the previous one tried, with a warning naming both."""
     for step in reversed(self.all_steps()):
       try:
-        self.saved_shapes(step)
-        self.saved_config(step)
+        shapes = self.saved_shapes(step)
+        saved_config = self.saved_config(step)
       except Exception as err:  # pylint: disable=broad-except
         self._fall_back(step, err)
         continue
       if check is not None:
-        check(step)
+        check(step, saved_config, shapes)
       try:
         return step, self.restore(step, abstract_state, iterators)
       except Exception as err:  # pylint: disable=broad-except
@@ -181,7 +182,12 @@ class Checkpointer:
 
 def saved_state_shapes(state_dir) -> dict[str, tuple[tuple[int, ...], str]]:
   """{"/"-joined path: (shape, dtype name)} of a saved state item, from its metadata only."""
-  tree = ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree
+  return tree_shapes(ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree)
+
+
+def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{"/"-joined path: (shape, dtype name)} of any tree of arrays or array metadata, so saved
+  and live states compare key for key."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {path_name(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in flat}
 

@@ -53,11 +53,6 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
           for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)}
 
 
-def abstract_shapes(abstract_state) -> dict[str, tuple[tuple[int, ...], str]]:
-  flat = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-  return {checkpointing.path_name(path): (tuple(a.shape), str(a.dtype)) for path, a in flat}
-
-
 def _describe(differences: dict[str, tuple[Any, Any]]) -> str:
   return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differences.items())
 
@@ -70,7 +65,7 @@ def check_resumable(*, workdir: str, step: int, saved_config: dict, saved_shapes
   config keys that differ from the saved run, and the way to fine-tune from it instead. Keys
   that differ without changing the state (learning rate, step count, logging...) only log a
   warning: changing them on resume is legitimate, but the run is no longer an exact replay."""
-  want = abstract_shapes(abstract_state)
+  want = checkpointing.tree_shapes(abstract_state)
   changed = config_differences(saved_config, config_dict)
   mismatched = [name for name in sorted(want.keys() | saved_shapes.keys())
                 if want.get(name) != saved_shapes.get(name)]
@@ -114,7 +109,7 @@ def restore_matching(source: str, state, abstract_state):
   the same name and shape; returns (state, number loaded, names left at their initialisation)."""
   step_dir = latest_step_dir(source)
   saved = checkpointing.saved_state_shapes(step_dir / "state")
-  want = abstract_shapes({k: abstract_state[k] for k in _WEIGHT_TREES})
+  want = checkpointing.tree_shapes({k: abstract_state[k] for k in _WEIGHT_TREES})
   loadable = {name for name, (shape, _) in want.items() if saved.get(name, (None,))[0] == shape}
 
   def keep(path, leaf):

@@ -132,11 +132,10 @@ def _restore_or_init(config, checkpointer: checkpointing.Checkpointer, layout, t
   config (else an error naming the differing keys, before anything is written), otherwise a
   fresh state, optionally initialised from another run (`train.init_from`)."""
 
-  def check(step):
+  def check(step, saved_config, saved_shapes):
     run_compatibility.check_resumable(
-        workdir=str(workdir), step=step, saved_config=checkpointer.saved_config(step),
-        saved_shapes=checkpointer.saved_shapes(step), config_dict=config.to_dict(),
-        abstract_state=layout.abstract)
+        workdir=str(workdir), step=step, saved_config=saved_config, saved_shapes=saved_shapes,
+        config_dict=config.to_dict(), abstract_state=layout.abstract)
 
   step, state = checkpointer.restore_latest(layout.abstract, train_iters, check=check)
   if step is not None:
