@@ -46,7 +46,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base as config_base
-from self_flow import flops, objectives, optim, reporting, sharding, train_state, train_step
+from self_flow import flops, objectives, reporting, train_program, train_state, train_step
+from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
 
 FLAGS = flags.FLAGS
@@ -103,22 +104,23 @@ def per_token_adaln():
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch of the first modality with the pipeline's keys: Gaussian signal, random labels or
-  captions (the step's cost does not depend on the values)."""
+  """A batch of the first modality with the pipeline's keys, shapes and dtypes
+  (`modality_sources.batch_shapes`): Gaussian signal and embeddings, random labels and tokens
+  (the step's cost does not depend on the values)."""
   spec = next(iter(spec_lib.modality_specs(config).values()))
   rng = np.random.default_rng(seed)
   b = spec.global_batch_size
-  batch = {spec.signal_key: rng.standard_normal((b, *spec.signal_shape), np.float32)}
-  if config.model.conditioning == "class":
-    batch["label"] = rng.integers(0, config.data.num_classes, (b,), np.int32)
-    return batch
-  length = config.text.max_length
-  batch["text_mask"] = np.ones((b, length), bool)
-  if config.text.encoder == "bytes":
-    batch["text_tokens"] = rng.integers(1, 256, (b, length), np.int32)
-  else:
-    batch["text_embedding"] = rng.standard_normal((b, length, config.text.embedding_dim),
-                                                  np.float32)
+  batch = {}
+  shapes = modality_sources.batch_shapes(config, spec.name, spec.signal_key, spec.signal_shape)
+  for key, (shape, dtype) in shapes.items():
+    if key == "label":
+      batch[key] = rng.integers(0, config.data.num_classes, (b,), np.int32)
+    elif key == "text_tokens":
+      batch[key] = rng.integers(1, 256, (b, *shape), np.int32)
+    elif key == "text_mask":
+      batch[key] = np.ones((b, *shape), bool)
+    else:
+      batch[key] = rng.standard_normal((b, *shape)).astype(dtype)
   return batch
 
 
@@ -133,38 +135,28 @@ class Prepared(NamedTuple):
 
 
 class Setup(NamedTuple):
-  """What `train.train_and_evaluate` builds before its loop, with a synthetic batch."""
+  """The trainer's program (`train_program.build`), a fresh state and a synthetic batch."""
 
-  mesh: Any
-  tx: Any
-  schedule: Any
-  layout: train_state.StateLayout
+  program: train_program.TrainProgram
   state: Any
   batch: Any
   rng: jax.Array
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Mesh, optimizer, sharded fresh state and a sharded synthetic batch, as the trainer has."""
-  mesh = sharding.create_mesh(config.mesh)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  layout = train_state.state_layout(config, mesh, tx)
-  state = train_state.create_train_state(config, layout, tx)
-  batch = jax.device_put(synthetic_batch(config), sharding.batch_sharding(mesh))
-  rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
-  return Setup(mesh, tx, schedule, layout, state, batch, rng)
+  """Program, sharded fresh state and a sharded synthetic batch, as the trainer has them."""
+  program = train_program.build(config)
+  state = train_state.create_train_state(config, program.layout, program.tx)
+  batch = jax.device_put(synthetic_batch(config), program.batch_sharding)
+  rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
+  return Setup(program, state, batch, rng)
 
 
 def prepare(config: ml_collections.ConfigDict, name: str) -> Prepared:
   """Builds state and step as `train.train_and_evaluate` does, and compiles the step."""
   config = variant_config(config, name)
   s = setup(config)
-  replicated = sharding.replicated(s.mesh)
-  step = jax.jit(
-      sharding.activation_sharding(s.mesh, sharding.axis_rules(config.mesh))(
-          train_step.make_train_step(config, s.layout.graphdef, s.tx, s.schedule)),
-      in_shardings=(s.layout.shardings, sharding.batch_sharding(s.mesh), replicated),
-      out_shardings=(s.layout.shardings, replicated), donate_argnums=(0,))
+  step = next(iter(s.program.step_fns.values()))
   naive = VARIANTS[name].naive_adaln
   with per_token_adaln() if naive else contextlib.nullcontext():
     compiled = step.lower(s.state, s.batch, s.rng).compile()
@@ -241,7 +233,7 @@ def breakdown(config: ml_collections.ConfigDict, warmup: int, repeats: int
   """
   self_flow = variant_config(config, "self_flow")
   s = setup(self_flow)
-  graphdef = s.layout.graphdef
+  graphdef = s.program.layout.graphdef
   args = (s.state["params"], s.state["ema_params"], s.batch, s.rng)
   parts = {
       "student forward and L_gen": train_step.make_loss_fn(

@@ -23,8 +23,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from self_flow import (checkpointing, config_validation, flops, mixture, optim, preemption,
-                       reporting, run_compatibility, sharding, train_state, train_step)
+from self_flow import (checkpointing, config_validation, flops, mixture, preemption, reporting,
+                       run_compatibility, train_program, train_state)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -161,15 +161,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = _prepare_workdir(workdir)
   num_steps = config.train.num_steps
 
-  specs = spec_lib.modality_specs(config)
+  program = train_program.build(config)  # logs the split; refuses replicated FSDP
+  specs, mesh, tx, layout = program.specs, program.mesh, program.tx, program.layout
   modality_of = mixture.ModalitySchedule({n: s.probability for n, s in specs.items()},
                                          config.seed)
-  mesh = sharding.create_mesh(config.mesh)
-  tx, schedule = optim.make_optimizer(config.optim, num_steps)
-  layout = train_state.state_layout(config, mesh, tx)
-  train_state.check_replication(config, layout)  # logs the split; refuses replicated FSDP
   _check_free_space(workdir, layout.abstract, config.train.keep_checkpoints)
-  batch_sharding = sharding.batch_sharding(mesh)
+  batch_sharding = program.batch_sharding
   _prepare_data(config, specs)
   train_iters = {name: _open_train_data(config, spec) for name, spec in specs.items()}
 
@@ -182,14 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in run_compatibility.flatten_config(config.to_dict()).items()})
   evaluators = _create_evaluators(config, layout.graphdef, str(workdir), mesh)
-  base_rng = jax.device_put(jax.random.PRNGKey(config.seed), sharding.replicated(mesh))
-  step_fns = {
-      name: jax.jit(
-          sharding.activation_sharding(mesh, sharding.axis_rules(config.mesh))(
-              train_step.make_train_step(config, layout.graphdef, tx, schedule, name)),
-          in_shardings=(layout.shardings, batch_sharding, sharding.replicated(mesh)),
-          out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-      for name in specs}
+  base_rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
+  step_fns = program.step_fns
 
   losses: dict[int, float] = {}
   modalities: dict[int, str] = {}

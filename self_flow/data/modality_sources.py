@@ -10,6 +10,7 @@ from typing import Any
 
 import grain
 import ml_collections
+import numpy as np
 
 from self_flow.data import (captions, latent_shards, motion_captions, moving_sprites, pipeline,
                             sources, spoken_words)
@@ -26,6 +27,23 @@ def dataset_name(config: ml_collections.ConfigDict, modality: str) -> str:
 
 def uses_latent_shards(config: ml_collections.ConfigDict, modality: str) -> bool:
   return dataset_name(config, modality) == "latent_shards"
+
+
+def batch_shapes(config: ml_collections.ConfigDict, modality: str, signal_key: str,
+                 signal_shape: Sequence[int]) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (per-example shape, dtype)} of the training-batch arrays the step reads, as the
+  processing of `train_processing` produces them (ahead-of-time compilation and benchmarks
+  build batches from this, not from data)."""
+  signal = (tuple(signal_shape), np.float32)
+  length = config.text.max_length
+  if uses_latent_shards(config, modality):
+    return {"latent": signal, "label": ((), np.int32),
+            "text_embedding": ((length, config.text.embedding_dim), np.float32),
+            "text_mask": ((length,), np.bool_)}
+  shapes = {signal_key: signal, "label": ((), np.int32)}
+  if config.model.conditioning == "text":
+    shapes.update(text_tokens=((length,), np.int32), text_mask=((length,), np.bool_))
+  return shapes
 
 
 def open_source(config: ml_collections.ConfigDict, modality: str, split: str):

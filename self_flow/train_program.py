@@ -1,0 +1,78 @@
+"""The trainer's compiled program, built once: mesh, state layout and one jitted step per modality.
+
+`train.train_and_evaluate` runs it on the local devices; `self_flow.aot` compiles the same
+object for a TPU topology that is not attached (compile-only devices), so what the ahead-of-time
+report measures is exactly what a pod would run. Nothing here touches data or a workdir.
+"""
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from self_flow import optim, sharding, train_state, train_step
+from self_flow.data import modality_sources
+from self_flow.modalities import spec as spec_lib
+
+
+class TrainProgram(NamedTuple):
+  """Everything the loop needs to run steps, without any array values."""
+
+  specs: dict[str, spec_lib.ModalitySpec]
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  layout: train_state.StateLayout
+  batch_sharding: NamedSharding
+  replicated: NamedSharding  # The step rng and the metrics.
+  step_fns: dict[str, Any]  # modality -> jitted (state, batch, base_rng) -> (state, metrics)
+
+
+def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None
+          ) -> TrainProgram:
+  """The program of `config` over `devices` (default: all of this process's global devices).
+
+  Refuses an FSDP layout that leaves too much replicated (`train_state.check_replication`).
+  """
+  specs = spec_lib.modality_specs(config)
+  mesh = sharding.create_mesh(config.mesh, devices)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  layout = train_state.state_layout(config, mesh, tx)
+  train_state.check_replication(config, layout)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  rules = sharding.axis_rules(config.mesh)
+  step_fns = {
+      name: jax.jit(
+          sharding.activation_sharding(mesh, rules)(
+              train_step.make_train_step(config, layout.graphdef, tx, schedule, name)),
+          in_shardings=(layout.shardings, batch_sharding, replicated),
+          out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+      for name in specs}
+  return TrainProgram(specs, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, program: TrainProgram, modality: str
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the input pipeline feeds `modality`'s step, as sharded shapes."""
+  spec = program.specs[modality]
+  shapes = modality_sources.batch_shapes(config, modality, spec.signal_key, spec.signal_shape)
+  return {key: jax.ShapeDtypeStruct((spec.global_batch_size, *shape), dtype,
+                                    sharding=program.batch_sharding)
+          for key, (shape, dtype) in shapes.items()}
+
+
+def abstract_rng(program: TrainProgram) -> jax.ShapeDtypeStruct:
+  """The replicated base PRNG key the loop passes to every step."""
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=program.replicated)
+
+
+def lower(config: ml_collections.ConfigDict, program: TrainProgram, modality: str):
+  """`modality`'s step lowered for abstract state, batch and rng (for AOT compilation)."""
+  return program.step_fns[modality].lower(program.layout.abstract,
+                                          abstract_batch(config, program, modality),
+                                          abstract_rng(program))
