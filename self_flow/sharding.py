@@ -195,6 +195,16 @@ def activation_sharding(mesh: Mesh, rules: Rules):
     _active.value = previous
 
 
+def target_devices() -> list[Any]:
+  """The devices the step being traced is compiled for: the active mesh's while
+  `activation_sharding` is entered, else this process's default devices.
+
+  Kernel choices (`models.attention`) ask this instead of `jax.default_backend()`: a step
+  compiled ahead of time for a TPU topology from a CPU host must pick the TPU kernels."""
+  active = getattr(_active, "value", None)
+  return list(active[0].devices.flat) if active is not None else jax.devices()
+
+
 def constrain(x: jax.Array, logical: Sequence[str]) -> jax.Array:
   """`x` with a sharding constraint from its logical axis names (one per dim), if rules are
   active; dims that do not divide their mesh axes stay unconstrained-replicated."""

@@ -58,24 +58,27 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str):
 
 
 def resolve(implementation: str, q) -> str:
-  """The implementation that will run for queries like `q` on the default backend.
+  """The implementation that will run for queries like `q` on the devices being compiled for.
 
+  The platform is that of the step's mesh (`sharding.target_devices`), not the host's default
+  backend, so a step compiled ahead of time for a TPU topology on a CPU host picks splash.
   An explicit choice the platform cannot run fails here, at trace time, naming the platform and
   the alternatives, rather than deep inside a kernel.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is unknown; choose one of "
                      f"{IMPLEMENTATIONS}.")
-  platform = jax.default_backend()
+  devices = sharding.target_devices()
+  platform = devices[0].platform
   if implementation == "auto":
-    if platform == "gpu" and _cudnn_problem(q) is None:
+    if platform == "gpu" and _cudnn_problem(q, devices[0]) is None:
       return "cudnn"
-    if platform == "tpu" and _splash_can_run():
+    if platform == "tpu" and _splash_can_run(len(devices)):
       return "splash"
     return "xla"
   if implementation == "cudnn":
     problem = (f"it needs a GPU, but the platform is {platform!r}" if platform != "gpu"
-               else _cudnn_problem(q))
+               else _cudnn_problem(q, devices[0]))
     if problem:
       raise ValueError(f"attention implementation 'cudnn' cannot run here: {problem}. Use "
                        "'xla', or 'auto' (cuDNN where it applies, else XLA).")
@@ -85,19 +88,19 @@ def resolve(implementation: str, q) -> str:
   return implementation
 
 
-def _cudnn_problem(q) -> str | None:
+def _cudnn_problem(q, device) -> str | None:
   """Why jax 0.10.2's cuDNN attention would reject q, or None (jax checks the same at lowering)."""
   if q.dtype not in CUDNN_DTYPES:
     return f"it needs bfloat16 or float16 inputs, got {q.dtype}"
-  head_dim, limit = q.shape[-1], _cudnn_head_dim_limit()
+  head_dim, limit = q.shape[-1], _cudnn_head_dim_limit(device)
   if head_dim % 8 or head_dim > limit:
     return f"head_dim must be a multiple of 8 and at most {limit} on this GPU, got {head_dim}"
   return None
 
 
-def _cudnn_head_dim_limit() -> int:
+def _cudnn_head_dim_limit(device) -> int:
   """256 on Hopper (compute capability 9.0) and later, 128 before (jax's cuDNN check)."""
-  capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+  capability = getattr(device, "compute_capability", "0.0")
   return 256 if tuple(int(x) for x in capability.split(".")) >= (9, 0) else 128
 
 
@@ -120,9 +123,9 @@ def real_keys_first(k, v, key_mask):
   return (jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1), lengths)
 
 
-def _splash_can_run() -> bool:
+def _splash_can_run(num_devices: int) -> bool:
   """Splash needs the ambient mesh (module docstring) unless everything runs on one device."""
-  return not jax.sharding.get_abstract_mesh().empty or len(jax.devices()) == 1
+  return not jax.sharding.get_abstract_mesh().empty or num_devices == 1
 
 
 def splash_attention(q, k, v, key_mask=None, *, interpret: bool = False):
