@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (idempotent) and runs the test suite; extra arguments go to pytest.
+# Sets up (idempotent; also the TPU-compiler environment of the AOT tests) and runs the test
+# suite; extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/setup_tpu_aot.sh"  # libtpu in .venv-tpu, for test_aot.py
 exec python -m pytest -q "$@"

@@ -1,0 +1,292 @@
+"""Ahead-of-time compilation of the train step for a TPU topology, from a host without a TPU.
+
+  python -m self_flow.aot --config=configs/t2i.py --topology=v5p:4x4x4 [--num_slices=2] \\
+      [--config.KEY=VALUE ...] [--markdown]
+
+Builds the trainer's own program (`train_program.build`: mesh, state layout, one jitted step
+per modality, exactly what `train.train_and_evaluate` runs) over the compile-only devices of
+the named topology, lowers every modality's step with abstract state, batch and rng, and runs
+the real TPU compiler (libtpu; install it with `pip install -r requirements-tpu.txt`, see the
+README). Per device it prints the compiler's memory figures, the chip's HBM and the headroom,
+the compile time, the collectives of the compiled program per step (`hlo_collectives`) and the
+analytic model FLOPs (`flops`, XLA's cost analysis counts scanned blocks once).
+
+These are compiler figures, not measurements: no step runs. The exit status is 1 when a step
+does not fit in HBM with `--min_headroom` to spare (or the compiler runs out of memory), with
+the knobs that reduce memory per device named.
+
+Topology names are libtpu's: `v5e:2x2` (4 chips), `v5e:4x4`, `v5p:2x2x2` (8 chips),
+`v5p:4x4x4`, `v6e:2x2`, `v6e:4x4`, ...
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# The host computes on its CPU; the TPU devices are compile-only (no TPU backend is started).
+# libtpu asks the cloud metadata server for the host's own TPU otherwise, and logs errors.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Compile-only: no chips to guard, so several compiles (tests, a table run) may load libtpu at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
+flags.DEFINE_list("topology", None, "TPU topology name(s), e.g. v5p:4x4x4 or v5e:2x2,v5e:4x4.")
+flags.DEFINE_integer("num_slices", 1, "Slices of the topology (multi-slice over DCN).")
+flags.DEFINE_float("min_headroom", 0.1,
+                   "Fraction of the chip's HBM that must stay free for the step to count as "
+                   "fitting (the runtime, fragmentation and the input pipeline need some).")
+flags.DEFINE_bool("markdown", False, "Also print one markdown table row per compiled step.")
+flags.DEFINE_string("json", None, "Also write the reports to this JSON file (tests, tables).")
+flags.DEFINE_string("hlo_dir", None, "Also write each compiled step's HLO text here "
+                    "(<topology>_<modality>.hlo.txt), e.g. to inspect its collectives.")
+
+GIB = 2**30
+# HBM per chip by device kind (Cloud TPU documentation).
+HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
+             "TPU v6 lite": 32 * GIB}
+
+KNOBS = ("split the state over more chips (--config.mesh.fsdp=-1 with mesh.data=1, or a larger "
+         "topology), add tensor parallelism for wide models (--config.mesh.tensor=2|4 with "
+         "mesh.rules=fsdp_tp), recompute activations (--config.model.remat_policy=dots|full), "
+         "accumulate gradients (--config.train.microbatches=2|4|...), or lower the global batch "
+         "(config.data/video/audio.global_batch_size)")
+
+
+@dataclasses.dataclass
+class StepReport:
+  """One modality's compiled step on one topology, per device."""
+
+  config_name: str
+  topology: str
+  num_slices: int
+  device_kind: str
+  num_devices: int
+  mesh: dict
+  modality: str
+  compile_seconds: float
+  hbm_bytes: int
+  state_bytes: int  # The whole train state (params, EMA, Adam), before sharding.
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  alias_bytes: int = 0
+  temp_bytes: int = 0
+  code_bytes: int = 0
+  flops_per_device: float = 0.0
+  collectives: dict | None = None  # kind -> hlo_collectives.Collective
+  unknown_trip_counts: int = 0
+  tpu_kernels: int = 0  # Mosaic (Pallas) kernels in the program, e.g. splash attention.
+  error: str = ""  # the compiler's message when it ran out of memory
+
+  @property
+  def total_bytes(self) -> int:
+    """What the step holds in HBM at its peak: live arguments and outputs (donated state counted
+    once), temporaries and the program itself."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  def fits(self, min_headroom: float) -> bool:
+    return not self.error and self.total_bytes <= (1 - min_headroom) * self.hbm_bytes
+
+
+def topology_devices(name: str, num_slices: int = 1):
+  """Compile-only devices of a TPU topology (needs libtpu; no TPU attached)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs).devices
+  except Exception as err:  # libtpu missing or an unknown topology name
+    raise SystemExit(f"--topology={name} (num_slices={num_slices}) gave no TPU devices: "
+                     f"{type(err).__name__}: {err}. The TPU compiler comes with libtpu: "
+                     "pip install -r requirements-tpu.txt (in its own environment, see the "
+                     "README), and topology names look like v5e:2x2, v5p:2x2x2, v6e:4x4.") from err
+
+
+def hbm_bytes(device_kind: str) -> int:
+  for prefix, size in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0])):
+    if device_kind.startswith(prefix):
+      return size
+  raise SystemExit(f"device kind {device_kind!r} has no HBM size in self_flow.aot.HBM_BYTES "
+                   f"(known: {sorted(HBM_BYTES)}).")
+
+
+def _without_data(config):
+  """A copy of `config` whose empty latent-shard directories name a placeholder: compiling
+  reads no data, and the paper presets leave data_dir to the command line."""
+  from self_flow.data import modality_sources  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  for modality in config.modalities:
+    section = config[modality_sources.SECTIONS[modality]]
+    if section.dataset == "latent_shards" and not section.data_dir:
+      section.data_dir = "(not read by self_flow.aot)"
+  return config
+
+
+def _out_of_memory(err: Exception) -> bool:
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
+                  hlo_dir: str | None = None) -> list[StepReport]:
+  """Compiles every modality's train step of `config` for `topology`; one report each (and
+  the compiled HLO text in `hlo_dir` when given)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from self_flow import (config_validation, flops, hlo_collectives,  # pylint: disable=g-import-not-at-top
+                         train_program)
+  devices = topology_devices(topology, num_slices)
+  config = _without_data(config)
+  config_validation.validate(config, num_devices=len(devices))
+  program = train_program.build(config, devices)
+  kind = devices[0].device_kind
+  state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize
+                    for a in jax.tree.leaves(program.layout.abstract))
+  reports = []
+  for modality in program.specs:
+    report = StepReport(config_name, topology, num_slices, kind, len(devices),
+                        dict(program.mesh.shape), modality, 0.0, hbm_bytes(kind), state_bytes)
+    report.flops_per_device = flops.train_step_flops(config, modality).total / len(devices)
+    start = time.perf_counter()
+    try:
+      compiled = train_program.lower(config, program, modality).compile()
+    except Exception as err:  # pylint: disable=broad-except
+      if not _out_of_memory(err):
+        raise
+      report.compile_seconds = time.perf_counter() - start
+      report.error = str(err).strip().splitlines()[0][:400]
+      reports.append(report)
+      continue
+    report.compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    report.argument_bytes = memory.argument_size_in_bytes
+    report.output_bytes = memory.output_size_in_bytes
+    report.alias_bytes = memory.alias_size_in_bytes
+    report.temp_bytes = memory.temp_size_in_bytes
+    report.code_bytes = memory.generated_code_size_in_bytes
+    hlo_text = compiled.as_text()
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      name = f"{topology.replace(':', '_')}x{num_slices}_{modality}.hlo.txt"
+      with open(os.path.join(hlo_dir, name), "w") as f:
+        f.write(hlo_text)
+    collectives = hlo_collectives.count(hlo_text)
+    report.collectives = collectives.by_kind
+    report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
+    report.unknown_trip_counts = collectives.unknown_trip_counts
+    reports.append(report)
+  return reports
+
+
+def _gib(num_bytes: float) -> str:
+  """GiB with two decimals, or MiB below 1 GiB (small test models)."""
+  if num_bytes < GIB:
+    return f"{num_bytes / 2**20:.1f} MiB"
+  return f"{num_bytes / GIB:.2f} GiB"
+
+
+def format_report(report: StepReport, min_headroom: float) -> str:
+  """The human-readable block for one compiled step."""
+  head = (f"{report.config_name} [{report.modality}] on {report.topology}"
+          f"{f' x {report.num_slices} slices' if report.num_slices > 1 else ''}: "
+          f"{report.num_devices} x {report.device_kind}, mesh {report.mesh}, compiled in "
+          f"{report.compile_seconds:.1f} s")
+  if report.error:
+    return f"{head}\n  DOES NOT FIT: the TPU compiler ran out of memory: {report.error}"
+  headroom = report.hbm_bytes - report.total_bytes
+  lines = [head,
+           f"  per device: arguments {_gib(report.argument_bytes)}, outputs "
+           f"{_gib(report.output_bytes)} (aliased to arguments {_gib(report.alias_bytes)}), "
+           f"temporaries {_gib(report.temp_bytes)}, program {_gib(report.code_bytes)}",
+           f"  total {_gib(report.total_bytes)} of {_gib(report.hbm_bytes)} HBM: headroom "
+           f"{_gib(headroom)} ({headroom / report.hbm_bytes:.0%}); "
+           + ("fits" if report.fits(min_headroom) else
+              f"DOES NOT FIT with {min_headroom:.0%} headroom"),
+           f"  train state {_gib(report.state_bytes)} in all; analytic model FLOPs per device "
+           f"per step {report.flops_per_device:.4g}; Mosaic kernels {report.tpu_kernels}"]
+  if report.collectives:
+    for kind, c in report.collectives.items():
+      lines.append(f"  {kind}: {c.instructions} in the program, {c.executions} per step, "
+                   f"{_gib(c.bytes)} per device per step")
+  else:
+    lines.append("  collectives: none")
+  if report.unknown_trip_counts:
+    lines.append(f"  ({report.unknown_trip_counts} loops of unreadable trip count counted once)")
+  return "\n".join(lines)
+
+
+MARKDOWN_HEADER = ("| config | step | topology | chips | mesh (data, fsdp, tensor) | arguments | "
+                   "temporaries | total / HBM | fits | collective GiB/step (kinds) | "
+                   "model TFLOP/step/chip | compile s |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_row(report: StepReport, min_headroom: float) -> str:
+  mesh = f"{report.mesh['data']}, {report.mesh['fsdp']}, {report.mesh['tensor']}"
+  topology = report.topology + (f" x{report.num_slices}" if report.num_slices > 1 else "")
+  if report.error:
+    return (f"| {report.config_name} | {report.modality} | {topology} | {report.num_devices} | "
+            f"{mesh} | | | compiler: out of memory | no | | "
+            f"{report.flops_per_device / 1e12:.3g} | {report.compile_seconds:.0f} |")
+  kinds = ", ".join(f"{k} {c.executions}" for k, c in (report.collectives or {}).items())
+  total = sum(c.bytes for c in (report.collectives or {}).values())
+  return (f"| {report.config_name} | {report.modality} | {topology} | {report.num_devices} | "
+          f"{mesh} | {_gib(report.argument_bytes)} | {_gib(report.temp_bytes)} | "
+          f"{_gib(report.total_bytes)} / {report.hbm_bytes // GIB} GiB | "
+          f"{'yes' if report.fits(min_headroom) else 'no'} | {total / GIB:.2f} ({kinds or 'none'}) "
+          f"| {report.flops_per_device / 1e12:.3g} | {report.compile_seconds:.0f} |")
+
+
+def to_json(report: StepReport, min_headroom: float) -> dict:
+  out = dataclasses.asdict(report)
+  out["collectives"] = {k: c._asdict() for k, c in (report.collectives or {}).items()}
+  out.update(total_bytes=report.total_bytes, fits=report.fits(min_headroom))
+  return out
+
+
+def _config_name() -> str:
+  """The --config argument as given (file and variant), for the report."""
+  for arg in sys.argv[1:]:
+    if arg.startswith("--config="):
+      return os.path.relpath(arg.split("=", 1)[1]) if ":" not in arg else arg.split("=", 1)[1]
+  return "config"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  reports = []
+  for topology in FLAGS.topology:
+    for report in compile_steps(FLAGS.config, _config_name(), topology, FLAGS.num_slices,
+                                FLAGS.hlo_dir):
+      print(format_report(report, FLAGS.min_headroom), flush=True)
+      reports.append(report)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump([to_json(r, FLAGS.min_headroom) for r in reports], f, indent=1)
+  if FLAGS.markdown:
+    print("\n" + MARKDOWN_HEADER)
+    for report in reports:
+      print(markdown_row(report, FLAGS.min_headroom))
+  too_big = [r for r in reports if not r.fits(FLAGS.min_headroom)]
+  if too_big:
+    names = ", ".join(f"{r.modality} on {r.topology}" for r in too_big)
+    largest = max(too_big, key=lambda r: r.total_bytes)
+    print(f"\nERROR: {names} does not fit in HBM with {FLAGS.min_headroom:.0%} headroom "
+          f"(largest: {_gib(largest.total_bytes)} per device, {_gib(largest.hbm_bytes)} HBM"
+          f"{'; the compiler ran out of memory' if largest.error else ''}). To reduce memory per "
+          f"device: {KNOBS}.", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)

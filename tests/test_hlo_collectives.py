@@ -1,0 +1,75 @@
+"""Collective counting on hand-written HLO text: loop trip counts, tuples, async starts."""
+
+from self_flow import hlo_collectives
+
+HLO = """\
+HloModule jit_train_step, entry_computation_layout={()->f32[]}
+
+%add (lhs: f32[], rhs: f32[]) -> f32[] {
+  %lhs = f32[] parameter(0)
+  %rhs = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %lhs, f32[] %rhs)
+}
+
+%cond (p: (s32[], bf16[8,16])) -> pred[] {
+  %p = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %limit = s32[]{:T(128)} constant(6)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%inner_fusion (x: bf16[2,16]) -> bf16[8,16] {
+  %x = bf16[2,16]{1,0} parameter(0)
+  ROOT %ag = bf16[8,16]{1,0:T(8,128)(2,1)} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%body (p: (s32[], bf16[8,16])) -> (s32[], bf16[8,16]) {
+  %p = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %w = bf16[2,16]{1,0} parameter(1)
+  %gathered = bf16[8,16]{1,0} fusion(%w), kind=kCustom, calls=%inner_fusion
+  %kernel = bf16[2,16]{1,0} custom-call(%w), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "abc",
+"xprof_metadata":"{\"block_q\": 128}"
+}}, metadata={op_name="pallas_call"}
+  %perm = (f32[4], f32[4], u32[], u32[]) collective-permute-start(%w), source_target_pairs={{0,1}}
+  ROOT %t = (s32[], bf16[8,16]) tuple(%p, %gathered)
+}
+
+%loop_cond_unknown (q: s32[]) -> pred[] {
+  %q = s32[] parameter(0)
+  ROOT %ne = pred[] compare(%q, %q), direction=NE
+}
+
+ENTRY %main (a: f32[1024], b: f32[32,32]) -> f32[] {
+  %a = f32[1024]{0} parameter(0)
+  %b = f32[32,32]{1,0} parameter(1)
+  %ar = (f32[1024]{0}, /*index=1*/f32[32,32]{1,0}) all-reduce(%a, %b), replica_groups={}, to_apply=%add
+  %init = (s32[], bf16[8,16]) tuple()
+  %loop = (s32[], bf16[8,16]) while(%init), condition=%cond, body=%body, metadata={op_name="x"}
+  %other = (s32[], bf16[8,16]) while(%init), condition=%loop_cond_unknown, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_counts_loop_iterations_tuples_and_async_starts():
+  report = hlo_collectives.count(HLO)
+  # One variadic all-reduce in the entry: 1024 + 32 * 32 floats.
+  assert report.by_kind["all-reduce"] == hlo_collectives.Collective(1, 1, 4 * 2048)
+  # The all-gather lives in a fusion of a loop body run 6 times, plus once by the loop whose
+  # trip count is unreadable: one instruction, 7 executions of 8 * 16 bf16.
+  assert report.by_kind["all-gather"] == hlo_collectives.Collective(1, 7, 7 * 8 * 16 * 2)
+  # An async start counts its largest buffer (the f32[4] output), not the context scalars.
+  assert report.by_kind["collective-permute"] == hlo_collectives.Collective(1, 7, 7 * 16)
+  assert report.unknown_trip_counts == 1
+  assert report.total_bytes == 8192 + 7 * 256 + 7 * 16
+
+
+def test_no_collectives_and_missing_entry():
+  assert hlo_collectives.count("ENTRY %main () -> f32[] {\n  ROOT %c = f32[] constant(1)\n}"
+                               ).by_kind == {}
+  try:
+    hlo_collectives.count("%f () -> f32[] {\n}")
+  except ValueError as err:
+    assert "ENTRY" in str(err)
+  else:
+    raise AssertionError("HLO without an entry computation was accepted")
