@@ -257,9 +257,23 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
   config.objective.update(METHODS[method])
 
 
+def use_pod_layout(config: ml_collections.ConfigDict) -> None:
+  """How every paper-scale preset lays out on a TPU slice (chosen from ahead-of-time compiles,
+  benchmarks/TPU_AOT.md): parameters, EMA and Adam state split over every chip of the slice
+  (ZeRO-3 / FSDP: mesh data=1, fsdp=-1) instead of replicated, and the fastest attention kernel
+  of the platform (splash on TPU, cuDNN on GPU, XLA on CPU). Multi-slice runs put the slices
+  on data: --config.mesh.data=<slices>."""
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
+  config.mesh.tensor = 1
+  config.mesh.rules = "fsdp_tp"
+  config.model.attention = "auto"
+
+
 def use_paper_mmdit(config: ml_collections.ConfigDict) -> None:
   """The paper's ~625M FLUX.2-style model (hidden 1152, 16 heads, 7 double + 14 single blocks,
   3-D RoPE 24+24+24) with precomputed caption embeddings: every text-conditioned default."""
+  use_pod_layout(config)
   config.model.architecture = "mmdit"
   config.model.conditioning = "text"
   config.model.preset = "custom"

@@ -13,6 +13,10 @@ stores the scaled (x 0.18215) posterior mean and std of every center-cropped ima
       --tfds_data_dir=/data/tensorflow_datasets --split=train --output_dir=/data/imagenet256_sdvae
   python -m self_flow.main --config=configs/c2i_imagenet256.py \
       --config.data.data_dir=/data/imagenet256_sdvae --workdir=gs://BUCKET/c2i_imagenet256
+Pod: sized for a 16-chip v5p slice (v5p:2x2x4): FSDP over the chips (mesh data=1, fsdp=-1),
+splash attention, no remat; compiled ahead of time there (benchmarks/TPU_AOT.md; on v5e:4x4 the
+step also fits, with 14% of HBM free):
+  python -m self_flow.aot --config=configs/c2i_imagenet256.py --topology=v5p:2x2x4
 
 Variants (`--config=configs/c2i_imagenet256.py:<variant>[,method=<method>]`): XL (default), L, B,
 S: the SiT-*/2 sizes, feature layers by the 0.3/0.7 rule (XL 8/20, L 7/17, B and S 4/8).
@@ -39,6 +43,7 @@ def get_config(arg: str | None = None):
   config.model.student_layer = 0  # 0 = round(0.3 depth): 8 for XL.
   config.model.teacher_layer = 0  # 0 = round(0.7 depth): 20 for XL.
   config.model.compute_dtype = "bfloat16"  # bf16 mixed precision, float32 master weights.
+  base.use_pod_layout(config)  # FSDP over the slice, splash/cuDNN attention.
   config.data.dataset = "latent_shards"  # Pre-encoded SD-VAE latents (tools/encode_latents).
   config.data.data_dir = ""  # Required: the latent-shard directory (--config.data.data_dir=...).
   config.data.image_size = 32  # 256x256 images / the VAE's factor 8.

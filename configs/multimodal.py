@@ -10,11 +10,19 @@ Variants (`--config=configs/multimodal.py:<variant>[,method=<method>]`):
            clips, spoken words); minutes on 2 cores.
            python -m self_flow.main --config=configs/multimodal.py:local \\
              --workdir=workdirs/multimodal_local
-  default  The paper's ~625M MMDiT on image, video and audio latent shards:
+  default  The paper's ~625M MMDiT on image, video and audio latent shards, FSDP over a 16-chip
+           v5p slice (v5p:2x2x4; the image batch 608 needs data x fsdp to divide it: 16 or 32):
            python -m self_flow.main --config=configs/multimodal.py --workdir=gs://BUCKET/mm \\
              --config.data.data_dir=gs://BUCKET/image_shards \\
              --config.video.data_dir=gs://BUCKET/video_shards \\
              --config.audio.data_dir=gs://BUCKET/audio_shards
+  4b       The paper's 4B scale (Sec. 4.3) on the same data: FSDP 16 x tensor 4 on v5p:4x4x4
+           (64 chips), remat full (see `use_4b_backbone`):
+           python -m self_flow.main --config=configs/multimodal.py:4b --workdir=gs://BUCKET/mm4b \\
+             --config.data.data_dir=... --config.video.data_dir=... --config.audio.data_dir=...
+  Compile either for its slice first, without a TPU (benchmarks/TPU_AOT.md):
+           python -m self_flow.aot --config=configs/multimodal.py --topology=v5p:2x2x4
+           python -m self_flow.aot --config=configs/multimodal.py:4b --topology=v5p:4x4x4
 Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
 """
 
@@ -27,7 +35,7 @@ def get_config(arg: str | None = None):
   base.apply_method(config, args["method"])
   config.modalities = ("image", "video", "audio")
   config.objective.time_distribution = "logit_normal"
-  if args["variant"] == "default":
+  if args["variant"] in ("default", "4b"):
     base.use_paper_mmdit(config)
     config.model.patch_size = 2
     config.data.dataset = config.video.dataset = config.audio.dataset = "latent_shards"
@@ -44,6 +52,8 @@ def get_config(arg: str | None = None):
     config.data.global_batch_size = 608
     config.video.global_batch_size = 128
     config.audio.global_batch_size = 256
+    if args["variant"] == "4b":
+      use_4b_backbone(config)
   elif args["variant"] == "local":
     base.use_local_mmdit(config, num_steps=300)
     # 300 steps: an EMA horizon of 50 steps keeps 0.2% of the initialisation in the sampled
@@ -60,5 +70,22 @@ def get_config(arg: str | None = None):
     config.eval.num_samples = 256
     config.eval.batch_size = 128
   else:
-    raise ValueError(f"variant {args['variant']!r} is unknown; allowed: default, local.")
+    raise ValueError(f"variant {args['variant']!r} is unknown; allowed: default, 4b, local.")
   return config
+
+
+def use_4b_backbone(config) -> None:
+  """The paper's scaled multi-modal model (Sec. 4.3): a 4B FLUX.2-style backbone, here with
+  FLUX.2 [klein] 4B's published sizes (hidden 3072 = 24 heads x 128, 5 double + 20 single
+  blocks, SwiGLU ratio 3, caption embeddings of width 7680), 3.95B parameters with our
+  per-modality projections. Laid out as FSDP over 16 x tensor parallelism over 4 on a 64-chip
+  v5p slice, with activations recomputed in the backward (remat "full")."""
+  m = config.model
+  m.hidden_size, m.num_heads, m.depth, m.num_double = 3072, 24, 25, 5
+  m.mlp_ratio = 3.0  # SwiGLU hidden 9216.
+  m.rope_axes_dims = (32, 48, 48)  # 128 = the head dim.
+  m.remat_policy = "full"
+  config.text.embedding_dim = 7680  # e.g. three stacked hidden states of a 4B LLM encoder.
+  config.mesh.fsdp = 16
+  config.mesh.tensor = 4
+  config.mesh.data = -1

@@ -9,6 +9,9 @@ Variants (`--config=configs/t2a.py:<variant>[,method=<method>]`):
            one token per frame) and precomputed caption embeddings from latent shards:
            python -m self_flow.main --config=configs/t2a.py --workdir=gs://BUCKET/t2a \\
              --config.audio.data_dir=gs://BUCKET/audio_shards
+           Sized for a v5e-16 slice (v5e:4x4): FSDP over the 16 chips, splash attention;
+           compiled ahead of time there (benchmarks/TPU_AOT.md):
+           python -m self_flow.aot --config=configs/t2a.py --topology=v5e:4x4
 Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
 Paper settings kept in both: R_M 0.5, logit-normal p(t) with trainshift 1.0 (paper App. B).
 """

@@ -9,6 +9,9 @@ Variants (`--config=configs/t2i.py:<variant>[,method=<method>]`):
            embeddings, read from latent shards written by `self_flow.tools.write_latent_shards`:
            python -m self_flow.main --config=configs/t2i.py --workdir=gs://BUCKET/t2i \\
              --config.data.data_dir=gs://BUCKET/shards
+           Sized for a v5e-16 slice (v5e:4x4): FSDP over the 16 chips, splash attention;
+           compiled ahead of time there (benchmarks/TPU_AOT.md):
+           python -m self_flow.aot --config=configs/t2i.py --topology=v5e:4x4
 Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
 """
 

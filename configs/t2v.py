@@ -9,6 +9,9 @@ Variants (`--config=configs/t2v.py:<variant>[,method=<method>]`):
            3072 tokens x 48 dims) and precomputed caption embeddings from latent shards:
            python -m self_flow.main --config=configs/t2v.py --workdir=gs://BUCKET/t2v \\
              --config.video.data_dir=gs://BUCKET/video_shards
+           Sized for a 16-chip v5p slice (v5p:2x2x4; 3200-token sequences): FSDP over the
+           chips, splash attention; compiled ahead of time there (benchmarks/TPU_AOT.md):
+           python -m self_flow.aot --config=configs/t2v.py --topology=v5p:2x2x4
 Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
 Paper settings kept in both: R_M 0.1, logit-normal p(t) with trainshift 2.95 (paper App. C).
 """

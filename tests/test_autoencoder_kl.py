@@ -539,7 +539,7 @@ def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
   config.data.worker_count = 0
   config.train.num_steps = 2
   config.train.log_every = 1
-  config.mesh.data = -1
+  config.mesh.data, config.mesh.fsdp = -1, 1  # a tiny model: data parallel, not the pod's FSDP
   result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
   assert sorted(result["losses"]) == [1, 2] and result["eval"] is None
   assert all(np.isfinite(loss) for loss in result["losses"].values())
