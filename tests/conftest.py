@@ -13,6 +13,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 import os  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 import pytest  # noqa: E402
@@ -46,6 +48,21 @@ def random_params(model, scale: float, seed: int = 0):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return graphdef, jax.tree.unflatten(
       treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def write_caption_latent_shards(output_dir: str, num_examples: int, num_shards: int = 1) -> str:
+  """Latent shards of random 28x28 images (avgpool2 -> 14x14x1 latents) with byte-encoded
+  caption embeddings (8 x 256), for text-to-image runs from shards."""
+  from self_flow.data import latent_shards  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  examples = [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
+               "caption": f"a photo of item {i}", "label": i % 10} for i in range(num_examples)]
+  latent_shards.write_shards(
+      examples, output_dir=output_dir, split="train", num_shards=num_shards,
+      signal_encoder=latent_shards.avgpool2_encoder,
+      text_encoder=latent_shards.bytes_text_encoder(8),
+      batch_size=16, signal_encoder_name="avgpool2", text_encoder_name="bytes")
+  return output_dir
 
 
 @pytest.fixture

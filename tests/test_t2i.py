@@ -10,7 +10,7 @@ from configs import t2i
 from self_flow import conditioning, objectives, sampling, train_step
 from self_flow.modalities import image
 from self_flow.models import factory
-from conftest import random_params
+from conftest import random_params, write_caption_latent_shards
 
 
 def _config(encoder="precomputed"):
@@ -192,16 +192,7 @@ def test_bad_rope_dims_are_named(bad):
 def test_train_a_few_steps_from_latent_shards(tmp_path):
   """Round trip: write latent + caption-embedding shards, then train and resume from them."""
   from self_flow import train
-  from self_flow.data import latent_shards
-  rng = np.random.default_rng(0)
-  examples = [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
-               "caption": f"a photo of item {i}", "label": i % 10} for i in range(40)]
-  shards = str(tmp_path / "shards")
-  latent_shards.write_shards(
-      examples, output_dir=shards, split="train", num_shards=2,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.bytes_text_encoder(8),
-      batch_size=16, signal_encoder_name="avgpool2", text_encoder_name="bytes")
+  shards = write_caption_latent_shards(str(tmp_path / "shards"), 40, num_shards=2)
   config = _config()
   config.data.dataset = "latent_shards"
   config.data.data_dir = shards

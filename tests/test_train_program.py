@@ -7,7 +7,8 @@ import pytest
 
 from configs import t2i, t2v
 from self_flow import train_program, train_state
-from self_flow.data import latent_shards, modality_sources, pipeline
+from conftest import write_caption_latent_shards
+from self_flow.data import modality_sources, pipeline
 
 
 def _first_batch(config, modality: str) -> dict[str, np.ndarray]:
@@ -42,15 +43,7 @@ def test_abstract_batch_matches_embedded_video(video_data_dir):
 
 
 def test_abstract_batch_matches_latent_shards(tmp_path):
-  rng = np.random.default_rng(0)
-  examples = [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
-               "caption": f"item {i}", "label": i % 10} for i in range(16)]
-  shards = str(tmp_path / "shards")
-  latent_shards.write_shards(
-      examples, output_dir=shards, split="train", num_shards=1,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.bytes_text_encoder(8), batch_size=16,
-      signal_encoder_name="avgpool2", text_encoder_name="bytes")
+  shards = write_caption_latent_shards(str(tmp_path / "shards"), 16)
   config = t2i.get_config("local")
   config.text.encoder = "precomputed"
   config.data.dataset = "latent_shards"
