@@ -12,10 +12,12 @@ shift
 TPU_PYTHON="${TPU_PYTHON:-${SELF_FLOW_TPU_PYTHON:-$REPO_ROOT/.venv-tpu/bin/python}}"
 if (($# == 0)); then
   set -- \
-    configs/t2i.py v5e:4x4  configs/t2a.py v5e:4x4  configs/c2i_imagenet256.py v5e:4x4 \
-    configs/t2v.py v5p:2x2x4  configs/multimodal.py v5p:2x2x4  configs/multimodal.py:4b v5p:4x4x4 \
+    configs/t2i.py v5e:4x4  configs/t2a.py v5e:4x4  configs/t2v.py v5p:2x2x4 \
+    configs/multimodal.py v5p:2x2x4  configs/c2i_imagenet256.py v5p:2x2x4 \
+    configs/multimodal.py:4b v5p:4x4x4 \
     configs/t2i.py v5e:8x8  configs/t2i.py v5p:2x2x4  configs/t2i.py v5p:4x4x4 \
-    configs/t2i.py v6e:4x4  configs/t2i.py v6e:8x8
+    configs/t2i.py v6e:4x4  configs/t2i.py v6e:8x8  configs/c2i_imagenet256.py v5e:4x4 \
+    configs/c2i_imagenet256.py v6e:4x4  configs/t2a.py v6e:4x4  configs/t2v.py v5p:4x4x4
 fi
 mkdir -p "$OUT"
 TIMER=()  # host peak memory of each compile, where GNU time is installed
