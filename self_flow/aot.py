@@ -21,10 +21,10 @@ Topology names are libtpu's: `v5e:2x2` (4 chips), `v5e:4x4`, `v5p:2x2x2` (8 chip
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -81,8 +81,7 @@ class StepReport:
   temp_bytes: int = 0
   code_bytes: int = 0
   flops_per_device: float = 0.0
-  collectives: dict | None = None  # kind -> hlo_collectives.Collective
-  unknown_trip_counts: int = 0
+  collectives: Any = None  # hlo_collectives.Report of the compiled program
   tpu_kernels: int = 0  # Mosaic (Pallas) kernels in the program, e.g. splash attention.
   error: str = ""  # the compiler's message when it ran out of memory
 
@@ -139,16 +138,14 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
                   hlo_dir: str | None = None) -> list[StepReport]:
   """Compiles every modality's train step of `config` for `topology`; one report each (and
   the compiled HLO text in `hlo_dir` when given)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from self_flow import (config_validation, flops, hlo_collectives,  # pylint: disable=g-import-not-at-top
-                         train_program)
+  # pylint: disable-next=g-import-not-at-top
+  from self_flow import config_validation, flops, hlo_collectives, train_program, train_state
   devices = topology_devices(topology, num_slices)
   config = _without_data(config)
   config_validation.validate(config, num_devices=len(devices))
   program = train_program.build(config, devices)
   kind = devices[0].device_kind
-  state_bytes = sum(math.prod(a.shape) * a.dtype.itemsize
-                    for a in jax.tree.leaves(program.layout.abstract))
+  state_bytes = train_state.num_bytes(program.layout.abstract)
   reports = []
   for modality in program.specs:
     report = StepReport(config_name, topology, num_slices, kind, len(devices),
@@ -177,10 +174,8 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
       name = f"{topology.replace(':', '_')}x{num_slices}_{modality}.hlo.txt"
       with open(os.path.join(hlo_dir, name), "w") as f:
         f.write(hlo_text)
-    collectives = hlo_collectives.count(hlo_text)
-    report.collectives = collectives.by_kind
+    report.collectives = hlo_collectives.count(hlo_text)
     report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
-    report.unknown_trip_counts = collectives.unknown_trip_counts
     reports.append(report)
   return reports
 
@@ -211,14 +206,14 @@ def format_report(report: StepReport, min_headroom: float) -> str:
               f"DOES NOT FIT with {min_headroom:.0%} headroom"),
            f"  train state {_gib(report.state_bytes)} in all; analytic model FLOPs per device "
            f"per step {report.flops_per_device:.4g}; Mosaic kernels {report.tpu_kernels}"]
-  if report.collectives:
-    for kind, c in report.collectives.items():
-      lines.append(f"  {kind}: {c.instructions} in the program, {c.executions} per step, "
-                   f"{_gib(c.bytes)} per device per step")
-  else:
+  for kind, c in report.collectives.by_kind.items():
+    lines.append(f"  {kind}: {c.instructions} in the program, {c.executions} per step, "
+                 f"{_gib(c.bytes)} per device per step")
+  if not report.collectives.by_kind:
     lines.append("  collectives: none")
-  if report.unknown_trip_counts:
-    lines.append(f"  ({report.unknown_trip_counts} loops of unreadable trip count counted once)")
+  if report.collectives.unknown_trip_counts:
+    lines.append(f"  ({report.collectives.unknown_trip_counts} loops of unreadable trip count "
+                 "counted once)")
   return "\n".join(lines)
 
 
@@ -235,8 +230,8 @@ def markdown_row(report: StepReport, min_headroom: float) -> str:
     return (f"| {report.config_name} | {report.modality} | {topology} | {report.num_devices} | "
             f"{mesh} | | | compiler: out of memory | no | | "
             f"{report.flops_per_device / 1e12:.3g} | {report.compile_seconds:.0f} |")
-  kinds = ", ".join(f"{k} {c.executions}" for k, c in (report.collectives or {}).items())
-  total = sum(c.bytes for c in (report.collectives or {}).values())
+  kinds = ", ".join(f"{k} {c.executions}" for k, c in report.collectives.by_kind.items())
+  total = report.collectives.total_bytes
   return (f"| {report.config_name} | {report.modality} | {topology} | {report.num_devices} | "
           f"{mesh} | {_gib(report.argument_bytes)} | {_gib(report.temp_bytes)} | "
           f"{_gib(report.total_bytes)} / {report.hbm_bytes // GIB} GiB | "
@@ -246,7 +241,10 @@ def markdown_row(report: StepReport, min_headroom: float) -> str:
 
 def to_json(report: StepReport, min_headroom: float) -> dict:
   out = dataclasses.asdict(report)
-  out["collectives"] = {k: c._asdict() for k, c in (report.collectives or {}).items()}
+  collectives = report.collectives
+  out["collectives"] = ({k: c._asdict() for k, c in collectives.by_kind.items()}
+                        if collectives else {})
+  out["unknown_trip_counts"] = collectives.unknown_trip_counts if collectives else 0
   out.update(total_bytes=report.total_bytes, fits=report.fits(min_headroom))
   return out
 
@@ -255,7 +253,7 @@ def _config_name() -> str:
   """The --config argument as given (file and variant), for the report."""
   for arg in sys.argv[1:]:
     if arg.startswith("--config="):
-      return os.path.relpath(arg.split("=", 1)[1]) if ":" not in arg else arg.split("=", 1)[1]
+      return arg.split("=", 1)[1]
   return "config"
 
 

@@ -10,8 +10,9 @@ device receives (for an all-reduce, the reduced buffer; for an all-gather, the g
 
 The text format is XLA's HLO printer output, which is stable in the parts read here
 (`%name = type opcode(operands), attr=...`; a computation ends at a line holding only `}`, since
-a Mosaic kernel's custom call prints its configuration over several lines). TPU's compiler may implement an all-gather as an
-all-reduce of a zero-padded buffer; such instructions are counted as what they are compiled to.
+a Mosaic kernel's custom call prints its configuration over several lines). TPU's compiler may
+implement an all-gather as an all-reduce of a zero-padded buffer; such instructions are counted
+as what they are compiled to.
 """
 
 import collections
@@ -33,7 +34,7 @@ _SHAPE = re.compile(r"\b(" + "|".join(sorted(_ITEMSIZE, key=len, reverse=True)) 
 _CALLED = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([\w.\-]+)")
-_CONSTANT = re.compile(r"constant\((-?\d+)\)")
+_CONSTANT_OPERAND = re.compile(r"(-?\d+)\)")  # what follows "constant(" in a scalar constant
 
 
 class Collective(NamedTuple):
@@ -94,7 +95,7 @@ def _trip_count(condition: list[_Instruction]) -> int | None:
   constants = {}
   for instruction in condition:
     if instruction.opcode == "constant":
-      value = _CONSTANT.search(f"constant({instruction.rest}")
+      value = _CONSTANT_OPERAND.match(instruction.rest)
       if value:
         constants[instruction.name] = int(value.group(1))
   for instruction in condition:

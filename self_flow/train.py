@@ -10,7 +10,6 @@ the interval and at the end.
 
 import contextlib
 import errno
-import math
 import os
 import shutil
 import time
@@ -114,7 +113,7 @@ def _check_free_space(workdir: epath.Path, abstract_state, keep: int) -> None:
   """Refuses a local workdir without room for one checkpoint; warns below `keep` + 1 of them."""
   if "://" in str(workdir):
     return
-  needed = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
+  needed = train_state.num_bytes(abstract_state)
   free = shutil.disk_usage(str(workdir)).free
   if free < needed:
     raise OSError(errno.ENOSPC, f"--workdir={workdir} has {free / 2**20:.1f} MiB free; one "

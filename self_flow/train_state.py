@@ -6,6 +6,7 @@ and the teacher is just the same graphdef merged with `ema_params`. Initialisati
 `jax.jit` with the target shardings, so no full copy of the model ever lives on one device.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -68,6 +69,12 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return StateLayout(graphdef, shardings, abstract)
+
+
+def num_bytes(tree) -> int:
+  """Bytes of a pytree of arrays or ShapeDtypeStructs as a whole (before any sharding): what a
+  checkpoint of the state holds, and what one chip would hold replicated."""
+  return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def check_replication(config: ml_collections.ConfigDict, layout: StateLayout
