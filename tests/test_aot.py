@@ -34,7 +34,6 @@ def run_aot(tmp_path, config: str, topology: str, *overrides: str):
   """(exit status, combined output, reports) of one `self_flow.aot` run."""
   report_path = tmp_path / "aot.json"
   env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop("LD_PRELOAD", None)
   proc = subprocess.run(
       [_tpu_python(), "-m", "self_flow.aot", f"--config={config}", f"--topology={topology}",
        f"--json={report_path}", *overrides],
