@@ -3,7 +3,7 @@
 # collects one markdown row per compiled step: the runs behind benchmarks/TPU_AOT.md.
 #   bash benchmarks/tpu_aot_table.sh OUT_DIR [CONFIG TOPOLOGY]...
 # Without CONFIG TOPOLOGY pairs it runs the table's list below. Needs the TPU environment
-# (launch/setup_tpu_aot.sh, or any Python with requirements-tpu.txt as TPU_PYTHON). Each compile
+# (launch/setup_tpu_aot.sh, or any Python with the tpu extra as TPU_PYTHON). Each compile
 # takes minutes on 2 cores; a step that does not fit is recorded and the script goes on.
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

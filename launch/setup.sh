@@ -1,40 +1,37 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine, sourced by run_local.sh and test.sh:
-#   - Debian packages: the embedded datasets (dataset-fashion-mnist; espeak-ng, which synthesises
-#     the spoken-word audio dataset) and tcmalloc (15-20% faster CPU steps), installed only when
-#     missing;
-#   - a virtual environment in .venv with requirements.txt, reinstalled only when that file changes;
+#   - the Debian packages of the embedded datasets and tcmalloc (setup_system.sh);
+#   - a virtual environment in .venv holding self_flow (editable) with its dev extra, at the exact
+#     versions of requirements-lock.txt, plus the tpu or cuda12 extra on a host with a TPU or an
+#     NVIDIA GPU (self_flow/accelerators.py decides; SELF_FLOW_EXTRA=tpu|cuda12|none overrides);
+#     reinstalled only when pyproject.toml, requirements*.txt or the extra change;
 #   - LD_PRELOAD of tcmalloc when present.
 # Fast when already set up (two dpkg queries and one checksum).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
-DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4 espeak-ng)
-missing=()
-for pkg in "${DEBIAN_PACKAGES[@]}"; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  SUDO=""
-  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-  echo "setup: installing Debian packages: ${missing[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source "$REPO_ROOT/launch/setup_system.sh"
 
 PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); self_flow needs 3.11 or newer (jax >= 0.10). Install one (e.g. python3.11 from your distribution, pyenv or uv) and rerun with PYTHON=python3.11." >&2
+  exit 1
+fi
 VENV="$REPO_ROOT/.venv"
-STAMP="$VENV/.requirements.sha256"
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+STAMP="$VENV/.install.sha256"
+EXTRA="${SELF_FLOW_EXTRA:-$("$PYTHON" self_flow/accelerators.py)}"
+EXTRAS="dev${EXTRA:+,$EXTRA}"
+EXTRAS="${EXTRAS%,none}"
+want="$(cat pyproject.toml requirements.txt requirements-lock.txt <(echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing requirements.txt into $VENV" >&2
+  echo "setup: installing self_flow[$EXTRAS] (versions of requirements-lock.txt) into $VENV" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -U pip
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+  "$VENV/bin/pip" install -q --disable-pip-version-check -c requirements-lock.txt -e ".[$EXTRAS]"
   echo "$want" > "$STAMP"
 fi
 

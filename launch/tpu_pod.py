@@ -36,8 +36,8 @@ DRY_RUN_PREFIX = "[dry run] "
 REMOTE_DIR = "~/self_flow"  # Left unquoted in remote commands so that the worker's shell expands ~.
 REMOTE_ARCHIVE = "/tmp/self_flow.tar.gz"
 REMOTE_LOG = f"{REMOTE_DIR}/train.log"
-# requirements.txt pins versions that need Python 3.11; the TPU runtimes ship Ubuntu 22.04, whose
-# python3 is 3.10, so the workers get 3.11 from the deadsnakes archive.
+# self_flow needs Python 3.11 or newer (jax >= 0.10); the TPU runtimes ship Ubuntu 22.04, whose
+# python3 is 3.10, so the workers get 3.11 (the locked set's Python) from the deadsnakes archive.
 REMOTE_PYTHON = "python3.11"
 QUEUED_POLL_SECONDS = 30
 
@@ -181,17 +181,6 @@ def config_file(value: str) -> str:
   return value
 
 
-def pinned_jax_version() -> str:
-  """The workers install jax[tpu] at the jax version requirements.txt pins, so libtpu matches."""
-  path = os.path.join(REPO_ROOT, "requirements.txt")
-  with open(path) as f:
-    for line in f:
-      match = re.fullmatch(r"jax==(\S+)", line.strip())
-      if match:
-        return match[1]
-  raise LaunchError(f"{path} pins no jax version (a line jax==X.Y.Z), which install needs")
-
-
 # ---------------------------------------------------------------------------------------------
 # gcloud command lines.
 
@@ -252,8 +241,9 @@ def scp_command(args: argparse.Namespace) -> list[str]:
                  "--worker=all")
 
 
-def remote_install(jax_version: str) -> str:
-  """Unpacks the checkout over REMOTE_DIR (keeping its .venv) and installs the pinned stack."""
+def remote_install() -> str:
+  """Unpacks the checkout over REMOTE_DIR (keeping its .venv) and installs self_flow with its tpu
+  extra at the locked versions (jax[tpu] pins the libtpu of its jax)."""
   python = REMOTE_PYTHON
   pip = ".venv/bin/pip install -q --disable-pip-version-check"
   return " && ".join([
@@ -266,7 +256,7 @@ def remote_install(jax_version: str) -> str:
       f"cd {REMOTE_DIR}",
       f"{{ [ -x .venv/bin/python ] || {python} -m venv .venv; }}",
       f"{pip} -U pip",
-      f"{pip} -r requirements.txt {shlex.quote(f'jax[tpu]=={jax_version}')}",
+      f"{pip} -c requirements-lock.txt -e {shlex.quote('.[tpu]')}",
   ])
 
 
@@ -335,8 +325,7 @@ def pack_checkout(archive: str) -> None:
 
 
 def install(runner: Runner, args: argparse.Namespace) -> None:
-  """Copies this checkout to every worker and installs requirements.txt + jax[tpu] there."""
-  jax_version = pinned_jax_version()
+  """Copies this checkout to every worker and installs self_flow[tpu] there."""
   archive = local_archive(args)
   runner.note(f"pack this checkout's files (git ls-files: tracked, and untracked but not "
               f"ignored) into {archive}")
@@ -347,7 +336,7 @@ def install(runner: Runner, args: argparse.Namespace) -> None:
   finally:
     if not runner.dry_run:
       os.remove(archive)
-  runner.run(ssh_command(args, remote_install(jax_version)))
+  runner.run(ssh_command(args, remote_install()))
 
 
 def run(runner: Runner, args: argparse.Namespace) -> None:

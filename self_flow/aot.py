@@ -6,7 +6,7 @@
 Builds the trainer's own program (`train_program.build`: mesh, state layout, one jitted step
 per modality, exactly what `train.train_and_evaluate` runs) over the compile-only devices of
 the named topology, lowers every modality's step with abstract state, batch and rng, and runs
-the real TPU compiler (libtpu; install it with `pip install -r requirements-tpu.txt`, see the
+the real TPU compiler (libtpu; install it with `pip install -e ".[tpu]"`, see the
 README). Per device it prints the compiler's memory figures, the chip's HBM and the headroom,
 the compile time, the collectives of the compiled program per step (`hlo_collectives`) and the
 analytic model FLOPs (`flops`, XLA's cost analysis counts scanned blocks once).
@@ -105,8 +105,8 @@ def topology_devices(name: str, num_slices: int = 1):
   except Exception as err:  # libtpu missing or an unknown topology name
     raise SystemExit(f"--topology={name} (num_slices={num_slices}) gave no TPU devices: "
                      f"{type(err).__name__}: {err}. The TPU compiler comes with libtpu: "
-                     "pip install -r requirements-tpu.txt (in its own environment, see the "
-                     "README), and topology names look like v5e:2x2, v5p:2x2x2, v6e:4x4.") from err
+                     "pip install -e \".[tpu]\" (in its own environment, see the README), "
+                     "and topology names look like v5e:2x2, v5p:2x2x2, v6e:4x4.") from err
 
 
 def hbm_bytes(device_kind: str) -> int:

@@ -2,7 +2,7 @@
 
 The TPU compiler (libtpu) is not a requirement of the CPU path, so these tests run the tool in
 the separate environment that `launch/test.sh` prepares (`.venv-tpu`: this environment plus
-`requirements-tpu.txt`), or in the interpreter named by SELF_FLOW_TPU_PYTHON. Without one they
+the tpu extra), or in the interpreter named by SELF_FLOW_TPU_PYTHON. Without one they
 are skipped, except under CI, where a missing TPU environment is a set-up error.
 """
 
@@ -24,7 +24,7 @@ def _tpu_python() -> str:
   if os.path.exists(TPU_PYTHON):
     return TPU_PYTHON
   message = (f"no TPU compiler environment at {TPU_PYTHON}: launch/test.sh creates it "
-             "(python -m venv .venv-tpu + requirements-tpu.txt)")
+             "(python -m venv .venv-tpu + the tpu extra)")
   if os.environ.get("CI"):
     pytest.fail(message)
   pytest.skip(message)
@@ -108,15 +108,15 @@ def test_too_large_batch_fails_with_the_memory_knobs(tmp_path):
 def test_unknown_topology_names_the_fix(tmp_path):
   status, output, _ = run_aot(tmp_path, "configs/c2i.py:local", "v5e:3x3x3x3")
   assert status != 0
-  assert "--topology=v5e:3x3x3x3" in output and "requirements-tpu.txt" in output
+  assert "--topology=v5e:3x3x3x3" in output and 'pip install -e ".[tpu]"' in output
 
 
 def test_without_libtpu_the_tool_says_what_to_install():
-  """The CPU environment has no libtpu (requirements-tpu.txt is separate): the tool stops with
+  """The CPU environment has no libtpu (the tpu extra is separate): the tool stops with
   what to install instead of a traceback."""
   proc = subprocess.run([sys.executable, "-m", "self_flow.aot", "--config=configs/c2i.py:local",
                          "--topology=v5e:2x2"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
-  assert "pip install -r requirements-tpu.txt" in proc.stderr, proc.stderr[-2000:]
+  assert 'pip install -e ".[tpu]"' in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr

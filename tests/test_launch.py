@@ -34,8 +34,7 @@ INSTALL_REMOTE = (
     " && rm -f /tmp/self_flow.tar.gz && cd ~/self_flow"
     " && { [ -x .venv/bin/python ] || python3.11 -m venv .venv; }"
     " && .venv/bin/pip install -q --disable-pip-version-check -U pip"
-    " && .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt"
-    " 'jax[tpu]==0.10.2'")
+    " && .venv/bin/pip install -q --disable-pip-version-check -c requirements-lock.txt -e '.[tpu]'")
 RUN_REMOTE = (
     f"cd ~/self_flow && export LIBTPU_INIT_ARGS='{V5P_FSDP}'"
     " && .venv/bin/python -m self_flow.main --config=configs/t2i.py --workdir=gs://my-bucket/t2i"
@@ -174,7 +173,7 @@ def test_install_ships_the_checkout_without_ignored_files(tmp_path):
   assert [call.split()[:4] for call in calls] == [["compute", "tpus", "tpu-vm", "scp"],
                                                   ["compute", "tpus", "tpu-vm", "ssh"]]
   files = (tmp_path / "calls.tar").read_text().splitlines()
-  assert {"requirements.txt", "self_flow/main.py", "configs/t2i.py", "launch/tpu_pod.py"} <= set(
+  assert {"pyproject.toml", "requirements-lock.txt", "self_flow/main.py", "configs/t2i.py", "launch/tpu_pod.py"} <= set(
       files)
   assert not [f for f in files if f.startswith((".venv/", "workdirs/", "data/", ".git/"))]
   assert not (tmp_path / "self_flow-sf-v5p.tar.gz").exists()  # The local archive is removed.
