@@ -26,6 +26,9 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Processes of a distributed run (default: detected).")
 flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (default: "
                      "detected).")
+flags.DEFINE_bool("library_info_logs", False,
+                  "Also log the INFO lines of the libraries (orbax, grain, tfds, ...); by default "
+                  "only self_flow's INFO lines and every library's warnings and errors.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,6 +43,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
+  from self_flow import reporting  # pylint: disable=g-import-not-at-top
+  if not FLAGS.library_info_logs:
+    reporting.show_only_own_info_logs()
   if _want_distributed():
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

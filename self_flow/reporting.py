@@ -1,13 +1,22 @@
-"""Metric writers (TensorBoard + console via clu) and the throughput numbers we log.
+"""Metric writers (TensorBoard via clu), the console progress line and the throughput numbers.
+
+Every metric goes to TensorBoard; the console gets one short line per log step (step/total,
+loss, rate, ETA) instead of clu's line of every scalar, which is unreadable at a glance.
 
 The step's FLOPs are the analytic model FLOPs of `self_flow.flops` (student forward + backward,
 projector head, teacher forward up to its layer), not XLA's cost analysis: that counts the body
 of every scanned block segment once, so it understates a 28-block model several-fold.
 """
 
+import logging
+import os
+
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from clu import metric_writers, periodic_actions
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Peak dense bf16 TFLOP/s per device, for MFU (maxtext's table; GPUs: dense tensor-core peak).
 PEAK_TFLOPS = {
@@ -25,8 +34,45 @@ PEAK_TFLOPS = {
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard event files + console on process 0; console only elsewhere."""
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  """TensorBoard event files on process 0 (asynchronous); nothing on the other processes."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+
+
+def show_only_own_info_logs() -> None:
+  """Keeps the console readable: INFO lines of self_flow's own modules (progress, compilations,
+  evaluations, checkpoints restored) and warnings and errors of every library; orbax, grain and
+  tfds log dozens of INFO lines per checkpoint or dataset otherwise (main.py's
+  --library_info_logs keeps them)."""
+  absl_logging.set_verbosity(absl_logging.INFO)
+  own_or_warning = (lambda record: record.levelno >= logging.WARNING
+                    or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+  # absl's logger and its handler, which also prints other loggers' records (jax's, ...).
+  absl_logging.get_absl_logger().addFilter(own_or_warning)
+  absl_logging.get_absl_handler().addFilter(own_or_warning)
+
+
+def _duration(seconds: float) -> str:
+  """1h02m, 4m05s or 7s."""
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_line(step: int, num_steps: int, loss: float, steps_per_sec: float) -> str:
+  """"step 120/1500 (8%) | loss 0.4123 | 1.83 s/step | ETA 42m06s": the rate as steps/s when at
+  least one step per second, else as s/step, with three significant digits either way."""
+  if steps_per_sec >= 1:
+    rate = f"{steps_per_sec:.3g} steps/s"
+  else:
+    rate = f"{1 / max(steps_per_sec, 1e-9):.3g} s/step"
+  eta = _duration((num_steps - step) / max(steps_per_sec, 1e-9))
+  return (f"step {step}/{num_steps} ({100 * step / num_steps:.0f}%) | loss {loss:.4f} | {rate} | "
+          f"ETA {eta}")
 
 
 def peak_tflops_per_device(configured: float) -> float | None:
@@ -57,10 +103,9 @@ def mean_metrics(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
   return {key: float(np.mean([m[key] for m in window])) for key in window[0]}
 
 
-def periodic_hooks(num_steps: int, writer, workdir: str, profile: bool) -> list:
-  """ReportProgress (steps/s, ETA) everywhere; a jax.profiler trace of a few steps on process 0."""
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=None, every_secs=60.0)]
+def periodic_hooks(workdir: str, profile: bool) -> list:
+  """With `profile`, a jax.profiler trace of a few steps on process 0 (TensorBoard's profile
+  tab); the progress itself is the console line and perf/steps_per_sec."""
   if profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
-  return hooks
+    return [periodic_actions.Profile(logdir=workdir, num_profile_steps=5)]
+  return []

@@ -22,8 +22,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from self_flow import (checkpointing, config_validation, flops, mixture, preemption, reporting,
-                       run_compatibility, train_program, train_state)
+from self_flow import (accelerators, checkpointing, config_validation, flops, mixture,
+                       preemption, reporting, run_compatibility, train_program, train_state)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -157,6 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics} for scripts and tests (plus "preempted_at" after a SIGTERM).
   """
   config_validation.validate(config)
+  unused_accelerator = accelerators.unused_accelerator_warning(jax.default_backend())
+  if unused_accelerator:
+    logging.warning("NO ACCELERATOR IN USE. %s", unused_accelerator)
   workdir = _prepare_workdir(workdir)
   num_steps = config.train.num_steps
 
@@ -188,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   compiled: dict[str, Any] = {}  # modality -> compiled step, compiled on first use
   step_flops: dict[str, float] = {}  # modality -> analytic model FLOPs per step per device
   peak = reporting.peak_tflops_per_device(config.train.peak_tflops_per_device)
-  hooks = reporting.periodic_hooks(num_steps, writer, str(workdir), config.train.profile)
+  hooks = reporting.periodic_hooks(str(workdir), config.train.profile)
   window_start = time.time()
 
   def drain(entry):
@@ -217,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       mean_flops = float(np.mean([step_flops[n] for n, _ in window]))
       scalars.update(reporting.throughput_metrics(mean_flops, steps_per_sec, peak))
       writer.write_scalars(step, scalars)
+      logging.info("%s", reporting.progress_line(step, num_steps, scalars["train/loss"],
+                                                 steps_per_sec))
       window.clear()
       window_start = time.time()
     _check_finite(step, host)
@@ -262,7 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = pipeline.make_global_batch(next(train_iters[name]), batch_sharding)
         if name not in compiled:
+          compile_start = time.time()
           compiled[name] = step_fns[name].lower(state, batch, base_rng).compile()
+          window_start += time.time() - compile_start  # the rate and ETA count steps only
           step_flops[name] = flops.train_step_flops(config, name).total / jax.device_count()
           logging.info("Compiled the %s train step: %.4g model FLOPs per step per device.", name,
                        step_flops[name])
