@@ -5,7 +5,8 @@
 The notebooks are generated, so they are reviewed here as plain Python strings and rebuilt
 identically (fixed cell ids, no outputs). Each has a parameters cell (tag "parameters", as
 papermill expects) holding its step counts and sizes; tests/test_notebooks.py executes the
-quickstart with tiny values put after that cell.
+notebooks with tiny values put after that cell, and the set-up cell in a Colab-like
+environment (tests/test_colab_install.py).
 """
 
 import os
@@ -15,11 +16,14 @@ import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-REPO_URL = "https://github.com/<owner>/self_flow.git"
+# This project's public git URL; empty until it has one (the set-up cell then says what to fill).
+REPO_URL = ""
 
 SETUP = '''
-# Finds the self_flow checkout (this notebook's folder or one above it); on Colab, clones it and
-# installs what it needs. Safe to run again.
+# @title Set-up: find or clone the checkout, add what is missing, show the runtime
+# Inside a self_flow checkout (local Jupyter) this only finds it. Elsewhere (Colab) it clones
+# repo_url, installs the Debian packages of the embedded datasets and adds the missing Python
+# packages, never replacing jax, the Jupyter kernel or TensorFlow. Safe to run again.
 import os
 import subprocess
 import sys
@@ -35,53 +39,73 @@ def find_checkout(start):
     path = os.path.dirname(path)
 
 
-repo = find_checkout(os.getcwd()) or find_checkout("self_flow_repo")
-if repo is None:
-  if "google.colab" not in sys.modules:
-    raise RuntimeError("Start Jupyter inside a self_flow checkout (this notebook lives in its "
-                       "notebooks/ folder), or open the notebook on Colab, which clones one.")
-  if "<owner>" in repo_url:
-    raise ValueError("Set repo_url in the parameters cell to the repository's git URL.")
-  subprocess.run(["git", "clone", "--depth=1", repo_url, "self_flow_repo"], check=True)
+repo = find_checkout(os.getcwd())
+if repo is None:  # not started inside a checkout: use (or make) ./self_flow_repo
   repo = os.path.abspath("self_flow_repo")
-  # The embedded datasets: Fashion-MNIST files (images and video sprites), espeak-ng (speech).
-  subprocess.run("apt-get -qq update && apt-get -qq install -y dataset-fashion-mnist espeak-ng",
-                 shell=True, check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r",
-                  os.path.join(repo, "requirements.txt")], check=True)
+  if not os.path.isdir(repo):
+    if not repo_url:
+      raise ValueError(
+          "repo_url is empty: set it in the parameters cell to the git URL of self_flow, e.g. "
+          "https://github.com/OWNER/self_flow.git (the package alone installs with "
+          "!pip install 'self-flow @ git+https://github.com/OWNER/self_flow.git', but the "
+          "notebooks also need the checkout's configs and data folders).")
+    subprocess.run(["git", "clone", "--depth=1", repo_url, repo], check=True)
+  missing = [p for p in ("dataset-fashion-mnist", "espeak-ng")
+             if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
+  if missing:  # images and video sprites come from Fashion-MNIST files, speech from espeak-ng
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(sudo + ["apt-get", "-qq", "update"], check=True)
+    subprocess.run(sudo + ["apt-get", "-qq", "install", "-y", *missing], check=True)
+  subprocess.run([sys.executable, os.path.join(repo, "launch", "install_missing.py"),
+                  "--extra=notebooks"], check=True)
 os.chdir(repo)  # configs name data and cache folders relative to the checkout
 if repo not in sys.path:
   sys.path.insert(0, repo)
 print("self_flow checkout:", repo)
+
+import jax
+
+from self_flow import accelerators
+
+backend = jax.default_backend()
+print(f"Runtime: JAX {jax.__version__} on {backend.upper()}, {jax.device_count()} x "
+      f"{jax.devices()[0].device_kind}.")
+warning = accelerators.unused_accelerator_warning(backend)
+if warning:
+  print("WARNING:", warning)
+elif backend == "cpu":
+  print("CPU runtime: the default parameters are sized for 2 CPU cores. On Colab, "
+        "Runtime > Change runtime type attaches a GPU or TPU.")
 '''
 
 SETUP_NOTE = '''
 ## Set-up
 
-Locally (Jupyter started inside the checkout, `pip install -r requirements.txt` done) this only
-finds the checkout. On Colab it clones the repository (set `repo_url` above), installs the
-Debian packages of the embedded datasets and `requirements.txt`. If pip replaced packages Colab
-had already imported, use *Runtime > Restart session* and run all cells again (the clone is
-found and nothing is installed twice).
+Locally (Jupyter started inside a checkout set up with `pip install -e ".[dev]"`) this only finds
+the checkout. On Colab set `repo_url` above: the cell clones it, installs the Debian packages of
+the embedded datasets and adds the Python packages Colab lacks (`launch/install_missing.py`: the
+installed jax, kernel and TensorFlow are kept as they are, so no restart is needed), then says
+which runtime is attached.
 '''
+
+METHOD_PARAM = ('# The objective: Self-Flow or one of the baselines it is compared with.\n'
+                'method = "self_flow"  # @param ["self_flow", "vanilla", "dual_timestep", '
+                '"diffusion_forcing", "full_masking"]')
+REPO_URL_PARAM = ('# Colab: the git URL of self_flow to clone (see the set-up cell).\n'
+                  f'repo_url = "{REPO_URL}"  # @param {{type:"string"}}')
+
 
 def train_cell(config_module: str, settings: str) -> str:
   """The configure-and-train cell: `settings` sets the parameters on `config`."""
   return f'''
-import logging as pylogging
 import time
 
-from absl import logging
-
 from configs import {config_module}
-from self_flow import train
+from self_flow import reporting, train
 
-# Progress without every library's INFO messages: the metric lines (every
+# Progress without every library's INFO messages: the progress line (every
 # config.train.log_every steps), compilations, evaluation results, and all warnings.
-logging.set_verbosity(logging.INFO)
-logging.get_absl_logger().addFilter(
-    lambda record: record.levelno >= pylogging.WARNING
-    or record.module in ("logging_writer", "periodic_actions", "train"))
+reporting.show_only_own_info_logs()
 
 config = {config_module}.get_config(f"local,method={{method}}")
 {textwrap.dedent(settings).strip()}
@@ -105,17 +129,24 @@ on 28x28 Fashion-MNIST) with Self-Flow, then samples it with its EMA weights. Wi
 parameters it takes about 15 minutes on a 2-core CPU runtime (Colab's free CPU runtime).
 '''),
     ("parameters", f'''
-train_steps = 1000  # Optimizer steps (the config's full recipe is 1500).
-method = "self_flow"  # self_flow, vanilla, dual_timestep, diffusion_forcing or full_masking.
-workdir = "workdirs/quickstart"  # Checkpoints, TensorBoard logs, samples; a rerun resumes.
-eval_samples = 500  # Generated images for the Frechet distance and the class accuracy.
-sampling_steps = 50  # Euler steps per sample.
-grid_rows = 4  # Rows of the sample grids below (one column per class).
-config_overrides = {{}}  # Any other config key, e.g. {{"optim.learning_rate": 5e-4}}.
-repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+# @title Parameters
+# Optimizer steps (the config's full recipe is 1500).
+train_steps = 1000  # @param {{type:"integer"}}
+{METHOD_PARAM}
+# Checkpoints, TensorBoard logs, samples; a rerun resumes.
+workdir = "workdirs/quickstart"  # @param {{type:"string"}}
+# Generated images for the Frechet distance and the class accuracy.
+eval_samples = 500  # @param {{type:"integer"}}
+# Euler steps per sample.
+sampling_steps = 50  # @param {{type:"integer"}}
+# Rows of the sample grids below (one column per class).
+grid_rows = 4  # @param {{type:"integer"}}
+# Any other config key, e.g. {{"optim.learning_rate": 5e-4}}.
+config_overrides = {{}}  # @param {{type:"raw"}}
+{REPO_URL_PARAM}
 '''),
     ("markdown", SETUP_NOTE),
-    ("code", SETUP),
+    ("setup", SETUP),
     ("markdown", '''
 ## Configure and train
 
@@ -236,18 +267,23 @@ runtime; so short a run shows how the harness works, not the paper's gains (whic
 longer training; see docs/ablations.md). Rerunning the cell skips finished runs.
 '''),
     ("parameters", f'''
-variants = ["vanilla", "dual_timestep", "self_flow"]  # Methods; the first is the reference.
-seeds = 2  # Runs per variant; 2 is the fewest that gives a seed-noise estimate.
-train_steps = 200  # Optimizer steps per run.
-eval_every = 0  # Steps between evaluations (curves); 0 = only at the end.
-output = "workdirs/ablation_notebook"  # Runs and results page.
+# @title Parameters
+# Methods; the first is the reference.
+variants = ["vanilla", "dual_timestep", "self_flow"]  # @param {{type:"raw"}}
+# Runs per variant; 2 is the fewest that gives a seed-noise estimate.
+seeds = 2  # @param {{type:"integer"}}
+# Optimizer steps per run.
+train_steps = 200  # @param {{type:"integer"}}
+# Steps between evaluations (curves); 0 = only at the end.
+eval_every = 0  # @param {{type:"integer"}}
+# Runs and results page.
+output = "workdirs/ablation_notebook"  # @param {{type:"string"}}
 # Settings of every run: evaluation sizes, the linear probe and the stratified loss.
-overrides = {{"eval.num_samples": 400, "eval.batch_size": 128, "eval.probe_steps": 500,
-             "eval.probe_examples": 1000, "eval.loss_bins": 10}}
-repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+overrides = {{"eval.num_samples": 400, "eval.batch_size": 128, "eval.probe_steps": 500, "eval.probe_examples": 1000, "eval.loss_bins": 10}}  # @param {{type:"raw"}}
+{REPO_URL_PARAM}
 '''),
     ("markdown", SETUP_NOTE),
-    ("code", SETUP),
+    ("setup", SETUP),
     ("markdown", '''
 ## Run every (variant, seed)
 
@@ -308,17 +344,24 @@ writes an image grid, video strips and spectrograms with WAV files, shown below.
 default parameters it takes about 15 minutes on a 2-core CPU runtime.
 '''),
     ("parameters", f'''
-train_steps = 300  # Optimizer steps over all modalities (the local config's recipe).
-method = "self_flow"  # self_flow, vanilla, dual_timestep, diffusion_forcing or full_masking.
-workdir = "workdirs/multimodal_notebook"  # Checkpoints, logs, samples; a rerun resumes.
-eval_samples = 128  # Generated samples per modality for its Frechet distance and accuracy.
-sampling_steps = 25  # Euler steps per sample.
-classifier_steps = 300  # Steps of each evaluation classifier (trained once, then cached).
-config_overrides = {{}}  # Any other config key, e.g. {{"mixture.probabilities.audio": 0.3}}.
-repo_url = "{REPO_URL}"  # Colab only: the repository to clone.
+# @title Parameters
+# Optimizer steps over all modalities (the local config's recipe).
+train_steps = 300  # @param {{type:"integer"}}
+{METHOD_PARAM}
+# Checkpoints, logs, samples; a rerun resumes.
+workdir = "workdirs/multimodal_notebook"  # @param {{type:"string"}}
+# Generated samples per modality for its Frechet distance and accuracy.
+eval_samples = 128  # @param {{type:"integer"}}
+# Euler steps per sample.
+sampling_steps = 25  # @param {{type:"integer"}}
+# Steps of each evaluation classifier (trained once, then cached).
+classifier_steps = 300  # @param {{type:"integer"}}
+# Any other config key, e.g. {{"mixture.probabilities.audio": 0.3}}.
+config_overrides = {{}}  # @param {{type:"raw"}}
+{REPO_URL_PARAM}
 '''),
     ("markdown", SETUP_NOTE),
-    ("code", SETUP),
+    ("setup", SETUP),
     ("markdown", '''
 ## Train jointly
 
@@ -378,14 +421,16 @@ for word in spoken_words.WORDS:
 
 
 def _cell(kind: str, source: str, index: int, prefix: str):
-  """A notebook cell; "parameters" and "grid" are code cells with that tag (tests find them)."""
+  """A notebook cell; "parameters", "setup" and "grid" are code cells tagged "parameters",
+  "setup" and "sample-grid" (papermill finds the first, the tests all three)."""
   source = textwrap.dedent(source).strip("\n")
   if kind == "markdown":
     cell = nbformat.v4.new_markdown_cell(source)
   else:
     cell = nbformat.v4.new_code_cell(source)
-    if kind in ("parameters", "grid"):
-      cell.metadata["tags"] = ["parameters" if kind == "parameters" else "sample-grid"]
+    tags = {"parameters": "parameters", "setup": "setup", "grid": "sample-grid"}
+    if kind in tags:
+      cell.metadata["tags"] = [tags[kind]]
   cell.id = f"{prefix}-{index:02d}"  # fixed ids: a rebuild changes nothing
   return cell
 

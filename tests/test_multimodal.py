@@ -114,10 +114,10 @@ def test_loss_weight_scales_only_its_modality():
   np.testing.assert_allclose(loss(config), 0.25 * base, rtol=1e-5)
 
 
-def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
-    tmp_path, fashion_mnist_dir, video_data_dir, audio_data_dir):
-  """8 steps straight vs 4 steps + restart to 8: same modality per step, same losses; both end
-  with per-modality evaluations and samples (PNG grids/strips, WAV files)."""
+def test_joint_run_resumes_the_same_modality_sequence(tmp_path, fashion_mnist_dir,
+                                                      video_data_dir, audio_data_dir):
+  """8 steps straight vs 4 steps + restart to 8: same modality per step, same losses. (The
+  evaluation of every modality, with its samples, is tests/test_notebooks.py's multimodal run.)"""
   config = tiny_multimodal_config()
   config.data.data_dir, config.data.source = fashion_mnist_dir, "debian"
   config.video.data_dir, config.audio.data_dir = video_data_dir, audio_data_dir
@@ -125,9 +125,7 @@ def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
   config.train.num_steps = 8
   config.train.checkpoint_every = 4
   config.train.log_every = 2
-  config.sampling.num_steps = 2
-  config.eval.update(num_samples=8, batch_size=8, grid_rows=1, classifier_steps=5,
-                     classifier_batch_size=8, cache_dir=str(tmp_path / "cache"))
+  config.eval.enabled = False
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   expected = mixture.ModalitySchedule(
       {n: s.probability for n, s in spec_lib.modality_specs(config).items()},
@@ -135,7 +133,6 @@ def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
   assert [straight["modalities"][s] for s in range(1, 9)] == expected
   assert set(expected) == set(spec_lib.MODALITIES)  # the test exercises all three
 
-  config.eval.enabled = False  # evaluated above; the restart is about the training stream
   config.train.num_steps = 4
   train.train_and_evaluate(config, str(tmp_path / "restarted"))
   config.train.num_steps = 8
@@ -144,15 +141,6 @@ def test_joint_run_evaluates_every_modality_and_resumes_the_same_sequence(
   for step in range(5, 9):
     assert resumed["modalities"][step] == straight["modalities"][step]
     np.testing.assert_allclose(resumed["losses"][step], straight["losses"][step], rtol=1e-5)
-
-  for name in spec_lib.MODALITIES:
-    assert np.isfinite(straight["eval"][f"eval/{name}/fd"])
-  samples = {p.name for p in (tmp_path / "straight" / "samples").iterdir()}
-  assert "step_00000008_video_strips.png" in samples
-  assert "step_00000008_audio_spectrograms.png" in samples
-  assert "step_00000008_audio_seven.wav" in samples
-  assert any(s.startswith("step_00000008_classes") or s.startswith("step_00000008_prompts")
-             for s in samples)
 
 
 def test_joint_run_from_video_and_audio_latent_shards(tmp_path, video_data_dir, audio_data_dir):

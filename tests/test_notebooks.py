@@ -1,5 +1,5 @@
-"""The notebooks: generated from notebooks/build.py without outputs, and the quickstart runs
-headlessly (nbclient) with tiny parameters and shows a sample grid."""
+"""The notebooks: generated from notebooks/build.py without outputs, and each runs headlessly
+(nbclient) with tiny parameters and shows its results inline."""
 
 import base64
 import importlib.util
@@ -7,6 +7,7 @@ import io
 import os
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
@@ -35,8 +36,30 @@ def test_committed_notebooks_are_the_generated_ones_without_outputs(name):
   assert len(parameters) == 1 and "steps" in parameters[0].source
 
 
+def _execute(name: str, parameters: str, monkeypatch) -> nbformat.NotebookNode:
+  """Runs notebook `name` with `parameters` put after its parameters cell, as papermill does, in
+  a clean kernel on one CPU device started in notebooks/ as Jupyter would be."""
+  notebook = _load(name)
+  position = next(i for i, c in enumerate(notebook.cells)
+                  if "parameters" in c.metadata.get("tags", []))
+  notebook.cells.insert(position + 1, nbformat.v4.new_code_cell(parameters))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  NotebookClient(notebook, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": NOTEBOOKS}}).execute()
+  return notebook
+
+
+def _pictures(cell) -> list[Image.Image]:
+  return [Image.open(io.BytesIO(base64.b64decode(output["data"]["image/png"])))
+          for output in cell.outputs if "image/png" in output.get("data", {})]
+
+
+def _text(notebook) -> str:
+  return "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                 for output in cell.outputs)
+
+
 def test_quickstart_trains_and_shows_a_sample_grid(fashion_mnist_dir, tmp_path, monkeypatch):
-  notebook = _load("quickstart")
   tiny = {
       "data.data_dir": fashion_mnist_dir, "data.source": "debian",
       "data.global_batch_size": 8, "model.hidden_size": 32, "model.depth": 4,
@@ -44,21 +67,71 @@ def test_quickstart_trains_and_shows_a_sample_grid(fashion_mnist_dir, tmp_path, 
       "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 16,
       "eval.grid_rows": 1, "eval.classifier_steps": 5,
       "eval.cache_dir": str(tmp_path / "eval_cache")}
-  injected = nbformat.v4.new_code_cell(
+  notebook = _execute("quickstart", (
       f"train_steps = 2\neval_samples = 16\nsampling_steps = 2\ngrid_rows = 1\n"
-      f"workdir = {str(tmp_path / 'quickstart')!r}\nconfig_overrides = {tiny!r}")
-  position = next(i for i, c in enumerate(notebook.cells)
-                  if "parameters" in c.metadata.get("tags", []))
-  notebook.cells.insert(position + 1, injected)  # as papermill injects parameters
-  # A clean kernel: one CPU device, started in notebooks/ as Jupyter would be.
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  NotebookClient(notebook, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": NOTEBOOKS}}).execute()
-
+      f"workdir = {str(tmp_path / 'quickstart')!r}\nconfig_overrides = {tiny!r}"), monkeypatch)
+  assert "Runtime: JAX " in _text(notebook) and " on CPU, 1 x cpu." in _text(notebook)
   [grid_cell] = [c for c in notebook.cells if "sample-grid" in c.metadata.get("tags", [])]
-  pictures = [Image.open(io.BytesIO(base64.b64decode(output["data"]["image/png"])))
-              for output in grid_cell.outputs if "image/png" in output.get("data", {})]
+  pictures = _pictures(grid_cell)
   assert len(pictures) == 2  # without and with guidance
   for picture in pictures:  # 1 row x 10 classes of 28-pixel samples with 1-pixel gaps, x3
     assert picture.size == (3 * (10 * 29 - 1), 3 * 28)
   assert os.path.isdir(tmp_path / "quickstart" / "checkpoints" / "2")
+
+
+def test_ablation_runs_every_variant_and_shows_the_table_and_plots(fashion_mnist_dir, tmp_path,
+                                                                    monkeypatch):
+  tiny = {
+      "data.data_dir": fashion_mnist_dir, "data.source": "debian",
+      "data.global_batch_size": 8, "model.hidden_size": 32, "model.depth": 4,
+      "model.num_heads": 2, "model.patch_size": 7, "optim.warmup_steps": 0,
+      "train.log_every": 1, "eval.num_samples": 16, "eval.batch_size": 16, "eval.grid_rows": 1,
+      "eval.classifier_steps": 5, "eval.cache_dir": str(tmp_path / "eval_cache"),
+      "eval.probe_steps": 5, "eval.probe_examples": 16, "eval.loss_bins": 2,
+      "sampling.num_steps": 2}
+  output = tmp_path / "ablation"
+  notebook = _execute("ablation", (
+      f"variants = ['vanilla', 'self_flow']\nseeds = 1\ntrain_steps = 2\n"
+      f"output = {str(output)!r}\noverrides = {tiny!r}"), monkeypatch)
+  text = _text(notebook)
+  assert "vanilla_seed0 finished" in text and "self_flow_seed0 finished" in text
+  markdown = [output_["data"]["text/markdown"] for cell in notebook.cells
+              if cell.cell_type == "code" for output_ in cell.outputs
+              if "text/markdown" in output_.get("data", {})]
+  assert len(markdown) == 1 and "| metric | vanilla (n=1) | self_flow (n=1) |" in markdown[0]
+  plots = [picture for cell in notebook.cells if cell.cell_type == "code"
+           for picture in _pictures(cell)]
+  assert plots and all(p.width > 100 and p.height > 100 for p in plots)
+  assert (output / "results.md").is_file()
+
+
+def test_multimodal_trains_jointly_and_shows_every_modality(fashion_mnist_dir, video_data_dir,
+                                                            audio_data_dir, tmp_path,
+                                                            monkeypatch):
+  tiny = {
+      "data.data_dir": fashion_mnist_dir, "data.source": "debian",
+      "video.data_dir": video_data_dir, "audio.data_dir": audio_data_dir,
+      "model.hidden_size": 32, "model.num_heads": 2, "model.depth": 4, "model.num_double": 2,
+      "model.rope_axes_dims": (4, 6, 6), "model.patch_size": 7, "text.max_length": 8,
+      "text.width": 16, "data.global_batch_size": 8, "video.global_batch_size": 8,
+      "audio.global_batch_size": 8, "optim.warmup_steps": 0, "train.log_every": 1,
+      "eval.batch_size": 8, "eval.grid_rows": 1, "eval.classifier_batch_size": 8,
+      "eval.cache_dir": str(tmp_path / "eval_cache")}
+  notebook = _execute("multimodal", (
+      f"train_steps = 3\neval_samples = 8\nsampling_steps = 2\nclassifier_steps = 5\n"
+      f"workdir = {str(tmp_path / 'multimodal')!r}\nconfig_overrides = {tiny!r}"), monkeypatch)
+  text = _text(notebook)
+  for name in ("image", "video", "audio"):  # every modality evaluated, with finite metrics
+    [fd] = [line for line in text.splitlines() if line.startswith(f"eval/{name}/fd:")]
+    assert np.isfinite(float(fd.split(":")[1]))
+  samples = {p.name for p in (tmp_path / "multimodal" / "samples").iterdir()}
+  assert {"step_00000003_video_strips.png", "step_00000003_audio_spectrograms.png",
+          "step_00000003_audio_seven.wav"} <= samples
+  assert any(s.startswith(("step_00000003_classes", "step_00000003_prompts")) for s in samples)
+  pictures = [picture for cell in notebook.cells if cell.cell_type == "code"
+              for picture in _pictures(cell)]
+  assert len(pictures) >= 3  # the image grid, the video strips, the spectrograms
+  audio = [output for cell in notebook.cells if cell.cell_type == "code"
+           for output in cell.outputs if "text/html" in output.get("data", {})
+           and "<audio" in output["data"]["text/html"]]
+  assert audio
