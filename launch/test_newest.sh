@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The fast subset of the tests on the newest releases: Python 3.12 (PYTHON_NEWEST) with the
+# newest jax, flax, optax, orbax, grain ... that the ranges of requirements.txt admit, no lock;
+# plus the Colab-like install test, which needs a jax newer than the lock. .ci/run runs it beside
+# the locked full suite, so API drift shows up as a failing test here. Extra arguments go to
+# pytest.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+source launch/setup_system.sh
+
+PYTHON_NEWEST="${PYTHON_NEWEST:-python3.12}"
+VENV="$REPO_ROOT/.venv-newest"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "test_newest: creating $VENV with $PYTHON_NEWEST" >&2
+  "$PYTHON_NEWEST" -m venv "$VENV"
+fi
+# Every run upgrades to today's releases (eager: dependencies of dependencies too).
+"$VENV/bin/pip" install -q --disable-pip-version-check -U pip
+"$VENV/bin/pip" install -q --disable-pip-version-check -U --upgrade-strategy eager -e ".[dev]"
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as m, platform
+names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "clu", "numpy")
+print(f"test_newest: Python {platform.python_version()}, "
+      + ", ".join(f"{n} {m.version(n)}" for n in names))
+PY
+
+TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+if [ -e "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# Model, objective, train step, end-to-end runs with checkpoint resume, and the Colab install.
+exec "$VENV/bin/python" -m pytest -q tests/test_model.py tests/test_objectives.py \
+  tests/test_train_step.py tests/test_train.py tests/test_colab_install.py "$@"
