@@ -9,8 +9,12 @@ callable, so the unpickler here resolves only the handful of globals a state dic
 numpy-only stand-ins and refuses everything else by name: loading never executes code from the
 file. `.npz` and `.safetensors` (8-byte header length, JSON header, raw bytes) are read too.
 
-  state_dict = load_state_dict("selfflow_imagenet256.pt")           # "ema" entry if present
-  state_dict = load_state_dict("train_ckpt.pt", entry="model")      # a named entry
+  state_dict = load_state_dict("selfflow_imagenet256.pt")   # "ema", else "model", else "state_dict"
+  state_dict = load_state_dict("train_ckpt.pt", entry="model")  # a named entry
+
+As the authors' loader does, a nested checkpoint's weights are taken from its `ema` entry, else
+`model`, else `state_dict` (the log says which), and a `module.` prefix on every name (weights
+saved from a DistributedDataParallel wrapper) is stripped.
 """
 
 import collections
@@ -23,10 +27,14 @@ import struct
 import zipfile
 
 import numpy as np
+from absl import logging
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = TORCH_SUFFIXES + (".npz", ".safetensors")
-DEFAULT_ENTRY = "ema"  # Training checkpoints keep the EMA weights, the ones to sample from.
+# Entries tried in order when none is named: training checkpoints keep the EMA weights (the ones
+# to sample from) beside the live ones; other trainers save only `model` or `state_dict`.
+DEFAULT_ENTRIES = ("ema", "model", "state_dict")
+DATA_PARALLEL_PREFIX = "module."  # torch.nn.parallel.DistributedDataParallel's parameter names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +179,8 @@ def _select_entry(obj, entry: str | None, path: str) -> dict[str, np.ndarray]:
   """The flat name -> array dict inside a loaded torch object (see `load_state_dict`)."""
   if not isinstance(obj, dict):
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors.")
-  if entry is None and DEFAULT_ENTRY in obj and isinstance(obj[DEFAULT_ENTRY], dict):
-    entry = DEFAULT_ENTRY
+  if entry is None:
+    entry = next((e for e in DEFAULT_ENTRIES if isinstance(obj.get(e), dict)), None)
   if entry is not None:
     if entry not in obj:
       raise ValueError(f"entry={entry!r} is not in {path}; its top-level keys are "
@@ -187,6 +195,8 @@ def _select_entry(obj, entry: str | None, path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}{f' [{entry!r}]' if entry else ''} is not a flat state dict: keys "
                      f"{others[:10]} are not named tensors. Pick the entry that holds the "
                      f"weights with entry=... (dict-valued keys: {nested}).")
+  logging.info("%s: read the weights of %s.", path,
+               f"entry {entry!r}" if entry else "the top level")
   return dict(obj)
 
 
@@ -238,15 +248,24 @@ def load_state_dict(path: str, entry: str | None = None) -> dict[str, np.ndarray
   Args:
     path: a `torch.save` zip (.pt, .pth, .bin), a .npz or a .safetensors file.
     entry: which entry of a nested checkpoint ({"model": ..., "ema": ...}) holds the weights;
-      default "ema" when the file has one, else the top level. For the flat .npz and
+      default the first of DEFAULT_ENTRIES the file has, else the top level. For the flat .npz and
       .safetensors formats, the tensors named "<entry>.<name>" (prefix stripped).
   """
   suffix = os.path.splitext(path)[1].lower()
   if suffix in TORCH_SUFFIXES:
-    return _select_entry(_read_torch_zip(path), entry, path)
-  if suffix == ".npz":
+    arrays = _select_entry(_read_torch_zip(path), entry, path)
+  elif suffix == ".npz":
     with np.load(path, allow_pickle=False) as npz:
-      return _with_prefix({name: npz[name] for name in npz.files}, entry, path)
-  if suffix == ".safetensors":
-    return _with_prefix(_read_safetensors(path), entry, path)
-  raise ValueError(f"{path}: unknown weights format {suffix!r}; supported: {list(SUFFIXES)}.")
+      arrays = _with_prefix({name: npz[name] for name in npz.files}, entry, path)
+  elif suffix == ".safetensors":
+    arrays = _with_prefix(_read_safetensors(path), entry, path)
+  else:
+    raise ValueError(f"{path}: unknown weights format {suffix!r}; supported: {list(SUFFIXES)}.")
+  return _without_data_parallel_prefix(arrays)
+
+
+def _without_data_parallel_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Names without the `module.` that DistributedDataParallel puts before every one."""
+  if arrays and all(name.startswith(DATA_PARALLEL_PREFIX) for name in arrays):
+    return {name[len(DATA_PARALLEL_PREFIX):]: v for name, v in arrays.items()}
+  return arrays

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import struct
 import zipfile
+from unittest import mock
 
 from flax import nnx
 import jax
@@ -333,10 +334,20 @@ def test_torch_zip_reader(tmp_path):
     weight_files.load_state_dict(str(tmp_path / "ckpt.pt"), entry="nope")
   with pytest.raises(ValueError, match="'step'.* not a state dict"):
     weight_files.load_state_dict(str(tmp_path / "ckpt.pt"), entry="step")
-  write_torch_zip(tmp_path / "no_ema.pt", {"model": {"w": FakeTensor("3", 0, (2,), (1,))},
-                                           "step": 7})
-  with pytest.raises(ValueError, match=r"not a flat state dict.*entry=.*\['model'\]"):
-    weight_files.load_state_dict(str(tmp_path / "no_ema.pt"))
+  # Without "ema", "model" and then "state_dict" are taken, as the authors' loader does; a
+  # DistributedDataParallel "module." prefix is stripped.
+  for entries, taken in ([("model", "w"), ("state_dict", "v")], "model"), (
+      [("state_dict", "module.w")], "state_dict"):
+    write_torch_zip(tmp_path / "no_ema.pt", {
+        **{name: {key: FakeTensor("3", 0, (2,), (1,))} for name, key in entries}, "step": 7})
+    with mock.patch.object(weight_files.logging, "info") as info:
+      loaded = weight_files.load_state_dict(str(tmp_path / "no_ema.pt"))
+    assert list(loaded) == ["w"] and info.call_args[0][2] == f"entry {taken!r}"
+    np.testing.assert_array_equal(loaded["w"], [0, 1])
+  write_torch_zip(tmp_path / "other.pt", {"weights": {"w": FakeTensor("3", 0, (2,), (1,))},
+                                          "step": 7})
+  with pytest.raises(ValueError, match=r"not a flat state dict.*entry=.*\['weights'\]"):
+    weight_files.load_state_dict(str(tmp_path / "other.pt"))
 
 
 def test_torch_reader_refuses_code(tmp_path):
