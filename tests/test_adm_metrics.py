@@ -11,9 +11,10 @@ import flax
 import jax
 import numpy as np
 import pytest
-from absl import flags
+from absl import app, flags
 from flax import traverse_util
 
+from conftest import tiny_config
 from self_flow import train
 from self_flow.evaluation import adm_metrics, inception
 from self_flow.tools import evaluate_npz, sample_npz
@@ -294,7 +295,6 @@ def test_evaluate_npz_cli_end_to_end(random_params, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(fashion_mnist_dir, tmp_path_factory):
   """A tiny class-conditional model trained for 2 steps (no evaluation), and its config."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config("vanilla")
   config.data.data_dir = fashion_mnist_dir
   config.data.source = "debian"
@@ -379,3 +379,24 @@ def test_sample_npz_resumes_complete_parts_and_refuses_mixed_settings(trained_ru
   text.model.conditioning = "text"
   with pytest.raises(ValueError, match="class-conditional images"):
     sample_npz.write_samples(text, params, output=output, **kwargs)
+
+
+def test_sample_npz_converted_takes_the_guidance_flags(monkeypatch, tmp_path):
+  """--cfg_scale and the guidance interval reach the sampler's config (and so the parts'
+  settings); a bad interval is refused before anything is sampled."""
+  options = flags.FlagValues()
+  sample_npz.define_flags(options)
+  converted_config = tiny_config()  # the converter writes cfg_scale 1, interval [0, 1]
+  monkeypatch.setattr(sample_npz, "load_converted", lambda directory: (converted_config, {}))
+  seen = []
+  monkeypatch.setattr(sample_npz, "write_samples", lambda config, params, **_: seen.append(
+      config.sampling))
+  options(["sample_npz", "--converted=CONVERTED", "--cfg_scale=1.5", "--guidance_high=0.7",
+           f"--output={tmp_path / 's.npz'}"])
+  sample_npz.run(options)
+  assert (seen[0].cfg_scale, seen[0].guidance_low, seen[0].guidance_high) == (1.5, 0.0, 0.7)
+  assert converted_config.sampling.cfg_scale == 1.0  # the loaded config is left as it was
+  options["guidance_low"].value = 0.8
+  with pytest.raises(app.UsageError, match=r"interval \[0.8, 0.7\]"):
+    sample_npz.run(options)
+  assert len(seen) == 1

@@ -318,6 +318,29 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "(InceptionV3 needs 3).", **fv)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; "
                     "JAX detects TPU pods, SLURM, ...).", **fv)
+  # The guidance of a converted checkpoint (whose config has none) or of a run's config.
+  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (default: the config's "
+                     "sampling.cfg_scale; 1 = none, as the paper's metrics).", **fv)
+  flags.DEFINE_float("guidance_low", None, "Guidance applies for paper-convention t in "
+                     "[guidance_low, guidance_high] (default: the config's).", **fv)
+  flags.DEFINE_float("guidance_high", None, "Upper end of the guidance interval (default: the "
+                     "config's; the authors' released sampler uses 0.7).", **fv)
+
+
+def with_guidance(config: ml_collections.ConfigDict, options: flags.FlagValues
+                  ) -> ml_collections.ConfigDict:
+  """`config` with the --cfg_scale / --guidance_low / --guidance_high that were given."""
+  config = config.copy_and_resolve_references()
+  s = config.sampling
+  for name in ("cfg_scale", "guidance_low", "guidance_high"):
+    if options[name].value is not None:
+      setattr(s, name, options[name].value)
+  if s.cfg_scale < 0:
+    raise app.UsageError(f"--cfg_scale={s.cfg_scale}; allowed: >= 0 (1 = no guidance).")
+  if not 0.0 <= s.guidance_low < s.guidance_high <= 1.0:
+    raise app.UsageError(f"guidance interval [{s.guidance_low}, {s.guidance_high}]; allowed: "
+                         "0 <= --guidance_low < --guidance_high <= 1.")
+  return config
 
 
 def run(options: flags.FlagValues) -> str | None:
@@ -333,6 +356,7 @@ def run(options: flags.FlagValues) -> str | None:
     source = f"workdir:{os.path.abspath(options.workdir)}@{step}"
   else:
     raise app.UsageError("pass --config and --workdir (a training run), or --converted=DIR.")
+  config = with_guidance(config, options)
   decode = None
   if options.vae:
     mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
