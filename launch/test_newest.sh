@@ -9,11 +9,23 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 source launch/setup_system.sh
 
-PYTHON_NEWEST="${PYTHON_NEWEST:-python3.12}"
+# A Python 3.12: PYTHON_NEWEST, else python3.12 on PATH, else a pyenv or system installation.
+PYTHON_NEWEST_FOUND=""
+for candidate in "${PYTHON_NEWEST:-}" python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
+    /usr/bin/python3.12 /usr/local/bin/python3.12; do
+  if [ -n "$candidate" ] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+    PYTHON_NEWEST_FOUND="$candidate"
+    break
+  fi
+done
+if [ -z "$PYTHON_NEWEST_FOUND" ]; then
+  echo "test_newest: no Python 3.12 found (PATH, pyenv, /usr/bin); install one or set PYTHON_NEWEST." >&2
+  exit 1
+fi
 VENV="$REPO_ROOT/.venv-newest"
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "test_newest: creating $VENV with $PYTHON_NEWEST" >&2
-  "$PYTHON_NEWEST" -m venv "$VENV"
+  echo "test_newest: creating $VENV with $PYTHON_NEWEST_FOUND" >&2
+  "$PYTHON_NEWEST_FOUND" -m venv "$VENV"
 fi
 # Every run upgrades to today's releases (eager: dependencies of dependencies too).
 "$VENV/bin/pip" install -q --disable-pip-version-check -U pip
