@@ -4,7 +4,9 @@ Kept short (Flax examples style): flags, distributed init, hide accelerators fro
 then `train.train_and_evaluate`. `--config.key=value` overrides any config key.
 """
 
+import importlib.util
 import os
+import re
 import shlex
 import sys
 
@@ -66,5 +68,21 @@ def main(argv):
                     FLAGS.workdir, shlex.join(sys.argv[1:]))
 
 
+def with_installed_configs(argv: list[str]) -> list[str]:
+  """`argv` with a `--config=configs/NAME.py[:ARG]` that does not exist here (outside a checkout,
+  self_flow installed from a wheel) pointed at the installed `configs` package's file."""
+  spec = importlib.util.find_spec("configs")
+  if spec is None or not spec.submodule_search_locations:
+    return argv
+  installed = os.path.dirname(list(spec.submodule_search_locations)[0])
+  resolved = []
+  for arg in argv:
+    match = re.fullmatch(r"(--config=)(configs/[^:]+\.py)(:.*)?", arg)
+    if match and not os.path.exists(match[2]):
+      arg = f"{match[1]}{os.path.join(installed, match[2])}{match[3] or ''}"
+    resolved.append(arg)
+  return resolved
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=with_installed_configs(sys.argv))

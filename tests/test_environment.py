@@ -4,6 +4,8 @@ the notebooks' installer (launch/install_missing.py) for an environment that has
 import fnmatch
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +82,19 @@ def test_installer_reads_an_extra_of_pyproject():
   assert install_missing.extra_requirements(path, "tpu") == ["jax[tpu]>=0.10.2"]
   with pytest.raises(ValueError, match="no extra 'gpu'"):
     install_missing.extra_requirements(path, "gpu")
+
+
+def test_config_paths_outside_a_checkout_read_the_installed_configs(tmp_path):
+  """`--config=configs/t2i.py:local` from a folder without configs/ reads the file of the
+  importable `configs` package; a path that exists where the command runs is left alone."""
+  script = ("import sys; from self_flow import main; "
+            "print(main.with_installed_configs(sys.argv[1:]))")
+  args = ["--config=configs/t2i.py:local", "--config=configs/own.py", "--workdir=w"]
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "own.py").write_text("")
+  result = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": REPO},
+                          check=True)
+  assert result.stdout.strip() == str([
+      f"--config={os.path.join(REPO, 'configs', 't2i.py')}:local", "--config=configs/own.py",
+      "--workdir=w"])
