@@ -46,11 +46,15 @@ def show_only_own_info_logs() -> None:
   tfds log dozens of INFO lines per checkpoint or dataset otherwise (main.py's
   --library_info_logs keeps them)."""
   absl_logging.set_verbosity(absl_logging.INFO)
-  own_or_warning = (lambda record: record.levelno >= logging.WARNING
-                    or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
-  # absl's logger and its handler, which also prints other loggers' records (jax's, ...).
-  absl_logging.get_absl_logger().addFilter(own_or_warning)
-  absl_logging.get_absl_handler().addFilter(own_or_warning)
+  # absl's logger and its handler, which also prints other loggers' records (jax's, ...); a
+  # filter already there is not added twice (a notebook cell run again).
+  absl_logging.get_absl_logger().addFilter(_own_or_warning)
+  absl_logging.get_absl_handler().addFilter(_own_or_warning)
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+  return (record.levelno >= logging.WARNING
+          or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
 
 
 def _duration(seconds: float) -> str:
