@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine, sourced by run_local.sh and test.sh:
-#   - the Debian packages of the embedded datasets and tcmalloc (setup_system.sh);
+#   - the Debian packages of the embedded datasets and tcmalloc, preloaded (setup_system.sh);
 #   - a virtual environment in .venv holding self_flow (editable) with its dev extra, at the exact
 #     versions of requirements-lock.txt, plus the tpu or cuda12 extra on a host with a TPU or an
 #     NVIDIA GPU (self_flow/accelerators.py decides; SELF_FLOW_EXTRA=tpu|cuda12|none overrides);
 #     reinstalled only when pyproject.toml, requirements*.txt or the extra change;
-#   - LD_PRELOAD of tcmalloc when present.
+#   - .venv/bin first on PATH.
 # Fast when already set up (two dpkg queries and one checksum).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,8 +35,4 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$STAMP"
 fi
 
-TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
-if [ -e "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"; fi
 export PATH="$VENV/bin:$PATH"
-# TensorFlow (used only by clu/tfds for I/O) is chatty; keep its C++ logs to errors.
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

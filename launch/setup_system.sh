@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Debian packages of a fresh machine, installed only when missing (two dpkg queries when
-# present): the embedded datasets (dataset-fashion-mnist; espeak-ng, which synthesises the
-# spoken-word audio dataset) and tcmalloc (15-20% faster CPU steps). Sourced by setup.sh; run
-# once by .ci/run before its two test runs, which must not both call apt-get.
+# The system part of the set-up: the Debian packages of a fresh machine, installed only when
+# missing (two dpkg queries when present): the embedded datasets (dataset-fashion-mnist;
+# espeak-ng, which synthesises the spoken-word audio dataset) and tcmalloc (15-20% faster CPU
+# steps), then LD_PRELOAD of tcmalloc and quiet TensorFlow logs for what the sourcing script
+# runs. Sourced by setup.sh and test_newest.sh; run once by .ci/run before its two test runs,
+# which must not both call apt-get.
 set -euo pipefail
 DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4 espeak-ng)
 missing=()
@@ -16,3 +18,8 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+if [ -e "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"; fi
+# TensorFlow (used only by clu/tfds for I/O) is chatty; keep its C++ logs to errors.
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"

@@ -37,9 +37,6 @@ print(f"test_newest: Python {platform.python_version()}, "
       + ", ".join(f"{n} {m.version(n)}" for n in names))
 PY
 
-TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
-if [ -e "$TCMALLOC" ]; then export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+:$LD_PRELOAD}"; fi
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # Model, objective, train step, end-to-end runs with checkpoint resume, and the Colab install.
 exec "$VENV/bin/python" -m pytest -q tests/test_model.py tests/test_objectives.py \
   tests/test_train_step.py tests/test_train.py tests/test_colab_install.py "$@"
