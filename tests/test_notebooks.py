@@ -59,14 +59,18 @@ def _text(notebook) -> str:
                  for output in cell.outputs)
 
 
+def _tiny_c2i(data_dir: str, tmp_path) -> dict:
+  """config_overrides that shrink configs/c2i.py:local (as conftest.tiny_config does) and its
+  evaluation to seconds."""
+  return {"data.data_dir": data_dir, "data.source": "debian", "data.global_batch_size": 8,
+          "model.hidden_size": 32, "model.depth": 4, "model.num_heads": 2,
+          "model.patch_size": 7, "optim.warmup_steps": 0, "train.log_every": 1,
+          "eval.batch_size": 16, "eval.grid_rows": 1, "eval.classifier_steps": 5,
+          "eval.cache_dir": str(tmp_path / "eval_cache")}
+
+
 def test_quickstart_trains_and_shows_a_sample_grid(fashion_mnist_dir, tmp_path, monkeypatch):
-  tiny = {
-      "data.data_dir": fashion_mnist_dir, "data.source": "debian",
-      "data.global_batch_size": 8, "model.hidden_size": 32, "model.depth": 4,
-      "model.num_heads": 2, "model.patch_size": 7, "optim.warmup_steps": 0,
-      "train.log_every": 1, "train.checkpoint_every": 2, "eval.batch_size": 16,
-      "eval.grid_rows": 1, "eval.classifier_steps": 5,
-      "eval.cache_dir": str(tmp_path / "eval_cache")}
+  tiny = {**_tiny_c2i(fashion_mnist_dir, tmp_path), "train.checkpoint_every": 2}
   notebook = _execute("quickstart", (
       f"train_steps = 2\neval_samples = 16\nsampling_steps = 2\ngrid_rows = 1\n"
       f"workdir = {str(tmp_path / 'quickstart')!r}\nconfig_overrides = {tiny!r}"), monkeypatch)
@@ -81,14 +85,9 @@ def test_quickstart_trains_and_shows_a_sample_grid(fashion_mnist_dir, tmp_path, 
 
 def test_ablation_runs_every_variant_and_shows_the_table_and_plots(fashion_mnist_dir, tmp_path,
                                                                     monkeypatch):
-  tiny = {
-      "data.data_dir": fashion_mnist_dir, "data.source": "debian",
-      "data.global_batch_size": 8, "model.hidden_size": 32, "model.depth": 4,
-      "model.num_heads": 2, "model.patch_size": 7, "optim.warmup_steps": 0,
-      "train.log_every": 1, "eval.num_samples": 16, "eval.batch_size": 16, "eval.grid_rows": 1,
-      "eval.classifier_steps": 5, "eval.cache_dir": str(tmp_path / "eval_cache"),
-      "eval.probe_steps": 5, "eval.probe_examples": 16, "eval.loss_bins": 2,
-      "sampling.num_steps": 2}
+  tiny = {**_tiny_c2i(fashion_mnist_dir, tmp_path), "eval.num_samples": 16,
+          "eval.probe_steps": 5, "eval.probe_examples": 16, "eval.loss_bins": 2,
+          "sampling.num_steps": 2}
   output = tmp_path / "ablation"
   notebook = _execute("ablation", (
       f"variants = ['vanilla', 'self_flow']\nseeds = 1\ntrain_steps = 2\n"
