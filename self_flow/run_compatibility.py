@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 from self_flow import checkpointing
 
 # Saved trees restored by fine-tuning: weights only, never the optimizer moments or the step.
-_WEIGHT_TREES = ("params", "ema_params")
+# teacher_params exists only in runs with a teacher EMA of its own (train_state.has_teacher_ema).
+_WEIGHT_TREES = ("params", "ema_params", "teacher_params")
 # Array mismatches quoted in an error message (the rest are counted).
 _QUOTED = 5
 
@@ -105,26 +106,37 @@ def latest_step_dir(source: str) -> epath.Path:
 
 
 def restore_matching(source: str, state, abstract_state):
-  """`state` with params and EMA replaced wherever `source`'s latest checkpoint has an array of
-  the same name and shape; returns (state, number loaded, names left at their initialisation)."""
+  """`state` with params and EMAs replaced wherever `source`'s latest checkpoint has an array of
+  the same name and shape; returns (state, number loaded, names left at their initialisation).
+
+  A teacher EMA of this run that the source lacks (a one-EMA run) starts as the source's EMA,
+  which was that run's teacher."""
   step_dir = latest_step_dir(source)
   saved = checkpointing.saved_state_shapes(step_dir / "state")
-  want = checkpointing.tree_shapes({k: abstract_state[k] for k in _WEIGHT_TREES})
+  trees = [k for k in _WEIGHT_TREES if k in abstract_state]
+  if "teacher_params" in trees and not any(n.startswith("teacher_params/") for n in saved):
+    trees.remove("teacher_params")
+    teacher_from_ema = True
+  else:
+    teacher_from_ema = False
+  want = checkpointing.tree_shapes({k: abstract_state[k] for k in trees})
   loadable = {name for name, (shape, _) in want.items() if saved.get(name, (None,))[0] == shape}
 
   def keep(path, leaf):
     return leaf if checkpointing.path_name(path) in loadable else None
 
   partial = jax.tree_util.tree_map_with_path(
-      keep, {k: abstract_state[k] for k in _WEIGHT_TREES})
+      keep, {k: abstract_state[k] for k in trees})
   partial = _drop_none(partial)
   restored = ocp.PyTreeCheckpointer().restore(
       str(step_dir / "state"), args=ocp.args.PyTreeRestore(
           item=partial, restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
           partial_restore=True))
   merged = dict(state)
-  for tree in _WEIGHT_TREES:
+  for tree in trees:
     merged[tree] = _overlay(state[tree], restored.get(tree, {}))
+  if teacher_from_ema:
+    merged["teacher_params"] = jax.tree.map(lambda e: e.copy(), merged["ema_params"])
   fresh = sorted(set(want) - loadable)
   logging.info("Initialised from %s: %d of %d weight arrays loaded; left at their "
                "initialisation: %s.", step_dir, len(loadable), len(want),

@@ -29,6 +29,9 @@ class TrainProgram(NamedTuple):
   batch_sharding: NamedSharding
   replicated: NamedSharding  # The step rng and the metrics.
   step_fns: dict[str, Any]  # modality -> jitted (state, batch, base_rng) -> (state, metrics)
+  # modality -> jitted (state, batch, base_rng) -> gradient-balance metrics; empty when
+  # train.gradient_balance_every is 0 or the objective has no representation loss.
+  balance_fns: dict[str, Any]
 
 
 def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None
@@ -52,7 +55,17 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = Non
           in_shardings=(layout.shardings, batch_sharding, replicated),
           out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
       for name in specs}
-  return TrainProgram(specs, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns)
+  balance_fns = {}
+  if config.train.gradient_balance_every and config.objective.rep_loss_weight > 0:
+    balance_fns = {
+        name: jax.jit(
+            sharding.activation_sharding(mesh, rules)(
+                train_step.make_gradient_balance_fn(config, layout.graphdef, name)),
+            in_shardings=(layout.shardings, batch_sharding, replicated),
+            out_shardings=replicated)
+        for name in specs}
+  return TrainProgram(specs, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns,
+                      balance_fns)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, program: TrainProgram, modality: str

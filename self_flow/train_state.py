@@ -1,8 +1,11 @@
-"""The train state pytree {step, params, ema_params, opt_state}, created sharded from shapes.
+"""The train state pytree {step, params, ema_params[, teacher_params], opt_state}, created sharded
+from shapes.
 
 The model is an `nnx` module split once into a static graphdef and plain nested dicts of arrays
 (`params`), so the state is an ordinary pytree: `jax.jit` takes its shardings, orbax saves it,
-and the teacher is just the same graphdef merged with `ema_params`. Initialisation runs inside
+and the teacher is just the same graphdef merged with an EMA of the params. The teacher is the
+evaluation EMA `ema_params` (paper setting) unless `optim.teacher_ema_decay` asks for a second
+EMA at another decay, `teacher_params` (`has_teacher_ema`). Initialisation runs inside
 `jax.jit` with the target shardings, so no full copy of the model ever lives on one device.
 """
 
@@ -20,7 +23,8 @@ from self_flow import sharding
 from self_flow.models import factory
 
 # {"step": int32 scalar, "nonfinite_steps": int32 scalar (steps skipped for a NaN/inf loss or
-# gradient), "params", "ema_params", "opt_state"}.
+# gradient), "params", "ema_params", "opt_state"} and, with a teacher EMA of its own,
+# "teacher_params".
 TrainState = dict[str, Any]
 
 
@@ -46,6 +50,17 @@ def merge(graphdef: nnx.GraphDef, params):
   return nnx.merge(graphdef, params)
 
 
+def has_teacher_ema(optim: ml_collections.ConfigDict) -> bool:
+  """Whether the state keeps a teacher EMA apart from the evaluation EMA: only when the two
+  decays differ, so equal decays give the one-EMA state (and checkpoints) of the paper setting."""
+  return optim.teacher_ema_decay >= 0 and optim.teacher_ema_decay != optim.ema_decay
+
+
+def teacher_params(state: TrainState):
+  """The weights the Self-Flow teacher runs with."""
+  return state.get("teacher_params", state["ema_params"])
+
+
 def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation
                  ) -> StateLayout:
   """Graphdef, shardings and abstract shapes of the train state, from shapes alone."""
@@ -66,6 +81,9 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
             "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
             "ema_params": ema_abstract, "opt_state": abstract_opt}
+  if has_teacher_ema(config.optim):
+    shardings["teacher_params"] = param_shardings
+    shapes["teacher_params"] = ema_abstract
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
   return StateLayout(graphdef, shardings, abstract)
@@ -89,24 +107,37 @@ def check_replication(config: ml_collections.ConfigDict, layout: StateLayout
 
 def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,
                        tx: optax.GradientTransformation) -> TrainState:
-  """Fresh state, initialised directly into its shardings; the EMA starts as a copy."""
+  """Fresh state, initialised directly into its shardings; the EMAs start as copies."""
 
   def init(key):
     model = factory.create_model(config, nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "nonfinite_steps": jnp.zeros((), jnp.int32),
         "params": params,
         "ema_params": jax.tree.map(lambda p: p.astype(jnp.float32), params),
         "opt_state": tx.init(params),
     }
+    if has_teacher_ema(config.optim):
+      state["teacher_params"] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    return state
 
   key = jax.random.PRNGKey(config.seed)
   return jax.jit(init, out_shardings=layout.shardings)(key)
 
 
-def update_ema(ema_params, params, decay: float):
+def ema_decay_at(decay: float, update: jax.Array, warmup: bool):
+  """The decay of EMA update number `update` (0-based): `decay`, or with warm-up
+  min(decay, (1 + n) / (10 + n)) (0.1 at the first update, 0.5 at n = 8, 0.99 at n = 890), so the
+  average covers about the last n / 9 updates until it reaches the fixed decay's window."""
+  if not warmup:
+    return decay
+  n = update.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def update_ema(ema_params, params, decay):
   """theta' <- decay theta' + (1 - decay) theta, in float32."""
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(jnp.float32) - e),
                       ema_params, params)

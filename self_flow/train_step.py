@@ -5,7 +5,8 @@
 3. Student forward on x_tau with per-token timesteps -> velocity and projected layer-l features.
 4. Teacher (EMA params, stop-gradient) on all tokens at tau_min -> raw layer-k features; skipped
    entirely when gamma = 0, so the vanilla baselines pay nothing for it.
-5. L = w_m (L_gen + gamma L_rep) with the modality's loss weight w_m; AdamW update; EMA update.
+5. L = w_m (L_gen + gamma L_rep) with the modality's loss weight w_m; AdamW update; EMA updates
+   (the evaluation EMA, and the teacher EMA when it has a decay of its own).
 
 Gradient accumulation (`train.microbatches` = m): the randomness of steps 1-2 is drawn once for the
 whole global batch (batch-sized arrays, cheap), then the student/teacher forward and backward run
@@ -78,13 +79,13 @@ def _make_draw_fn(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
 
 def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                         spec: spec_lib.ModalitySpec) -> Callable:
-  """loss(params, ema_params, examples) -> (loss, aux): the deterministic part of the loss
+  """loss(params, teacher_params, examples) -> (loss, aux): the deterministic part of the loss
   (method doc §1.13 steps 3-6); every term is a mean over the examples given."""
   obj = config.objective
   pos = jnp.asarray(spec.position_ids)
   use_teacher = obj.rep_loss_weight > 0
 
-  def loss(params, ema_params, examples: Examples):
+  def loss(params, teacher_params, examples: Examples):
     x0, x1, cond, draw = examples
     b, n, _ = x0.shape
     pos_ids = jnp.broadcast_to(pos, (b, n, 3))
@@ -99,13 +100,18 @@ def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDe
       return spec.loss_weight * loss_gen, aux
 
     x_min, tau_min = objectives.teacher_view(x0, x1, tau)
-    teacher = train_state.merge(graphdef, ema_params)
+    teacher = train_state.merge(graphdef, teacher_params)
     target = teacher.teacher_features(x_min, pos_ids, tau_min[:, None],
                                       jnp.zeros((b, n), jnp.int32), cond, modality=spec.name)
     target = jax.lax.stop_gradient(target)
     cosine = objectives.cosine_similarity(student_features, target).mean()
     loss_rep = 1.0 - cosine
-    aux.update(loss_rep=loss_rep, teacher_cosine=cosine, tau_min_mean=tau_min.mean())
+    # What predicting the batch's mean target feature at each token position would reach: the
+    # achieved cosine is only evidence of learned features where it beats this.
+    trivial = objectives.cosine_similarity(
+        jnp.broadcast_to(target.mean(axis=0, keepdims=True), target.shape), target).mean()
+    aux.update(loss_rep=loss_rep, teacher_cosine=cosine, teacher_cosine_trivial=trivial,
+               tau_min_mean=tau_min.mean())
     return spec.loss_weight * (loss_gen + obj.rep_loss_weight * loss_rep), aux
 
   return loss
@@ -113,14 +119,14 @@ def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDe
 
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                  modality: str | None = None) -> Callable:
-  """loss_fn(params, ema_params, batch, rng) -> (loss, aux metrics) for one modality's batches
+  """loss_fn(params, teacher_params, batch, rng) -> (loss, aux metrics) for one modality's batches
   (default: the config's first modality), on the whole batch at once."""
   spec = _modality(config, modality)
   draw = _make_draw_fn(config, spec)
   examples_loss = _make_examples_loss(config, graphdef, spec)
 
-  def loss_fn(params, ema_params, batch, rng):
-    return examples_loss(params, ema_params, draw(batch, rng))
+  def loss_fn(params, teacher_params, batch, rng):
+    return examples_loss(params, teacher_params, draw(batch, rng))
 
   return loss_fn
 
@@ -145,20 +151,20 @@ def split_microbatches(tree, microbatches: int):
   return jax.tree.map(split, tree)
 
 
-def accumulate(grad_fn: Callable, params, ema_params, examples: Examples, microbatches: int):
+def accumulate(grad_fn: Callable, params, teacher_params, examples: Examples, microbatches: int):
   """((loss, aux), grads) of `grad_fn` averaged over `microbatches` equal slices of `examples`.
 
   A `jax.lax.scan` runs one slice's forward and backward at a time, so peak activation memory is
   one microbatch's; sums are kept in float32 and cast back to each output's dtype at the end.
   """
   if microbatches == 1:
-    return grad_fn(params, ema_params, examples)
+    return grad_fn(params, teacher_params, examples)
   slices = split_microbatches(examples, microbatches)
   first = jax.tree.map(lambda x: x[0], slices)
-  shapes = jax.eval_shape(grad_fn, params, ema_params, first)
+  shapes = jax.eval_shape(grad_fn, params, teacher_params, first)
 
   def add(total, micro):
-    out = grad_fn(params, ema_params, micro)
+    out = grad_fn(params, teacher_params, micro)
     return jax.tree.map(lambda t, o: t + o.astype(jnp.float32), total, out), None
 
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
@@ -168,17 +174,67 @@ def accumulate(grad_fn: Callable, params, ema_params, examples: Examples, microb
 
 def make_grad_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                  modality: str | None = None) -> Callable:
-  """grad_fn(params, ema_params, batch, rng) -> ((loss, aux), grads w.r.t. params) of the global
+  """grad_fn(params, teacher_params, batch, rng) -> ((loss, aux), grads w.r.t. params) of the global
   batch, as the mean over `train.microbatches` slices: the gradient the train step applies."""
   spec = _modality(config, modality)
   draw = _make_draw_fn(config, spec)
   value_and_grad = jax.value_and_grad(_make_examples_loss(config, graphdef, spec), has_aux=True)
   microbatches = config.train.microbatches
 
-  def grad_fn(params, ema_params, batch, rng):
-    return accumulate(value_and_grad, params, ema_params, draw(batch, rng), microbatches)
+  def grad_fn(params, teacher_params, batch, rng):
+    return accumulate(value_and_grad, params, teacher_params, draw(batch, rng), microbatches)
 
   return grad_fn
+
+
+def _shared_norms(grads_a, grads_b) -> tuple[jax.Array, jax.Array]:
+  """Global norms of two gradients over the entries that both reach (both nonzero): the
+  parameters the two losses compete for. Per entry, not per leaf: a scanned model stacks all
+  blocks in one leaf, of which L_rep reaches only the first few."""
+  total_a = total_b = jnp.zeros((), jnp.float32)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    both = (a != 0) & (b != 0)
+    total_a += jnp.sum(jnp.where(both, jnp.square(a), 0.0))
+    total_b += jnp.sum(jnp.where(both, jnp.square(b), 0.0))
+  return jnp.sqrt(total_a), jnp.sqrt(total_b)
+
+
+def make_gradient_balance_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                             modality: str | None = None) -> Callable:
+  """balance(state, batch, base_rng) -> {grad_norm_gen, grad_norm_rep, grad_ratio_rep_gen}:
+  whether the representation loss moves the shared weights at all, at the state before the step
+  that `train_step(state, batch, base_rng)` would take (same draw of noise and timesteps).
+
+  The norms are of the gradients of L_gen and of gamma * L_rep (as they enter the update, before
+  clipping) restricted to the parameters both reach: the blocks up to the student layer and the
+  embeddings (the projector only sees L_rep, the later blocks and the output head only L_gen).
+  Run on one microbatch of the step's batch (all of it when `train.microbatches` is 1), with the
+  step's randomness, outside the train step so the update itself is unchanged.
+  """
+  spec = _modality(config, modality)
+  draw = _make_draw_fn(config, spec)
+  examples_loss = _make_examples_loss(config, graphdef, spec)
+  gamma = config.objective.rep_loss_weight
+  microbatches = config.train.microbatches
+
+  def term(name):
+    return jax.grad(lambda p, teacher, ex: examples_loss(p, teacher, ex)[1][name])
+
+  grad_gen, grad_rep = term("loss_gen"), term("loss_rep")
+
+  def balance(state, batch, base_rng):
+    params, teacher_params = state["params"], train_state.teacher_params(state)
+    examples = draw(batch, jax.random.fold_in(base_rng, state["step"]))
+    if microbatches > 1:
+      examples = jax.tree.map(lambda x: x[0], split_microbatches(examples, microbatches))
+    norm_gen, norm_rep = _shared_norms(grad_gen(params, teacher_params, examples),
+                                       grad_rep(params, teacher_params, examples))
+    norm_rep = gamma * norm_rep
+    return {"grad_norm_gen": norm_gen, "grad_norm_rep": norm_rep,
+            "grad_ratio_rep_gen": norm_rep / jnp.maximum(norm_gen, 1e-12)}
+
+  return balance
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -194,21 +250,27 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   update is applied and the host stops before it can be saved.
   """
   grad_fn = make_grad_fn(config, graphdef, modality)
-  ema_decay = config.optim.ema_decay
+  optim = config.optim
   skip_nonfinite = config.train.nonfinite == "skip"
 
   def train_step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, aux), grads = grad_fn(state["params"], state["ema_params"], batch, rng)
+    (loss, aux), grads = grad_fn(state["params"], train_state.teacher_params(state), batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    ema_decay = train_state.ema_decay_at(optim.ema_decay, state["step"], optim.ema_warmup)
     updated = {
         "params": params,
         "ema_params": train_state.update_ema(state["ema_params"], params, ema_decay),
         "opt_state": opt_state,
     }
+    if "teacher_params" in state:
+      teacher_decay = train_state.ema_decay_at(optim.teacher_ema_decay, state["step"],
+                                               optim.ema_warmup)
+      updated["teacher_params"] = train_state.update_ema(state["teacher_params"], params,
+                                                         teacher_decay)
     if skip_nonfinite:
       updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated,
                              {k: state[k] for k in updated})
@@ -216,7 +278,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     new_state = dict(updated, step=state["step"] + 1, nonfinite_steps=nonfinite_steps)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm,
                    param_norm=optax.global_norm(updated["params"]),
-                   learning_rate=schedule(state["step"]), finite=finite.astype(jnp.float32),
+                   learning_rate=schedule(state["step"]), ema_decay=jnp.asarray(ema_decay),
+                   finite=finite.astype(jnp.float32),
                    nonfinite_steps=nonfinite_steps)
     return new_state, metrics
 

@@ -244,10 +244,36 @@ def test_incompatible_workdir_is_refused_before_writing_then_fine_tuned(
                                 saved["params/input_proj/kernel"])
   np.testing.assert_array_equal(np.asarray(merged["ema_params"]["input_proj"]["kernel"]),
                                 saved["ema_params/input_proj/kernel"])
+  np.testing.assert_array_equal(np.asarray(merged["teacher_params"]["input_proj"]["kernel"]),
+                                saved["teacher_params/input_proj/kernel"])
   np.testing.assert_array_equal(np.asarray(merged["params"]["blocks"]["mlp"]["fc1"]["kernel"]),
                                 np.asarray(fresh["params"]["blocks"]["mlp"]["fc1"]["kernel"]))
   result = train.train_and_evaluate(wider_depth, str(tmp_path / "fine_tuned"))
   assert sorted(result["losses"]) == [1]
+
+
+def test_fine_tuning_a_one_ema_run_starts_the_teacher_ema_from_its_ema(
+    make_config, fashion_mnist_dir, tmp_path):
+  """A run with a teacher EMA of its own, initialised from a one-EMA run (the paper setting):
+  its teacher starts as that run's EMA, which was that run's teacher."""
+  source = _config(make_config, fashion_mnist_dir, tmp_path, num_steps=2)
+  source.optim.teacher_ema_decay = -1.0
+  train.train_and_evaluate(source, str(tmp_path / "one_ema"))
+  target = _config(make_config, fashion_mnist_dir, tmp_path, num_steps=1)
+  assert train_state.has_teacher_ema(target.optim)
+  mesh = sharding.create_mesh(target.mesh)
+  tx, _ = optim.make_optimizer(target.optim, 1)
+  layout = train_state.state_layout(target, mesh, tx)
+  fresh = train_state.create_train_state(target, layout, tx)
+  merged, _, left = run_compatibility.restore_matching(
+      str(tmp_path / "one_ema"), fresh, layout.abstract)
+  saved = _saved_state(tmp_path / "one_ema" / "checkpoints" / "2")
+  assert not left
+  assert not any(name.startswith("teacher_params/") for name in saved)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged["teacher_params"]),
+               jax.device_get(merged["ema_params"]))
+  np.testing.assert_array_equal(np.asarray(merged["teacher_params"]["input_proj"]["kernel"]),
+                                saved["ema_params/input_proj/kernel"])
 
 
 def _base_config():

@@ -121,6 +121,120 @@ def test_ema_update_math():
   np.testing.assert_allclose(out["w"], [1.5, 3.0])
 
 
+def test_ema_warmup_schedule():
+  """min(decay, (1 + n) / (10 + n)) per update n; the fixed decay without warm-up."""
+  updates = jnp.array([0, 1, 8, 90, 890, 1790, 5000])
+  warm = np.asarray(train_state.ema_decay_at(0.995, updates, warmup=True))
+  np.testing.assert_allclose(warm, [0.1, 2 / 11, 0.5, 0.91, 0.99, 0.995, 0.995], rtol=1e-6)
+  assert train_state.ema_decay_at(0.995, updates, warmup=False) == 0.995
+
+
+def test_train_step_uses_the_warmup_decay(make_config):
+  """The step's EMA update uses the decay of its update index: after update 0 (decay 0.1) the
+  EMA is 0.1 init + 0.9 params."""
+  config = make_config()
+  config.optim.ema_warmup = True
+  config.optim.teacher_ema_decay = -1.0
+  mesh, tx, schedule, layout, state = _setup(config, jax.devices()[:1])
+  init = jax.device_get(state["ema_params"])
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule))
+  state, metrics = step(state, _batch(config), jax.random.PRNGKey(0))
+  assert float(metrics["ema_decay"]) == pytest.approx(0.1)
+  jax.tree.map(lambda e, i, p: np.testing.assert_allclose(e, 0.1 * i + 0.9 * p, rtol=1e-5,
+                                                          atol=1e-7),
+               jax.device_get(state["ema_params"]), init, jax.device_get(state["params"]))
+  state, metrics = step(state, _batch(config), jax.random.PRNGKey(0))
+  assert float(metrics["ema_decay"]) == pytest.approx(2 / 11)
+
+
+def _run_steps(config, num_steps=3):
+  _, tx, schedule, layout, state = _setup(config, jax.devices()[:1])
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule))
+  losses = []
+  for i in range(num_steps):
+    state, metrics = step(state, _batch(config, seed=i), jax.random.PRNGKey(0))
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state), losses
+
+
+def test_equal_decays_keep_one_ema(make_config):
+  config = make_config()
+  config.optim.update(ema_decay=0.9, teacher_ema_decay=0.9)
+  assert not train_state.has_teacher_ema(config.optim)
+  _, tx, _, layout, _ = _setup(config, jax.devices()[:1])
+  assert "teacher_params" not in layout.abstract
+  config.optim.teacher_ema_decay = 0.5
+  assert "teacher_params" in train_state.state_layout(
+      config, sharding.create_mesh(config.mesh, jax.devices()[:1]), tx).abstract
+
+
+def test_two_emas_with_equal_decays_equal_one_ema_bit_exactly(make_config, monkeypatch):
+  """The two-EMA code path, forced on with equal decays, keeps a teacher EMA identical to the
+  evaluation EMA, bit for bit, and trains exactly as the one-EMA state does."""
+  config = make_config()
+  config.optim.update(ema_decay=0.9, teacher_ema_decay=0.9, ema_warmup=True)
+  one_state, one_losses = _run_steps(config)
+  monkeypatch.setattr(train_state, "has_teacher_ema", lambda optim: True)
+  two_state, two_losses = _run_steps(config)
+  assert "teacher_params" in two_state and "teacher_params" not in one_state
+  assert two_losses == one_losses
+  for part in ("params", "ema_params"):
+    jax.tree.map(np.testing.assert_array_equal, two_state[part], one_state[part])
+  jax.tree.map(np.testing.assert_array_equal, two_state["teacher_params"],
+               two_state["ema_params"])
+  # The control: another teacher decay does change the teacher and the training.
+  config.optim.teacher_ema_decay = 0.0
+  other_state, other_losses = _run_steps(config)
+  assert other_losses[0] == one_losses[0] and other_losses[2] != one_losses[2]
+  # Decay 0: the teacher is the live student (e + (p - e) rounds to p within an ulp or so).
+  jax.tree.map(lambda t, p: np.testing.assert_allclose(t, p, rtol=1e-5, atol=1e-9),
+               other_state["teacher_params"], other_state["params"])
+
+
+def test_trivial_cosine_is_the_per_position_mean_target(make_config):
+  """train/teacher_cosine_trivial: the cosine of the teacher target with its batch mean at each
+  token position, recomputed here from the teacher's features."""
+  config = make_config()
+  _, _, _, layout, state = _setup(config)
+  state = _perturbed(state)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  _, aux = loss_fn(state["params"], state["ema_params"], _batch(config), jax.random.PRNGKey(3))
+  assert 0.0 < float(aux["teacher_cosine_trivial"]) < 1.0
+  assert float(aux["teacher_cosine_trivial"]) != pytest.approx(float(aux["teacher_cosine"]))
+
+
+def test_gradient_balance_matches_separate_gradients(make_config):
+  """The diagnostic's norms are those of grad L_gen and gamma grad L_rep over the leaves both
+  reach; the projector (L_rep only) and the output head (L_gen only) are left out."""
+  config = make_config()
+  _, _, _, layout, state = _setup(config, jax.devices()[:1])
+  state = _perturbed(state)
+  batch, rng = _batch(config), jax.random.PRNGKey(5)
+  balance = train_step.make_gradient_balance_fn(config, layout.graphdef)(state, batch, rng)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  step_rng = jax.random.fold_in(rng, state["step"])
+  teacher = train_state.teacher_params(state)
+  assert teacher is state["teacher_params"]  # the tiny config keeps a teacher EMA of its own
+  grads = {name: jax.grad(lambda p, n=name: loss_fn(p, teacher, batch,
+                                                    step_rng)[1][n])(state["params"])
+           for name in ("loss_gen", "loss_rep")}
+  flat = {n: {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+              jax.tree_util.tree_leaves_with_path(g)} for n, g in grads.items()}
+  both = {k: (g != 0) & (flat["loss_rep"][k] != 0) for k, g in flat["loss_gen"].items()}
+  reached = {k for k, m in both.items() if m.any()}
+  assert any("projector" in k for k, g in flat["loss_rep"].items() if g.any())
+  assert not any("projector" in k for k in reached)
+  # Blocks are stacked (depth, ...): L_rep reaches blocks 1..student_layer only.
+  qkv = next(k for k in reached if "qkv" in k and "kernel" in k)
+  assert both[qkv][0].all() and not both[qkv][-1].any()
+  gen = np.sqrt(sum(np.sum(np.where(m, flat["loss_gen"][k], 0) ** 2) for k, m in both.items()))
+  rep = 0.8 * np.sqrt(sum(np.sum(np.where(m, flat["loss_rep"][k], 0) ** 2)
+                          for k, m in both.items()))
+  assert float(balance["grad_norm_gen"]) == pytest.approx(gen, rel=1e-4)
+  assert float(balance["grad_norm_rep"]) == pytest.approx(rep, rel=1e-4)
+  assert float(balance["grad_ratio_rep_gen"]) == pytest.approx(rep / gen, rel=1e-4)
+
+
 def test_bad_mesh_sizes_are_named():
   with pytest.raises(ValueError, match="'fsdp': 3"):
     sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
@@ -170,7 +284,7 @@ def test_accumulated_step_equals_large_batch_step(make_config, mesh_sizes):
     state, metrics = _sgd_steps(config, devices, microbatches)
     for full, acc in zip(full_metrics, metrics):
       assert set(full) == set(acc)
-      for key in full:
+      for key in full.keys() - {"teacher_cosine_trivial"}:  # its mean target is per microbatch
         np.testing.assert_allclose(acc[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for part in ("params", "ema_params"):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
