@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from self_flow import (accelerators, checkpointing, config_validation, flops, mixture,
                        preemption, reporting, run_compatibility, train_program, train_state)
 from self_flow.data import modality_sources, pipeline
-from self_flow.evaluation import audio_evaluator, evaluator, video_evaluator
+from self_flow.evaluation import audio_evaluator, evaluator, student, video_evaluator
 from self_flow.modalities import spec as spec_lib
 
 _EVALUATORS = {"image": evaluator.ImageEvaluator, "video": video_evaluator.VideoEvaluator,
@@ -65,10 +65,17 @@ def _create_evaluators(config, graphdef, workdir: str, mesh) -> dict[str, Any]:
           for name in config.modalities if not modality_sources.uses_latent_shards(config, name)}
 
 
-def _evaluate(evaluators, ema_params, step: int, writer) -> dict[str, float]:
+def _evaluate(evaluators, state, step: int, writer, with_student: bool) -> dict[str, float]:
+  """Every modality's metrics of the EMA weights and, `with_student`, of the live params too
+  (`student.student_metrics`)."""
   results = {}
   for name, modality_evaluator in evaluators.items():
-    results.update(modality_evaluator.evaluate(ema_params, step, writer))
+    results.update(modality_evaluator.evaluate(state["ema_params"], step, writer))
+    if with_student:
+      student_results = student.student_metrics(
+          modality_evaluator.metrics(state["params"]), name)
+      writer.write_scalars(step, student_results)
+      results.update(student_results)
     logging.info("Evaluation of %s at step %d: %s", name, step, " ".join(
         f"{k}={v:.4f}" for k, v in sorted(results.items()) if k.startswith(f"eval/{name}/")))
   return results
@@ -183,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluators = _create_evaluators(config, layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
   step_fns = program.step_fns
+  balance_every = config.train.gradient_balance_every
 
   losses: dict[int, float] = {}
   modalities: dict[int, str] = {}
@@ -273,7 +281,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           step_flops[name] = flops.train_step_flops(config, name).total / jax.device_count()
           logging.info("Compiled the %s train step: %.4g model FLOPs per step per device.", name,
                        step_flops[name])
+        balance = None
+        if name in program.balance_fns and (step + 1) % balance_every == 0:
+          balance = program.balance_fns[name](state, batch, base_rng)  # before `state` is donated
         state, metrics = compiled[name](state, batch, base_rng)
+      if balance is not None:
+        prefix = f"train/{name}/" if len(specs) > 1 else "train/"
+        writer.write_scalars(step + 1, {prefix + k: float(v)
+                                        for k, v in jax.device_get(balance).items()})
       if pending is not None:
         drain(pending)
       pending = (step + 1, name, metrics)
@@ -290,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save(step + 1)
       every = config.train.eval_every
       if evaluators and every and (step + 1) % every == 0 and step + 1 < num_steps:
-        _evaluate(evaluators, state["ema_params"], step + 1, writer)
+        _evaluate(evaluators, state, step + 1, writer, config.eval.student)
     if pending is not None:
       drain(pending)
       pending = None
@@ -298,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save(num_steps, force=True)
     checkpointer.wait()
 
-  final = _evaluate(evaluators, state["ema_params"], num_steps, writer) if evaluators else None
+  final = (_evaluate(evaluators, state, num_steps, writer, config.eval.student)
+           if evaluators else None)
   writer.flush()
   checkpointer.close()
   return {"losses": losses, "modalities": modalities, "eval": final}

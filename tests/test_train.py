@@ -5,10 +5,13 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from self_flow import train
+from self_flow import train, train_program
+from self_flow.evaluation import evaluator
 
 
 def _run_config(make_config, data_dir, tmp_path, num_steps, method="self_flow"):
@@ -35,11 +38,51 @@ def test_end_to_end_writes_checkpoint_events_samples_and_eval(make_config, fashi
   result = train.train_and_evaluate(config, "run")  # a relative workdir, as users type it
   assert sorted(result["losses"]) == [1, 2, 3, 4]
   assert all(np.isfinite(v) for v in result["losses"].values())
-  assert set(result["eval"]) >= {"eval/image/fd", "eval/image/class_accuracy"}
+  assert set(result["eval"]) >= {"eval/image/fd", "eval/image/class_accuracy",
+                                 "eval/image/student/fd", "eval/image/student/class_accuracy"}
   assert result["eval"]["eval/image/fd"] > 0
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   assert any(name.endswith(".png") for name in os.listdir(workdir / "samples"))
+  # The student's metrics are those of the final live params, evaluated directly; the EMA's
+  # are those of the EMA params (and differ: after 4 warm-up steps the EMA is not the student).
+  saved = _saved_state(workdir, 4)
+  program = train_program.build(config)
+  direct = evaluator.ImageEvaluator(config, program.layout.graphdef, str(workdir), program.mesh)
+  student = direct.metrics(saved["params"])
+  assert student["eval/image/fd"] == result["eval"]["eval/image/student/fd"]
+  assert (student["eval/image/class_accuracy"]
+          == result["eval"]["eval/image/student/class_accuracy"])
+  assert direct.metrics(saved["ema_params"])["eval/image/fd"] == result["eval"]["eval/image/fd"]
+  assert result["eval"]["eval/image/student/fd"] != result["eval"]["eval/image/fd"]
+
+
+def _saved_state(workdir, step):
+  """The saved train state of `step` as host arrays."""
+  return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+def test_resume_with_two_emas_is_exact(make_config, fashion_mnist_dir, tmp_path):
+  """With a teacher EMA of its own (and EMA warm-up), 3 steps + resume + 3 steps give the
+  bit-identical state of 6 uninterrupted steps: params, both EMAs and the optimizer state."""
+  def config(num_steps):
+    run = _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps)
+    # Warm-up caps both decays at (1 + n) / (10 + n) >= 0.1: a teacher below that differs.
+    run.optim.update(ema_decay=0.9, teacher_ema_decay=0.05, ema_warmup=True)
+    run.eval.enabled = False
+    return run
+
+  train.train_and_evaluate(config(6), str(tmp_path / "a"))
+  train.train_and_evaluate(config(3), str(tmp_path / "b"))
+  resumed = train.train_and_evaluate(config(6), str(tmp_path / "b"))
+  assert sorted(resumed["losses"]) == [4, 5, 6]
+  straight, restarted = _saved_state(tmp_path / "a", 6), _saved_state(tmp_path / "b", 6)
+  assert set(straight) >= {"params", "ema_params", "teacher_params", "opt_state"}
+  jax.tree.map(np.testing.assert_array_equal, restarted, straight)
+  # The two EMAs really differ, so checking both is not checking one twice.
+  teacher, ema = straight["teacher_params"], straight["ema_params"]
+  assert any(not np.array_equal(t, e) for t, e in zip(jax.tree.leaves(teacher),
+                                                       jax.tree.leaves(ema)))
 
 
 def test_restart_reproduces_the_uninterrupted_run(make_config, fashion_mnist_dir, tmp_path):

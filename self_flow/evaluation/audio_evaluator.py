@@ -1,4 +1,4 @@
-"""Offline evaluation of the EMA audio model on spoken words.
+"""Offline evaluation of an audio model (EMA or live params) on spoken words.
 
 A small spectrogram classifier (the image classifier's CNN on log-mel frames x mels, trained
 once on the embedded words and cached) stands in for the paper's CLAP features:
@@ -36,7 +36,7 @@ def spectrogram_strip(features: np.ndarray) -> np.ndarray:
 
 
 class AudioEvaluator:
-  """Evaluates EMA params on audio; the classifier and reference are built on first use."""
+  """Evaluates params (EMA or live student) on audio; classifier, reference built on first use."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
@@ -81,12 +81,19 @@ class AudioEvaluator:
     return labels, [spoken_words.transcript(int(y)) for y in labels]
 
   def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
-    """FD and transcript faithfulness of `eval.num_samples` samples; writes WAVs and scalars."""
+    """`metrics` of the EMA weights, written as scalars, and WAVs of their samples."""
+    results = self.metrics(ema_params)
+    writer.write_scalars(step, results)
+    self._write_samples(ema_params, step, writer)
+    return results
+
+  def metrics(self, params) -> dict[str, float]:
+    """FD and transcript faithfulness of `eval.num_samples` samples of the model with `params`."""
     if self._classifier is None:
       self._prepare()
     ev = self.config.eval
     labels, transcripts = self.conditions(ev.num_samples)
-    samples = self.generate(ema_params, self.generate.text_condition(transcripts),
+    samples = self.generate(params, self.generate.text_condition(transcripts),
                             seed=self.config.seed + 1)
     stats = frechet.feature_statistics(self._features(samples))
     logits = classifier_lib.predict_logits(self._classifier, as_image(samples), ev.batch_size)
@@ -95,8 +102,6 @@ class AudioEvaluator:
         "eval/audio/text_faithfulness": float(np.mean(logits.argmax(-1) == labels)),
         "eval/audio/classifier_heldout_accuracy": float(self.classifier_accuracy),
     }
-    writer.write_scalars(step, results)
-    self._write_samples(ema_params, step, writer)
     return results
 
   def _write_samples(self, ema_params, step: int, writer) -> None:

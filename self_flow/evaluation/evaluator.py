@@ -1,4 +1,4 @@
-"""Offline evaluation of the EMA image model: samples, Fréchet distance, class accuracy, grids.
+"""Offline evaluation of an image model (EMA or live params): samples, FD, class accuracy, grids.
 
 No Inception weights are available offline, so the feature space is a small classifier trained
 once on the embedded dataset and cached (`classifier.load_or_train_classifier`); the same
@@ -47,7 +47,7 @@ def map_in_chunks(fn, params, arrays: tuple, chunk: int, batch_sharding) -> np.n
 
 
 class ImageEvaluator:
-  """Evaluates EMA params; the classifier and reference statistics are built on first use."""
+  """Evaluates params (EMA or live student); classifier and reference built on first use."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
@@ -104,14 +104,22 @@ class ImageEvaluator:
     return self.generate.text_condition(captions)
 
   def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
-    """FD and class accuracy of `eval.num_samples` samples; writes a grid PNG and scalars."""
+    """`metrics` of the EMA weights, written as scalars, and a grid PNG of their samples."""
+    results = self.metrics(ema_params)
+    writer.write_scalars(step, results)
+    self._write_grid(ema_params, step, writer)
+    return results
+
+  def metrics(self, params) -> dict[str, float]:
+    """FD and class accuracy of `eval.num_samples` samples of the model with `params`, and the
+    probe and stratified loss when configured."""
     if self._classifier is None:
       self._prepare()
     ev, num_classes = self.config.eval, self.config.data.num_classes
     labels = np.arange(ev.num_samples) % num_classes
     accuracy_name = ("eval/image/class_accuracy" if self.config.model.conditioning == "class"
                      else "eval/image/text_faithfulness")
-    samples = self.generate(ema_params, self.condition(labels), seed=self.config.seed + 1)
+    samples = self.generate(params, self.condition(labels), seed=self.config.seed + 1)
     stats = frechet.feature_statistics(self._features(samples))
     logits = classifier_lib.predict_logits(self._classifier, samples, ev.batch_size)
     results = {
@@ -122,11 +130,9 @@ class ImageEvaluator:
         "eval/image/classifier_heldout_accuracy": float(self.classifier_accuracy),
     }
     if ev.probe_steps:
-      results.update(self.linear_probe(ema_params))
+      results.update(self.linear_probe(params))
     if ev.loss_bins:
-      results.update(self.stratified_loss(ema_params))
-    writer.write_scalars(step, results)
-    self._write_grid(ema_params, step, writer)
+      results.update(self.stratified_loss(params))
     return results
 
   def _tokens(self, images: np.ndarray) -> np.ndarray:

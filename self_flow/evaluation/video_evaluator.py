@@ -1,4 +1,4 @@
-"""Offline evaluation of the EMA video model on moving-sprite clips.
+"""Offline evaluation of a video model (EMA or live params) on moving-sprite clips.
 
 Two small classifiers, trained once on the embedded clips and cached, stand in for the paper's
 framewise Inception FID and VideoMAE FVD:
@@ -36,7 +36,7 @@ def stacked_frames(clips: np.ndarray) -> np.ndarray:
 
 
 class VideoEvaluator:
-  """Evaluates EMA params on video; classifiers and reference statistics built on first use."""
+  """Evaluates params (EMA or student) on video; classifiers and references built on first use."""
 
   def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
@@ -99,12 +99,19 @@ class VideoEvaluator:
     return objects, motions, captions
 
   def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
-    """Clip and frame FD, caption faithfulness and object accuracy; writes strips and scalars."""
+    """`metrics` of the EMA weights, written as scalars, and strips of their samples."""
+    results = self.metrics(ema_params)
+    writer.write_scalars(step, results)
+    self._write_strips(ema_params, step, writer)
+    return results
+
+  def metrics(self, params) -> dict[str, float]:
+    """Clip and frame FD, caption faithfulness and object accuracy of the model with `params`."""
     if self._clip_classifier is None:
       self._prepare()
     ev = self.config.eval
     objects, motions, captions = self.conditions(ev.num_samples)
-    samples = self.generate(ema_params, self.generate.text_condition(captions),
+    samples = self.generate(params, self.generate.text_condition(captions),
                             seed=self.config.seed + 1)
     stats = self._statistics(samples)
     clip_logits = classifier_lib.predict_logits(self._clip_classifier, stacked_frames(samples),
@@ -122,8 +129,6 @@ class VideoEvaluator:
         "eval/video/clip_classifier_heldout_accuracy": self._heldout_accuracy["clips"],
         "eval/video/frame_classifier_heldout_accuracy": self._heldout_accuracy["frames"],
     }
-    writer.write_scalars(step, results)
-    self._write_strips(ema_params, step, writer)
     return results
 
   def _write_strips(self, ema_params, step: int, writer) -> None:
