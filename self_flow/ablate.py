@@ -4,8 +4,10 @@
     --variants=vanilla,dual_timestep,self_flow --seeds=3 --steps=1500 --output=ablations/c2i \\
     [--eval_every=500] [--override=eval.num_samples=500 ...]
 
-Each run is `python -m self_flow.main` in a process of its own (a crash loses only that run), with
-`method=<variant>` added to the config argument and `--config.seed` and
+A variant is a method (configs/base.py METHODS) or a labelled method with settings of its own,
+`LABEL=METHOD+KEY=VALUE+...` (e.g. `one_ema=self_flow+optim.ema_warmup=False`). Each run is
+`python -m self_flow.main` in a process of its own (a crash loses only that run), with
+`method=<method>` added to the config argument and `--config.seed` and
 `--config.data.shuffle_seed` set to the seed, in OUTPUT/runs/<variant>_seed<seed>. A finished
 run leaves `ablation_run.json` in its workdir and is skipped when the same command is repeated;
 an interrupted one resumes from its checkpoints. The metrics every run logged are then read back
@@ -37,9 +39,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import base
+from self_flow.evaluation import student
 
 # Evaluation settings every ablation run gets unless --override names the key.
-DEFAULT_OVERRIDES = {"eval.probe_steps": "500", "eval.loss_bins": "10"}
+DEFAULT_OVERRIDES = {"eval.probe_steps": "500", "eval.loss_bins": "10",
+                     "train.gradient_balance_every": "250"}
 # Written into a run's workdir when it finished; holds the settings it finished with.
 MARKER = "ablation_run.json"
 NOISE_RULE = (
@@ -48,45 +52,85 @@ NOISE_RULE = (
     "[min, max] do not overlap; otherwise it is within seed noise. With fewer than 2 seeds on "
     "either side there is no noise estimate and no difference is claimed. This is a screening "
     "rule for a handful of seeds, not a significance test.")
-# Metrics that are properties of the evaluation set-up (the same for every run), not of a run.
-_SET_UP_METRICS = re.compile(r"classifier_heldout_accuracy$")
 # Row order of the results table (first matching pattern wins); other metrics follow.
 _ROW_ORDER = tuple(re.compile(p) for p in (
     r"^eval/[^/]+/fd$", r"^eval/[^/]+/fd_", r"^eval/[^/]+/.*(accuracy|faithfulness)",
     r"^eval/[^/]+/loss$", r"^eval/[^/]+/loss_t", r"^eval/[^/]+/probe_layer",
-    r"^train/teacher_cosine$", r"^train/loss_gen$"))
+    r"^train/teacher_cosine$", r"^train/teacher_cosine_trivial$",
+    r"^train/grad_ratio_rep_gen$", r"^train/loss_gen$"))
+# Training diagnostics in the table beside the evaluation metrics.
+_TRAIN_ROWS = ("train/teacher_cosine", "train/teacher_cosine_trivial",
+               "train/grad_ratio_rep_gen", "train/loss_gen")
 # Metrics drawn against the training step: FD, accuracy, held-out and training loss.
 _CURVE_PATTERNS = tuple(re.compile(p) for p in (
-    r"^eval/[^/]+/fd", r"^eval/[^/]+/.*(accuracy|faithfulness)", r"^eval/[^/]+/loss$",
-    r"^train/loss_gen$"))
+    r"^eval/[^/]+/(student/)?fd", r"^eval/[^/]+/.*(accuracy|faithfulness)",
+    r"^eval/[^/]+/(student/)?loss$", r"^train/loss_gen$"))
 
 
 @dataclasses.dataclass(frozen=True)
 class AblationRun:
   """One training run of the ablation."""
 
-  variant: str  # A method of configs/base.py METHODS.
+  variant: str  # The variant's label: its method's name, or the label of a labelled variant.
   seed: int
   workdir: str
+  method: str = ""  # A method of configs/base.py METHODS; "" = the label is the method.
+  # Config settings of this variant only, ((key, value), ...), e.g. (("optim.ema_warmup",
+  # "False"),); applied after the shared overrides.
+  settings: tuple[tuple[str, str], ...] = ()
 
   @property
   def name(self) -> str:
     return f"{self.variant}_seed{self.seed}"
 
+  @property
+  def method_name(self) -> str:
+    return self.method or self.variant
+
 
 # --- Planning and running. ---
 
+VARIANT_FORMAT = ("METHOD or LABEL=METHOD+KEY=VALUE+... "
+                  "(e.g. one_ema=self_flow+optim.ema_warmup=False)")
+
+
+def parse_variant(spec: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+  """'vanilla' -> ('vanilla', 'vanilla', ()); 'one_ema=self_flow+optim.ema_warmup=False' ->
+  ('one_ema', 'self_flow', (('optim.ema_warmup', 'False'),)): a method with settings of its own
+  under a label, so that one study can compare e.g. Self-Flow with and without a fix."""
+  label, sep, rest = spec.partition("=")
+  if not sep:
+    return spec, spec, ()
+  method, *settings = rest.split("+")
+  pairs = tuple(tuple(item.split("=", 1)) for item in settings)
+  if (not label or not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or
+      any(len(p) != 2 or not p[0] or p[0].startswith("config.") for p in pairs)):
+    raise ValueError(f"variant {spec!r} must be {VARIANT_FORMAT}.")
+  return label, method, pairs
+
 
 def plan_runs(variants: Sequence[str], num_seeds: int, output: str) -> list[AblationRun]:
-  """Every (variant, seed) pair, seeds 0..num_seeds-1, each in OUTPUT/runs/<variant>_seed<s>."""
-  unknown = [v for v in variants if v not in base.METHODS]
-  if not variants or unknown or len(set(variants)) != len(variants):
+  """Every (variant, seed) pair, seeds 0..num_seeds-1, each in OUTPUT/runs/<label>_seed<s>.
+
+  A variant is a method name or a labelled method with settings (`parse_variant`)."""
+  parsed = [parse_variant(v) for v in variants]
+  labels = [label for label, _, _ in parsed]
+  unknown = [m for _, m, _ in parsed if m not in base.METHODS]
+  if not variants or unknown or len(set(labels)) != len(labels):
     raise ValueError(f"variants={list(variants)} must be distinct names from "
-                     f"{sorted(base.METHODS)}.")
+                     f"{sorted(base.METHODS)} (or {VARIANT_FORMAT}).")
   if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 1:
     raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1.")
-  return [AblationRun(v, s, os.path.join(output, "runs", f"{v}_seed{s}"))
-          for v in variants for s in range(num_seeds)]
+  return [AblationRun(label, s, os.path.join(output, "runs", f"{label}_seed{s}"),
+                      "" if method == label and not settings else method, settings)
+          for label, method, settings in parsed for s in range(num_seeds)]
+
+
+def _run_fingerprint(run: AblationRun, fingerprint: str) -> str:
+  """The shared settings' fingerprint, plus the run's own method and settings if labelled."""
+  if not run.method:
+    return fingerprint
+  return fingerprint + "|" + json.dumps([run.method, list(run.settings)])
 
 
 def is_finished(run: AblationRun, fingerprint: str) -> bool:
@@ -95,7 +139,7 @@ def is_finished(run: AblationRun, fingerprint: str) -> bool:
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    return json.load(f).get("fingerprint") == fingerprint
+    return json.load(f).get("fingerprint") == _run_fingerprint(run, fingerprint)
 
 
 def execute(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None],
@@ -121,7 +165,8 @@ def execute(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None]
       continue
     os.makedirs(run.workdir, exist_ok=True)
     with open(os.path.join(run.workdir, MARKER), "w") as f:
-      json.dump({"variant": run.variant, "seed": run.seed, "fingerprint": fingerprint,
+      json.dump({"variant": run.variant, "seed": run.seed,
+                 "fingerprint": _run_fingerprint(run, fingerprint),
                  "seconds": round(time.time() - start, 1)}, f)
     statuses[run.name] = "finished"
   return statuses
@@ -155,8 +200,10 @@ def train_command(run: AblationRun, config_file: str, config_arg: str,
   """The `python -m self_flow.main` command line of one run."""
   if "method=" in config_arg:
     raise ValueError(f"--config argument {config_arg!r} names a method; --variants sets it.")
-  arg = f"{config_arg},method={run.variant}" if config_arg else f"method={run.variant}"
-  settings = {"seed": str(run.seed), "data.shuffle_seed": str(run.seed), **overrides}
+  method = run.method_name
+  arg = f"{config_arg},method={method}" if config_arg else f"method={method}"
+  settings = {"seed": str(run.seed), "data.shuffle_seed": str(run.seed), **overrides,
+              **dict(run.settings)}
   return ([python, "-m", "self_flow.main", f"--config={config_file}:{arg}",
            f"--workdir={run.workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()])
 
@@ -188,7 +235,10 @@ def in_process_train_fn(make_config: Callable[[str, int], Any]) -> Callable[[Abl
 
   def train(run: AblationRun) -> None:
     from self_flow import train as train_lib  # pylint: disable=g-import-not-at-top
-    train_lib.train_and_evaluate(make_config(run.variant, run.seed), run.workdir)
+    if run.settings:
+      raise ValueError(f"variant {run.variant!r} has settings of its own {run.settings}; "
+                       "those run through subprocess_train_fn (the command line).")
+    train_lib.train_and_evaluate(make_config(run.method_name, run.seed), run.workdir)
 
   return train
 
@@ -276,18 +326,21 @@ def _numbers(tag: str) -> tuple[float, ...]:
 
 
 def _row_key(tag: str):
-  rank = next((i for i, p in enumerate(_ROW_ORDER) if p.search(tag)), len(_ROW_ORDER))
+  is_student = "/student/" in tag  # eval/<modality>/student/<name>: after the EMA's rows
+  ema_tag = tag.replace("/student/", "/")
+  rank = next((i for i, p in enumerate(_ROW_ORDER) if p.search(ema_tag)), len(_ROW_ORDER))
   parts = tag.split("/")
   modality = parts[1] if len(parts) > 2 else ""  # eval/<modality>/<name>
-  return (parts[0] != "eval", modality, rank, _numbers(tag), tag)
+  return (parts[0] != "eval", modality, is_student, rank, _numbers(tag), tag)
 
 
 def table_metrics(summary: Mapping[str, Mapping[str, Spread]]) -> list[str]:
-  """The results-table rows: every `eval/` metric that describes a run, the student/teacher
-  cosine and the final training flow loss, in `_ROW_ORDER`."""
+  """The results-table rows: every `eval/` metric that describes a run (the EMA's, then the
+  student's), the Self-Flow diagnostics and the final training flow loss (`_TRAIN_ROWS`), in
+  `_ROW_ORDER`."""
   tags = {t for metrics in summary.values() for t in metrics}
-  rows = [t for t in tags if t.startswith("eval/") and not _SET_UP_METRICS.search(t)]
-  rows += [t for t in ("train/teacher_cosine", "train/loss_gen") if t in tags]
+  rows = [t for t in tags if t.startswith("eval/") and not student.SET_UP_METRICS.search(t)]
+  rows += [t for t in _TRAIN_ROWS if t in tags]
   return sorted(rows, key=_row_key)
 
 
@@ -448,7 +501,7 @@ def _write_plots(output: str, histories, summary, variants, metrics) -> list[str
   written = []
   histories_tags = {t for series in histories.values() for t in series}
   for metric in sorted(t for t in histories_tags if any(p.search(t) for p in _CURVE_PATTERNS)
-                       and not _SET_UP_METRICS.search(t)):
+                       and not student.SET_UP_METRICS.search(t)):
     name = "curve_" + metric.replace("/", "_") + ".png"
     plot_curve(curves(histories, variants, metric), metric, os.path.join(output, name))
     written.append(name)
@@ -563,8 +616,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file and argument, e.g. configs/c2i.py:local "
                       "(method= is added per variant).")
   flags.DEFINE_list("variants", ["vanilla", "dual_timestep", "self_flow"],
-                    f"Methods to compare, the first is the reference; any of "
-                    f"{sorted(base.METHODS)}.")
+                    f"Variants to compare, the first is the reference; each is one of "
+                    f"{sorted(base.METHODS)}, or {VARIANT_FORMAT}.")
   flags.DEFINE_integer("seeds", 3, "Seeds per variant (0..seeds-1).")
   flags.DEFINE_integer("steps", None, "Training steps of every run.")
   flags.DEFINE_string("output", None, "Directory for the runs and the results page.")

@@ -58,16 +58,18 @@ def test_results_page_has_every_metric_per_variant(ablation):
   assert "| metric | vanilla (n=2) | self_flow (n=2) |" in page
   rows = {line.split(" | ")[0].lstrip("| ").rstrip(" ↓↑"): line for line in page.splitlines()
           if line.startswith("| eval/") or line.startswith("| train/")}
-  expected = (["eval/image/fd", "eval/image/class_accuracy", "eval/image/loss"]
-              + [f"eval/image/loss_t{a}-{b}" for a, b in
-                 (("0.00", "0.25"), ("0.25", "0.50"), ("0.50", "0.75"), ("0.75", "1.00"))]
-              + [f"eval/image/probe_layer{k}" for k in (1, 2, 3, 4)]
-              + ["train/teacher_cosine", "train/loss_gen"])
+  evaluated = (["fd", "class_accuracy", "loss"]
+               + [f"loss_t{a}-{b}" for a, b in
+                  (("0.00", "0.25"), ("0.25", "0.50"), ("0.50", "0.75"), ("0.75", "1.00"))]
+               + [f"probe_layer{k}" for k in (1, 2, 3, 4)])
+  expected = ([f"eval/image/{name}" for name in evaluated]  # the EMA's, then the student's
+              + [f"eval/image/student/{name}" for name in evaluated]
+              + ["train/teacher_cosine", "train/teacher_cosine_trivial", "train/loss_gen"])
   assert list(rows) == expected  # in the table's order
   for name, row in rows.items():
     vanilla, self_flow = row.strip(" |").split(" | ")[1:]
     assert " ± " in self_flow, row  # mean ± std over 2 seeds
-    if name == "train/teacher_cosine":
+    if name.startswith("train/teacher_cosine"):
       assert vanilla == "—"  # vanilla has no teacher
     else:
       assert " ± " in vanilla, row
@@ -180,11 +182,26 @@ def test_train_command_and_settings(tmp_path):
       "python", "-m", "self_flow.main", "--config=configs/c2i.py:local,method=dual_timestep",
       f"--workdir={run.workdir}", "--config.seed=0", "--config.data.shuffle_seed=0",
       "--config.train.num_steps=200", "--config.train.eval_every=100",
-      "--config.eval.probe_steps=500", "--config.eval.loss_bins=5"]
+      "--config.eval.probe_steps=500", "--config.eval.loss_bins=5",
+      "--config.train.gradient_balance_every=250"]
   with pytest.raises(ValueError, match="names a method"):
     ablate.train_command(run, "configs/c2i.py", "local,method=vanilla", overrides)
   with pytest.raises(ValueError, match="'eval.loss_bins' .* <key>=<value>"):
     ablate.parse_overrides(["eval.loss_bins"])
+  # A labelled variant: a method with settings of its own, after the shared overrides.
+  [one_ema] = ablate.plan_runs(
+      ["one_ema=self_flow+optim.ema_warmup=False+optim.teacher_ema_decay=-1"], 1, str(tmp_path))
+  assert (one_ema.name, one_ema.method_name) == ("one_ema_seed0", "self_flow")
+  command = ablate.train_command(one_ema, "configs/c2i.py", "local", overrides, python="python")
+  assert command[3] == "--config=configs/c2i.py:local,method=self_flow"
+  assert command[-2:] == ["--config.optim.ema_warmup=False",
+                          "--config.optim.teacher_ema_decay=-1"]
+  assert ablate._run_fingerprint(one_ema, "f") != ablate._run_fingerprint(
+      ablate.plan_runs(["one_ema=self_flow"], 1, str(tmp_path))[0], "f")
+  with pytest.raises(ValueError, match="must be METHOD or LABEL=METHOD"):
+    ablate.plan_runs(["one_ema=self_flow+optim.ema_warmup"], 1, str(tmp_path))
+  with pytest.raises(ValueError, match="must be distinct names"):
+    ablate.plan_runs(["a=self_flow", "a=vanilla"], 1, str(tmp_path))
   with pytest.raises(ValueError, match=r"variants=\['vanila'\] must be distinct names"):
     ablate.plan_runs(["vanila"], 1, str(tmp_path))
   with pytest.raises(ValueError, match="seeds=0"):
