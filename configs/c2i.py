@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
     # Short run: 0.999 left 22% of the random init in the EMA after 1500 steps (EMA loss 0.67 vs
     # 0.28 for the student); 0.995 averages ~200 steps, keeping the teacher a lagged student.
     config.optim.ema_decay = 0.995
+    base.use_short_run_emas(config, teacher_ema_decay=0.98)  # warm-up; a 50-step teacher
     config.train.num_steps = 1_500
     config.train.log_every = 100
     config.train.checkpoint_every = 500

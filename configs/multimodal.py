@@ -59,6 +59,7 @@ def get_config(arg: str | None = None):
     # 300 steps: an EMA horizon of 50 steps keeps 0.2% of the initialisation in the sampled
     # (and teacher) weights; 0.995 kept 22% and sampled pure noise.
     config.optim.ema_decay = 0.98
+    config.optim.teacher_ema_decay = 0.95  # as in configs/t2a.py:local
     config.model.patch_size = 4
     config.model.rope_axes_dims = (8, 12, 12)
     config.text.max_length = 64  # the longest caption of the three datasets (motion captions)
