@@ -143,7 +143,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.ema_decay = 0.9999  # EMA decay of the evaluation (and sampling) weights, `ema_params`.
   # EMA decay of the Self-Flow teacher. -1 (or a value equal to ema_decay): the teacher is the
   # evaluation EMA, one EMA in the state (the paper's setting). Any other value in [0, 1) keeps a
-  # second float32 EMA, `teacher_params`; 0 makes the teacher the live student (stop-gradient).
+  # second float32 EMA, `teacher_params` (only when objective.rep_loss_weight > 0); 0 makes the
+  # teacher the live student (stop-gradient).
   optim.teacher_ema_decay = -1.0
   # EMA warm-up: update n (0-based) uses min(decay, (1 + n) / (10 + n)) for both EMAs, so a short
   # run's EMA is not dominated by the random init (0.995^300 keeps 22% of it). Off = fixed decay.

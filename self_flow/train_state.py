@@ -50,10 +50,13 @@ def merge(graphdef: nnx.GraphDef, params):
   return nnx.merge(graphdef, params)
 
 
-def has_teacher_ema(optim: ml_collections.ConfigDict) -> bool:
+def has_teacher_ema(config: ml_collections.ConfigDict) -> bool:
   """Whether the state keeps a teacher EMA apart from the evaluation EMA: only when the two
-  decays differ, so equal decays give the one-EMA state (and checkpoints) of the paper setting."""
-  return optim.teacher_ema_decay >= 0 and optim.teacher_ema_decay != optim.ema_decay
+  decays differ, so equal decays give the one-EMA state (and checkpoints) of the paper setting,
+  and only when there is a teacher (representation loss weight > 0)."""
+  optim = config.optim
+  return (config.objective.rep_loss_weight > 0 and optim.teacher_ema_decay >= 0
+          and optim.teacher_ema_decay != optim.ema_decay)
 
 
 def teacher_params(state: TrainState):
@@ -81,7 +84,7 @@ def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTran
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
             "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
             "ema_params": ema_abstract, "opt_state": abstract_opt}
-  if has_teacher_ema(config.optim):
+  if has_teacher_ema(config):
     shardings["teacher_params"] = param_shardings
     shapes["teacher_params"] = ema_abstract
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -119,7 +122,7 @@ def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,
         "ema_params": jax.tree.map(lambda p: p.astype(jnp.float32), params),
         "opt_state": tx.init(params),
     }
-    if has_teacher_ema(config.optim):
+    if has_teacher_ema(config):
       state["teacher_params"] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return state
 

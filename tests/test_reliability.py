@@ -260,7 +260,7 @@ def test_fine_tuning_a_one_ema_run_starts_the_teacher_ema_from_its_ema(
   source.optim.teacher_ema_decay = -1.0
   train.train_and_evaluate(source, str(tmp_path / "one_ema"))
   target = _config(make_config, fashion_mnist_dir, tmp_path, num_steps=1)
-  assert train_state.has_teacher_ema(target.optim)
+  assert train_state.has_teacher_ema(target)
   mesh = sharding.create_mesh(target.mesh)
   tx, _ = optim.make_optimizer(target.optim, 1)
   layout = train_state.state_layout(target, mesh, tx)

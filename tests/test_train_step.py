@@ -160,12 +160,14 @@ def _run_steps(config, num_steps=3):
 def test_equal_decays_keep_one_ema(make_config):
   config = make_config()
   config.optim.update(ema_decay=0.9, teacher_ema_decay=0.9)
-  assert not train_state.has_teacher_ema(config.optim)
+  assert not train_state.has_teacher_ema(config)
   _, tx, _, layout, _ = _setup(config, jax.devices()[:1])
   assert "teacher_params" not in layout.abstract
   config.optim.teacher_ema_decay = 0.5
   assert "teacher_params" in train_state.state_layout(
       config, sharding.create_mesh(config.mesh, jax.devices()[:1]), tx).abstract
+  config.objective.rep_loss_weight = 0.0  # no representation loss, no teacher to keep
+  assert not train_state.has_teacher_ema(config)
 
 
 def test_two_emas_with_equal_decays_equal_one_ema_bit_exactly(make_config, monkeypatch):
@@ -174,7 +176,7 @@ def test_two_emas_with_equal_decays_equal_one_ema_bit_exactly(make_config, monke
   config = make_config()
   config.optim.update(ema_decay=0.9, teacher_ema_decay=0.9, ema_warmup=True)
   one_state, one_losses = _run_steps(config)
-  monkeypatch.setattr(train_state, "has_teacher_ema", lambda optim: True)
+  monkeypatch.setattr(train_state, "has_teacher_ema", lambda config: True)
   two_state, two_losses = _run_steps(config)
   assert "teacher_params" in two_state and "teacher_params" not in one_state
   assert two_losses == one_losses
