@@ -234,7 +234,7 @@ def breakdown(config: ml_collections.ConfigDict, warmup: int, repeats: int
   self_flow = variant_config(config, "self_flow")
   s = setup(self_flow)
   graphdef = s.program.layout.graphdef
-  args = (s.state["params"], s.state["ema_params"], s.batch, s.rng)
+  args = (s.state["params"], train_state.teacher_params(s.state), s.batch, s.rng)
   parts = {
       "student forward and L_gen": train_step.make_loss_fn(
           variant_config(config, "dual_timestep"), graphdef),
