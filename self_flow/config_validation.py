@@ -16,6 +16,7 @@ from self_flow.evaluation import linear_probe
 from self_flow.modalities import audio
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import dit, factory, presets, scanning
+from self_flow.text import frozen_encoders
 
 CHOICES = {
     "model.attention": ("xla", "cudnn", "splash", "auto"),
@@ -35,7 +36,7 @@ CHOICES = {
     "model.position_embedding_order": tuple(factory.POSITION_ORDERS),
     "model.conditioning": conditioning.KINDS,
     "mesh.rules": tuple(sharding.RULE_PRESETS),
-    "text.encoder": ("bytes", "precomputed"),
+    "text.encoder": ("bytes", "precomputed", *frozen_encoders.DIMS),
     "video.dataset": ("moving_sprites", "latent_shards"),
     "audio.dataset": ("spoken_words", "latent_shards"),
     "train.nonfinite": ("skip", "stop"),
@@ -162,9 +163,17 @@ def _check_text_source(config: ml_collections.ConfigDict) -> None:
                      f"({[n for n, s in sharded.items() if s]}) with embedded data "
                      f"({[n for n, s in sharded.items() if not s]}); one model conditions on "
                      "either precomputed caption embeddings or byte tokens, so use one kind.")
+  frozen = config.text.encoder in frozen_encoders.DIMS
+  if frozen and want == "bytes":
+    others = [n for n in config.modalities if n != "image"]
+    if others:
+      raise ValueError(f"config.text.encoder={config.text.encoder!r} embeds the image captions "
+                       f"of the embedded data; {others} captions are not enumerated for it. Use "
+                       "text.encoder='bytes', or latent shards written with this encoder.")
+    return
   if config.text.encoder != want:
     carried = ("latent shards carry precomputed caption embeddings" if want == "precomputed"
-               else "embedded datasets carry byte tokens")
+               else "embedded datasets carry byte tokens (or a frozen encoder's embeddings)")
     raise ValueError(f"config.text.encoder={config.text.encoder!r} does not match the data: "
                      f"{carried}, so set text.encoder={want!r}.")
 

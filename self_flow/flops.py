@@ -31,6 +31,7 @@ import ml_collections
 
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import presets
+from self_flow.text import frozen_encoders
 
 TIMESTEP_FREQ_DIM = 256  # layers.TimestepEmbedder: sinusoidal features before its MLP.
 BYTE_ENCODER_MLP_RATIO = 4  # byte_encoder.EncoderBlock uses an MLP of 4x its width.
@@ -111,7 +112,7 @@ class ModelShape:
   num_double: int = 0  # mmdit
   text_tokens: int = 0  # mmdit: caption length L
   text_dim: int = 0  # mmdit: width of what `txt_in` projects (encoder width or embedding dim)
-  text_encoder_depth: int = 0  # mmdit with the byte encoder; 0 = precomputed embeddings
+  text_encoder_depth: int = 0  # mmdit with the byte encoder; 0 = frozen or precomputed
 
 
 def model_shape(config: ml_collections.ConfigDict, modality: str | None = None) -> ModelShape:
@@ -129,8 +130,8 @@ def model_shape(config: ml_collections.ConfigDict, modality: str | None = None) 
   if m.architecture == "dit":
     return ModelShape(**common)
   bytes_encoder = config.text.encoder == "bytes"
-  return ModelShape(num_double=m.num_double, text_tokens=config.text.max_length,
-                    text_dim=config.text.width if bytes_encoder else config.text.embedding_dim,
+  text_tokens, text_dim = frozen_encoders.caption_condition_shape(config.text)
+  return ModelShape(num_double=m.num_double, text_tokens=text_tokens, text_dim=text_dim,
                     text_encoder_depth=config.text.depth if bytes_encoder else 0, **common)
 
 

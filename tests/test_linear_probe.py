@@ -134,6 +134,7 @@ def test_mmdit_features_are_the_pooled_block_outputs():
   config.model.depth, config.model.num_double = 3, 1
   config.model.rope_axes_dims = (2, 6, 8)
   config.model.patch_size = 7
+  config.text.encoder = "bytes"
   config.text.width, config.text.max_length = 16, 6
   graphdef, params = _random_model(config, 0.1)
   spec = spec_lib.modality_specs(config)["image"]

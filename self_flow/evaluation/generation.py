@@ -16,8 +16,9 @@ from flax import nnx
 from PIL import Image, PngImagePlugin
 
 from self_flow import conditioning, sampling, sharding, train_state
+from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
-from self_flow.text import tokenizer
+from self_flow.text import frozen_encoders, tokenizer
 
 
 def make_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -65,8 +66,13 @@ class Generator:
     self.spec = spec
     self._sample = make_sampler(config, graphdef, mesh, spec)
     self._batch_sharding = sharding.batch_sharding(mesh)
+    self._caption_table = None  # a frozen encoder's embeddings, loaded on first use
 
   def text_condition(self, captions: list[str]) -> dict[str, np.ndarray]:
+    if self.config.text.encoder in frozen_encoders.DIMS:
+      if self._caption_table is None:
+        self._caption_table = modality_sources.caption_table(self.config)
+      return self._caption_table.condition(captions)
     tokens, mask = tokenizer.tokenize(captions, self.config.text.max_length)
     return {"tokens": tokens, "mask": mask}
 

