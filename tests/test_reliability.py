@@ -209,6 +209,15 @@ def _snapshot(directory) -> dict[str, tuple[int, int]]:
           for root, _, names in os.walk(directory) for name in names}
 
 
+def _fresh_then_restore_matching(config, source):
+  """(fresh state of `config`, restore_matching's (state, loaded, left) from run `source`)."""
+  mesh = sharding.create_mesh(config.mesh)
+  tx, _ = optim.make_optimizer(config.optim, 1)
+  layout = train_state.state_layout(config, mesh, tx)
+  fresh = train_state.create_train_state(config, layout, tx)
+  return fresh, run_compatibility.restore_matching(str(source), fresh, layout.abstract)
+
+
 def test_incompatible_workdir_is_refused_before_writing_then_fine_tuned(
     make_config, fashion_mnist_dir, tmp_path):
   """A deeper model pointed at a 4-block run's workdir: refused with the differing keys and
@@ -232,12 +241,7 @@ def test_incompatible_workdir_is_refused_before_writing_then_fine_tuned(
   wider_depth = _config(make_config, fashion_mnist_dir, tmp_path, num_steps=1)
   wider_depth.model.depth = 6  # same width: embeddings and heads fit, the block stack does not
   wider_depth.train.init_from = str(tmp_path / "old")
-  mesh = sharding.create_mesh(wider_depth.mesh)
-  tx, _ = optim.make_optimizer(wider_depth.optim, 1)
-  layout = train_state.state_layout(wider_depth, mesh, tx)
-  fresh = train_state.create_train_state(wider_depth, layout, tx)
-  merged, loaded, left = run_compatibility.restore_matching(
-      str(tmp_path / "old"), fresh, layout.abstract)
+  fresh, (merged, loaded, left) = _fresh_then_restore_matching(wider_depth, tmp_path / "old")
   saved = _saved_state(tmp_path / "old" / "checkpoints" / "2")
   assert loaded > 0 and left and all("blocks" in name for name in left)
   np.testing.assert_array_equal(np.asarray(merged["params"]["input_proj"]["kernel"]),
@@ -261,12 +265,7 @@ def test_fine_tuning_a_one_ema_run_starts_the_teacher_ema_from_its_ema(
   train.train_and_evaluate(source, str(tmp_path / "one_ema"))
   target = _config(make_config, fashion_mnist_dir, tmp_path, num_steps=1)
   assert train_state.has_teacher_ema(target)
-  mesh = sharding.create_mesh(target.mesh)
-  tx, _ = optim.make_optimizer(target.optim, 1)
-  layout = train_state.state_layout(target, mesh, tx)
-  fresh = train_state.create_train_state(target, layout, tx)
-  merged, _, left = run_compatibility.restore_matching(
-      str(tmp_path / "one_ema"), fresh, layout.abstract)
+  _, (merged, _, left) = _fresh_then_restore_matching(target, tmp_path / "one_ema")
   saved = _saved_state(tmp_path / "one_ema" / "checkpoints" / "2")
   assert not left
   assert not any(name.startswith("teacher_params/") for name in saved)
