@@ -192,6 +192,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # Pure data parallelism (replicated params).
   mesh.fsdp = 1  # Data parallelism with params/optimizer state sharded (ZeRO-3 / FSDP).
   mesh.tensor = 1  # Tensor (model) parallelism over heads / MLP width.
+  # XLA devices the host CPU is split into, set before JAX starts (CPU backend only): -1 = JAX's
+  # setting (one device), 0 = one per usable core, reduced until it divides
+  # data.global_batch_size and eval.batch_size, n >= 1 = n. XLA:CPU runs a small model's step on
+  # about one core; a data-parallel mesh of one device per core runs on all of them.
+  mesh.cpu_devices = -1
   # Multi-slice runs (devices reporting several slice_index): slices along `data`, whose
   # gradient all-reduce is the only traffic over the slow DCN links; -1 = every slice. `data`
   # stays the global size (data / dcn_data per slice).

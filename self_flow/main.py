@@ -1,6 +1,6 @@
 """Entry point: python -m self_flow.main --config=configs/<name>.py[:arg] --workdir=DIR.
 
-Kept short (Flax examples style): flags, distributed init, hide accelerators from TensorFlow,
+Kept short (Flax examples style): flags, the CPU device count, distributed init, hide accelerators from TensorFlow,
 then `train.train_and_evaluate`. `--config.key=value` overrides any config key.
 """
 
@@ -45,9 +45,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # pylint: disable=g-import-not-at-top
-  from self_flow import reporting  # pylint: disable=g-import-not-at-top
+  from self_flow import accelerators, reporting  # pylint: disable=g-import-not-at-top
   if not FLAGS.library_info_logs:
     reporting.show_only_own_info_logs()
+  config = FLAGS.config
+  cpu_devices = accelerators.cpu_device_count(
+      config.mesh.cpu_devices, (config.data.global_batch_size, config.eval.batch_size),
+      accelerators.usable_cores())
+  if cpu_devices is not None:  # before any backend starts; only the CPU backend reads it
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   if _want_distributed():
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

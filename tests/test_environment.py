@@ -98,3 +98,32 @@ def test_config_paths_outside_a_checkout_read_the_installed_configs(tmp_path):
   assert result.stdout.strip() == str([
       f"--config={os.path.join(REPO, 'configs', 't2i.py')}:local", "--config=configs/own.py",
       "--workdir=w"])
+
+
+@pytest.mark.parametrize("requested,batches,cores,expected", [
+    (-1, (64, 256), 2, None),  # JAX's own setting
+    (3, (64, 256), 2, 3),  # asked for: taken as is
+    (0, (64, 256), 2, 2),  # one per core
+    (0, (64, 256), 6, 4),  # 6 and 5 do not divide 64: the largest count <= 6 that does
+    (0, (63, 256), 8, 1),  # nothing above 1 divides both
+])
+def test_cpu_device_count(requested, batches, cores, expected):
+  assert accelerators.cpu_device_count(requested, batches, cores) == expected
+
+
+def test_a_bad_cpu_device_count_is_named():
+  with pytest.raises(ValueError, match=r"mesh.cpu_devices=-2.*-1 \(JAX's setting\)"):
+    accelerators.cpu_device_count(-2, (64,), 2)
+
+
+def test_main_splits_the_cpu_before_jax_starts(tmp_path):
+  """`mesh.cpu_devices` reaches JAX before any backend starts: the run sees that many devices."""
+  script = ("import sys, jax; from absl import app; from self_flow import main, train; "
+            "train.train_and_evaluate = lambda config, workdir: print('devices', "
+            "jax.device_count()) or {}; app.run(main.main, argv=sys.argv)")
+  result = subprocess.run(
+      [sys.executable, "-c", script, f"--config={REPO}/configs/c2i.py:local",
+       "--config.mesh.cpu_devices=4", f"--workdir={tmp_path}"], cwd=tmp_path, text=True,
+      capture_output=True, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "devices 4" in result.stdout
