@@ -1,4 +1,5 @@
-"""Step-time benchmark: vanilla FM, dual-timestep only, Self-Flow and naive per-token adaLN.
+"""Step-time benchmark: vanilla FM, dual-timestep only, Self-Flow and naive per-token adaLN,
+and optionally a PyTorch reference Self-Flow step.
 
 One config, four train steps compiled exactly as the trainer compiles them (same mesh, shardings,
 donated state), fed the same synthetic batch, timed side by side:
@@ -9,6 +10,18 @@ donated state), fed the same synthetic batch, timed side by side:
   naive_adaln      self_flow with per-token adaLN computed for every token: the student gets a
                    (B, N) timestep table with index arange(N), i.e. one modulation row per token,
                    the cost the distinct-row gather avoids; it must give the same losses.
+
+Opt-in, with torch installed (the `bench` extra: pip install -e ".[bench]"), on a CPU backend:
+
+  torch_public     PyTorch Self-Flow step at public-trainer math: per-token adaLN and a full
+                   teacher forward (self_flow/torch_reference).
+  torch_equal      PyTorch Self-Flow step at our math: distinct-row adaLN, teacher truncated at
+                   its layer; the same FLOPs as self_flow. Both torch variants start from the same
+                   weights and draws, so they must give the same losses.
+
+The torch steps run in this process, interleaved with ours under the same protocol, with one
+intra-op thread when XLA is single-threaded (XLA_FLAGS below) and one per core of the affinity
+mask otherwise; the report adds torch_public / self_flow and torch_equal / self_flow.
 
 Repeats are interleaved (each round runs every variant once, in a rotated order), so a noisy
 neighbour slows all variants alike. Every step blocks on its outputs before the clock stops. The
@@ -21,6 +34,9 @@ CPU reference protocol (one thread on one core, tcmalloc), as recorded in benchm
   taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
     python -m self_flow.bench --config=configs/c2i.py:cpu_reference
+
+  and, against PyTorch in the same run: the same command with
+  --variants=self_flow,torch_equal,torch_public
 
 GPU (SiT-XL/2 Self-Flow, bf16; MFU against the device's bf16 peak):
 
@@ -46,7 +62,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import base as config_base
-from self_flow import flops, objectives, reporting, train_program, train_state, train_step
+from self_flow import (accelerators, flops, objectives, reporting, torch_reference, train_program,
+                       train_state, train_step)
 from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
 
@@ -55,7 +72,8 @@ config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_
 flags.DEFINE_integer("warmup", 2, "Untimed steps per variant (the first one also compiles).")
 flags.DEFINE_integer("repeats", 12, "Timed steps per variant; the table reports their median.")
 flags.DEFINE_list("variants", ["vanilla", "dual_timestep", "self_flow", "naive_adaln"],
-                  "Variants to time (subset of the four).")
+                  "Variants to time: any of the four, and torch_equal, torch_public (PyTorch "
+                  "reference steps; need torch).")
 flags.DEFINE_float("peak_gflops", 0.0,
                    "Peak GFLOP/s per device for MFU; 0 = the device table (accelerators) or a "
                    "measured fp32 matmul peak (CPU).")
@@ -75,6 +93,8 @@ VARIANTS = {
     "self_flow": Variant("self_flow", False),
     "naive_adaln": Variant("self_flow", True),
 }
+# Opt-in PyTorch reference steps: variant -> torch_reference math.
+TORCH_VARIANTS = {"torch_public": "public", "torch_equal": "equal"}
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -152,8 +172,32 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(program, state, batch, rng)
 
 
+def torch_threads() -> int:
+  """Intra-op threads for torch: 1 when XLA_FLAGS make XLA's CPU backend single-threaded (the
+  CPU reference protocol), else one per core in the affinity mask, as XLA uses."""
+  if "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
+    return 1
+  return accelerators.usable_cores()
+
+
+def prepare_torch(config: ml_collections.ConfigDict, name: str) -> Prepared:
+  """A PyTorch reference step on the synthetic batch ours gets; its state is the step object."""
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"--variants={name}: the PyTorch reference runs on the CPU, but JAX runs on "
+                     f"{jax.default_backend()!r}; compare on a CPU backend.")
+  setting = torch_reference.setting(config)
+  spec = next(iter(spec_lib.modality_specs(config).values()))
+  batch = synthetic_batch(config)
+  reference = torch_reference.make_step(setting, TORCH_VARIANTS[name], spec.signal(batch),
+                                        batch["label"], threads=torch_threads())
+  return Prepared(lambda state, _batch, _rng: (state, state.step()), reference, None, None,
+                  torch_reference.step_flops(setting, TORCH_VARIANTS[name]))
+
+
 def prepare(config: ml_collections.ConfigDict, name: str) -> Prepared:
   """Builds state and step as `train.train_and_evaluate` does, and compiles the step."""
+  if name in TORCH_VARIANTS:
+    return prepare_torch(config, name)
   config = variant_config(config, name)
   s = setup(config)
   step = next(iter(s.program.step_fns.values()))
@@ -198,17 +242,26 @@ def run_interleaved(prepared: dict[str, Prepared], warmup: int, repeats: int
   return timing
 
 
-def check_naive_adaln(timing: dict[str, Timing], rtol: float = 1e-4) -> float | None:
-  """Max relative loss difference between naive and distinct-row adaLN over every step (same
-  init, batch and step rngs, so the same numbers up to float rounding); raises above rtol."""
-  if "naive_adaln" not in timing or "self_flow" not in timing:
-    return None
-  naive, fast = np.asarray(timing["naive_adaln"].losses), np.asarray(timing["self_flow"].losses)
-  diff = float(np.max(np.abs(naive - fast) / np.maximum(np.abs(fast), 1e-12)))
-  if not diff <= rtol:
-    raise AssertionError(f"naive per-token adaLN losses {naive} differ from the distinct-row "
-                         f"losses {fast} (max relative difference {diff:.2e} > {rtol}).")
-  return diff
+# Pairs of variants that compute the same losses in a different way (same init, batch and step
+# randomness, so the same numbers up to float rounding): (label, variant, reference variant).
+SAME_LOSSES = (("naive vs distinct-row adaLN", "naive_adaln", "self_flow"),
+               ("PyTorch public vs equal math", "torch_public", "torch_equal"))
+
+
+def check_same_losses(timing: dict[str, Timing], rtol: float = 1e-4) -> dict[str, float]:
+  """Max relative loss difference over every step of each timed `SAME_LOSSES` pair; raises
+  above rtol."""
+  diffs = {}
+  for label, name, reference in SAME_LOSSES:
+    if name not in timing or reference not in timing:
+      continue
+    got, want = np.asarray(timing[name].losses), np.asarray(timing[reference].losses)
+    diff = float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-12)))
+    if not diff <= rtol:
+      raise AssertionError(f"{label}: {name} losses {got} differ from the {reference} losses "
+                           f"{want} (max relative difference {diff:.2e} > {rtol}).")
+    diffs[label] = diff
+  return diffs
 
 
 def median_seconds(call, warmup: int, repeats: int) -> tuple[float, float]:
@@ -314,7 +367,8 @@ def summarize(timing: dict[str, Timing], prepared: dict[str, Prepared], peak: fl
   for name, t in timing.items():
     wall = np.asarray(t.wall)
     q25, median, q75 = np.percentile(wall, [25, 50, 75])
-    gflop = prepared[name].step_flops.total / 1e9 / jax.device_count()
+    devices = 1 if name in TORCH_VARIANTS else jax.device_count()
+    gflop = prepared[name].step_flops.total / 1e9 / devices
     rows[name] = dict(median=float(median), min=float(wall.min()), iqr=float(q75 - q25),
                       cpu_median=float(np.median(t.cpu)), gflop=gflop, gflops=gflop / median,
                       mfu=gflop / median / peak if peak else float("nan"))
@@ -324,17 +378,22 @@ def summarize(timing: dict[str, Timing], prepared: dict[str, Prepared], peak: fl
 RATIOS = (("self_flow / vanilla", "self_flow", "vanilla"),
           ("dual_timestep / vanilla", "dual_timestep", "vanilla"),
           ("naive / distinct-row adaLN (Self-Flow)", "naive_adaln", "self_flow"))
+# Above 1: ours is faster than PyTorch by that factor.
+TORCH_RATIOS = (("torch_public / self_flow (PyTorch public-trainer math / ours)", "torch_public",
+                 "self_flow"),
+                ("torch_equal / self_flow (PyTorch equal math / ours)", "torch_equal",
+                 "self_flow"))
 
 
 def ratios(rows: dict[str, dict[str, float]], key: str = "median") -> dict[str, float]:
   """Step-time ratios (of `key`: wall or CPU-time medians) of the pairs that were timed."""
   return {label: rows[a][key] / rows[b][key]
-          for label, a, b in RATIOS if a in rows and b in rows}
+          for label, a, b in RATIOS + TORCH_RATIOS if a in rows and b in rows}
 
 
 def format_report(env: dict[str, str], config: ml_collections.ConfigDict, warmup: int,
                   repeats: int, rows, ratio_values, peak: tuple[float, str],
-                  naive_diff: float | None) -> str:
+                  loss_diffs: dict[str, float]) -> str:
   """The markdown that benchmarks/RESULTS.md records."""
   shape = flops.model_shape(config)
   m = config.model
@@ -359,28 +418,33 @@ def format_report(env: dict[str, str], config: ml_collections.ConfigDict, warmup
   cpu_ratios = ratios(rows, "cpu_median")
   lines += [f"- {label}: {value:.3f} (CPU time: {cpu_ratios[label]:.3f})"
             for label, value in ratio_values.items()]
-  if naive_diff is not None:
-    lines.append(f"- naive vs distinct-row adaLN losses, max relative difference over all steps: "
-                 f"{naive_diff:.1e}")
+  lines += [f"- {label} losses, max relative difference over all steps: {diff:.1e}"
+            for label, diff in loss_diffs.items()]
   return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, variants: Sequence[str], warmup: int, repeats: int,
         configured_peak: float = 0.0) -> dict[str, Any]:
   """Compiles and times `variants` of `config`; returns the table rows, ratios and report."""
-  unknown = [v for v in variants if v not in VARIANTS]
+  unknown = [v for v in variants if v not in VARIANTS and v not in TORCH_VARIANTS]
   if unknown or not variants:
-    raise ValueError(f"--variants={list(variants)}: each must be one of {list(VARIANTS)}.")
+    raise ValueError(f"--variants={list(variants)}: each must be one of "
+                     f"{list(VARIANTS) + list(TORCH_VARIANTS)}.")
   if warmup < 1 or repeats < 1:
     raise ValueError(f"--warmup={warmup} and --repeats={repeats} must be >= 1.")
+  if any(name in TORCH_VARIANTS for name in variants):  # fail before compiling anything
+    torch_reference.require()
+    torch_reference.setting(config)
   env = environment()
   peak = peak_gflops(configured_peak)
   prepared = {name: prepare(config, name) for name in variants}
+  if any(name in TORCH_VARIANTS for name in variants):
+    env["torch"] = torch_reference.runtime()
   timing = run_interleaved(prepared, warmup, repeats)
-  naive_diff = check_naive_adaln(timing)
+  loss_diffs = check_same_losses(timing)
   rows = summarize(timing, prepared, peak[0])
   ratio_values = ratios(rows)
-  report = format_report(env, config, warmup, repeats, rows, ratio_values, peak, naive_diff)
+  report = format_report(env, config, warmup, repeats, rows, ratio_values, peak, loss_diffs)
   return {"rows": rows, "ratios": ratio_values, "report": report}
 
 
