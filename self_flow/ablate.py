@@ -143,14 +143,20 @@ def is_finished(run: AblationRun, fingerprint: str) -> bool:
 
 
 def execute(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None],
-            fingerprint: str = "") -> dict[str, str]:
+            fingerprint: str = "", imported: Mapping[str, str] | None = None
+            ) -> dict[str, str]:
   """Trains every run not already finished with `fingerprint`, one after the other.
 
-  Returns {run name: "finished" | "finished earlier" | "failed: <error>"}. A failure is logged
-  and the next run starts: one crash must not cost the other runs.
+  Returns {run name: "finished" | "finished earlier" | "imported from <path>" |
+  "failed: <error>"}; `imported` maps the names of runs taken from an earlier results page
+  (`import_histories`) to that page's path, and those are not trained. A failure is logged and
+  the next run starts: one crash must not cost the other runs.
   """
   statuses = {}
   for run in runs:
+    if imported and run.name in imported:
+      statuses[run.name] = f"imported from {imported[run.name]}"
+      continue
     if is_finished(run, fingerprint):
       logging.info("Ablation run %s finished earlier; skipping it.", run.name)
       statuses[run.name] = "finished earlier"
@@ -272,6 +278,47 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   for tag in tags[event_accumulator.SCALARS]:  # summaries written the TF1 way
     series[tag] = sorted({e.step: float(e.value) for e in accumulator.Scalars(tag)}.items())
   return series
+
+
+def import_histories(path: str, runs: Sequence[AblationRun]
+                     ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+  """{run name: {tag: [(step, value), ...]}} of the planned `runs` that the earlier results.json
+  at `path` lists as finished: a study adds seeds to runs whose workdirs are gone (another
+  machine, a cleaned disk) without training those runs again.
+
+  Each history holds every final metric of the run, plus its curves: from the run's own
+  "history" (written since 2026-12-04), or, in older pages, from the variant's curves when the
+  run is its variant's only one there (curve values are per seed but not named by run, so with
+  several seeds only the final metrics can be taken back).
+  """
+  with open(path) as f:
+    page = json.load(f)
+  finished = [r for r in page["runs"] if r["status"].startswith(("finished", "imported"))]
+  per_variant = {v: sum(r["variant"] == v for r in finished) for v in page["variants"]}
+  wanted = {run.name: run for run in runs}
+  histories = {}
+  for entry in finished:
+    run = wanted.get(entry["name"])
+    if run is None or run.variant != entry["variant"]:
+      continue
+    if "history" in entry:
+      history = {tag: [tuple(point) for point in series]
+                 for tag, series in entry["history"].items()}
+    elif per_variant[run.variant] == 1:
+      history = {tag: [(step, values[0]) for step, values in
+                       zip(curve[run.variant]["steps"], curve[run.variant]["values"])]
+                 for tag, curve in page["curves"].items() if run.variant in curve}
+    else:
+      history = {}
+    last_step = max((series[-1][0] for series in history.values() if series), default=0)
+    for tag, value in entry["final"].items():
+      history.setdefault(tag, [(last_step, value)])
+    histories[run.name] = history
+  if not histories:
+    raise ValueError(f"import_results={path!r} lists no finished run among the planned ones "
+                     f"({', '.join(wanted)}); it lists "
+                     f"{', '.join(r['name'] for r in finished) or 'none'}.")
+  return histories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,16 +595,21 @@ def markdown_table(summary, variants: Sequence[str], metrics: Sequence[str],
 
 
 def write_report(output: str, runs: Sequence[AblationRun], statuses: Mapping[str, str],
-                 description: str = "") -> dict[str, Any]:
+                 description: str = "",
+                 imported: Mapping[str, Mapping[str, list]] | None = None) -> dict[str, Any]:
   """Reads every finished run's metrics and writes results.md, results.json and the plots.
 
-  Returns the results.json content. The first variant (in run order) is the reference that
-  the others are compared with.
+  `imported` holds the histories of runs taken from an earlier page (`import_histories`), read
+  from there instead of from their workdirs. Returns the results.json content. The first
+  variant (in run order) is the reference that the others are compared with.
   """
   os.makedirs(output, exist_ok=True)
+  imported = imported or {}
   variants = list(dict.fromkeys(run.variant for run in runs))
-  done = [run for run in runs if statuses.get(run.name, "").startswith("finished")]
-  histories = {run: read_scalars(run.workdir) for run in done}
+  done = [run for run in runs
+          if statuses.get(run.name, "").startswith(("finished", "imported"))]
+  histories = {run: imported[run.name] if run.name in imported else read_scalars(run.workdir)
+               for run in done}
   finals = {run: {tag: series[-1][1] for tag, series in history.items()}
             for run, history in histories.items()}
   summary = summarise(finals, variants)
@@ -570,9 +622,10 @@ def write_report(output: str, runs: Sequence[AblationRun], statuses: Mapping[str
   if description:
     lines += [f"Command: `{description}`", ""]
   counts = ", ".join(f"{v}: {_count(seeds[v], 'seed')}" for v in variants)
-  lines += [f"Runs: {len(done)} of {len(runs)} finished ({counts}). Final value of each metric "
-            "per run (the last evaluation), mean ± sample std over seeds; ↓ lower is better, "
-            "↑ higher is better; — the variant does not log it (e.g. no teacher).", ""]
+  lines += [f"Runs: {len(done)} of {len(runs)} finished or imported ({counts}). Final value "
+            "of each metric per run (the last evaluation), mean ± sample std over seeds; ↓ "
+            "lower is better, ↑ higher is better; — the variant does not log it (e.g. no "
+            "teacher).", ""]
   lines += markdown_table(summary, variants, metrics, seeds)
   lines += ["", f"## Differences from {variants[0]}", "", f"Rule: {NOISE_RULE}", ""]
   lines += [f"- {s}" for s in sentences(records, summary)] or [
@@ -589,8 +642,11 @@ def write_report(output: str, runs: Sequence[AblationRun], statuses: Mapping[str
   results = {
       "description": description, "rule": NOISE_RULE, "variants": variants,
       "reference": variants[0], "metrics": metrics, "plots": plots,
+      # Each run's curves ("history") let a later study import it (`import_histories`).
       "runs": [dict(name=run.name, variant=run.variant, seed=run.seed, workdir=run.workdir,
-                    status=statuses.get(run.name, "not run"), final=finals.get(run, {}))
+                    status=statuses.get(run.name, "not run"), final=finals.get(run, {}),
+                    history={t: histories[run][t] for t in curve_tags
+                             if t in histories.get(run, {})})
                for run in runs],
       "summary": {v: {m: s.to_json() for m, s in summary[v].items()} for v in variants},
       "comparisons": records,
@@ -602,10 +658,16 @@ def write_report(output: str, runs: Sequence[AblationRun], statuses: Mapping[str
 
 
 def run_ablation(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None],
-                 output: str, fingerprint: str = "", description: str = "") -> dict[str, Any]:
-  """`execute` every run, then `write_report`; returns the results (with statuses per run)."""
-  statuses = execute(runs, train_fn, fingerprint)
-  return write_report(output, runs, statuses, description)
+                 output: str, fingerprint: str = "", description: str = "",
+                 import_results: str = "") -> dict[str, Any]:
+  """`execute` every run, then `write_report`; returns the results (with statuses per run).
+
+  With `import_results` (an earlier results.json), the runs that page lists as finished are
+  taken from it instead of trained (`import_histories`)."""
+  imported = import_histories(import_results, runs) if import_results else {}
+  statuses = execute(runs, train_fn, fingerprint,
+                     imported=dict.fromkeys(imported, import_results))
+  return write_report(output, runs, statuses, description, imported)
 
 
 # --- Command line. ---
@@ -625,6 +687,9 @@ def _define_flags() -> None:
                        "the end.")
   flags.DEFINE_multi_string("override", [], "Extra config setting for every run, "
                             "<key>=<value> (e.g. eval.num_samples=500); repeatable.")
+  flags.DEFINE_string("import_results", "", "results.json of an earlier study with the same "
+                      "settings: the runs it lists as finished are taken from it, not trained "
+                      "(e.g. seed 0 of a study whose workdirs are gone, when adding seeds).")
   flags.mark_flags_as_required(["config", "steps", "output"])
 
 
@@ -638,7 +703,7 @@ def main(argv):
   fingerprint = json.dumps({"config": f.config, "overrides": overrides}, sort_keys=True)
   description = "python -m self_flow.ablate " + " ".join(sys.argv[1:])
   results = run_ablation(runs, subprocess_train_fn(config_file, config_arg, overrides), f.output,
-                         fingerprint, description)
+                         fingerprint, description, f.import_results)
   failed = [r["name"] for r in results["runs"] if r["status"].startswith("failed")]
   logging.info("Results in %s.", os.path.join(f.output, "results.md"))
   if failed:

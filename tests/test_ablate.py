@@ -115,6 +115,47 @@ def test_a_repeated_invocation_skips_finished_runs(ablation):
   assert statuses == {runs[0].name: "finished"}
 
 
+def test_an_earlier_page_supplies_the_runs_it_finished(ablation, tmp_path):
+  """Adding seeds to a study whose workdirs are gone: the earlier results.json stands in for
+  the runs it finished, and only the others are trained."""
+  runs, output, original = ablation
+  page = os.path.join(output, "results.json")
+  more = ablate.plan_runs(VARIANTS, 3, str(tmp_path / "more"))
+  trained = []
+  results = ablate.run_ablation(more, lambda run: trained.append(run.name),
+                                str(tmp_path / "more"), fingerprint="tiny", import_results=page)
+  assert trained == ["vanilla_seed2", "self_flow_seed2"]  # nothing logged: not in the summary
+  assert [r["status"] for r in results["runs"]] == (
+      [f"imported from {page}"] * 2 + ["finished"]) * 2
+  assert results["summary"] == original["summary"]
+  assert results["curves"] == original["curves"]
+  with open(tmp_path / "more" / "results.md") as f:
+    assert f"| vanilla_seed1 | imported from {page} |" in f.read()
+
+  # A page written before runs kept their own history: with one seed per variant, the variant's
+  # curves are that run's.
+  with open(page) as f:
+    old = json.load(f)
+  old["runs"] = [{key: value for key, value in r.items() if key != "history"}
+                 for r in old["runs"] if r["seed"] == 0]
+  for curve in old["curves"].values():
+    for data in curve.values():
+      data["values"] = [values[:1] for values in data["values"]]
+  old_page = str(tmp_path / "old.json")
+  with open(old_page, "w") as f:
+    json.dump(old, f)
+  histories = ablate.import_histories(old_page, more)
+  assert set(histories) == {"vanilla_seed0", "self_flow_seed0"}
+  [seed0] = [r for r in original["runs"] if r["name"] == "self_flow_seed0"]
+  imported = histories["self_flow_seed0"]
+  for tag, series in seed0["history"].items():
+    assert imported[tag] == [tuple(point) for point in series], tag
+  assert {tag: s[-1][1] for tag, s in imported.items()} == seed0["final"]
+
+  with pytest.raises(ValueError, match="lists no finished run among the planned ones"):
+    ablate.import_histories(page, ablate.plan_runs(["dual_timestep"], 1, str(tmp_path)))
+
+
 def test_a_failing_run_does_not_stop_the_others(tmp_path):
   runs = ablate.plan_runs(["vanilla", "dual_timestep"], 2, str(tmp_path))
   trained = []
