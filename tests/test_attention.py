@@ -38,6 +38,28 @@ def test_xla_matches_softmax_reference(masked):
   np.testing.assert_allclose(out, _reference(q, k, v, key_mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_xla_matches_jax_attention_and_its_gradients(dtype, atol, masked):
+  """Our written-out XLA attention against jax.nn.dot_product_attention's XLA path, forward and
+  backward, in float32 and bfloat16 (whose dots must accumulate in float32 in both passes)."""
+  q, k, v = (x.astype(dtype) for x in _qkv())
+  key_mask = _key_mask(2, 16) if masked else None
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), q.shape).astype(dtype)
+
+  def ours(q, k, v):
+    return attention.xla_attention(q, k, v, key_mask)
+
+  def jax_xla(q, k, v):
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+  for got, want in zip(jax.vjp(ours, q, k, v)[1](cotangent) + (ours(q, k, v),),
+                       jax.vjp(jax_xla, q, k, v)[1](cotangent) + (jax_xla(q, k, v),)):
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=atol)
+
+
 def test_auto_is_xla_on_cpu():
   q, k, v = _qkv()
   assert attention.resolve("auto", q) == "xla"
