@@ -5,6 +5,10 @@ torch skip without it; the FLOP accounting, the config checks and the missing-to
 decide what the benchmark claims, are checked everywhere.
 """
 
+import importlib.util
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +95,24 @@ def test_missing_torch_and_unknown_variants_are_named(monkeypatch):
     torch_reference.make_step(s, "equal", np.zeros((2, 8, 8, 4)), np.zeros(2))
   with pytest.raises(ModuleNotFoundError, match="needs torch"):  # before compiling ours
     bench.run(tiny_config(), ["self_flow", "torch_equal"], warmup=1, repeats=1)
+
+
+def test_torch_with_triton_after_tensorflow_is_refused(monkeypatch):
+  """torch's CUDA build imports triton, which crashed the process after TensorFlow: a clear error
+  instead, and none where triton is absent or TensorFlow not loaded."""
+  find_spec = importlib.util.find_spec
+  triton = {"present": True}
+  monkeypatch.setattr(torch_reference, "available", lambda: True)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+      (object() if triton["present"] else None) if name == "triton" else find_spec(name, *args)))
+  monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
+  with pytest.raises(RuntimeError, match="(?s)triton.*segmentation fault.*whl/cpu"):
+    torch_reference.require()
+  triton["present"] = False
+  torch_reference.require()
+  triton["present"] = True
+  monkeypatch.delitem(sys.modules, "tensorflow")
+  torch_reference.require()
 
 
 def to_torch(params) -> dict:

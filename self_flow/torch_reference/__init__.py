@@ -22,6 +22,7 @@ dependency (`pip install -e ".[bench]"`): this module imports without it, and th
 
 import dataclasses
 import importlib.util
+import sys
 
 import ml_collections
 import numpy as np
@@ -145,12 +146,24 @@ def available() -> bool:
 
 
 def require() -> None:
-  """Raises, saying how to install it, when torch is missing."""
+  """Raises, saying how to install it, when torch is missing or would crash the process.
+
+  The default Linux torch wheel (a CUDA build) brings triton, and torch.optim imports triton;
+  after TensorFlow is loaded (clu's writers load it) that import ended the process with a
+  segmentation fault (torch 2.13 and 2.14, triton 3.8, tensorflow-cpu 2.21). The CPU build has
+  no triton.
+  """
   if not available():
     raise ModuleNotFoundError(
         "The PyTorch reference step needs torch, an optional benchmark dependency: "
         "pip install -e \".[bench]\" (CPU build: pip install torch --index-url "
         "https://download.pytorch.org/whl/cpu).")
+  if "tensorflow" in sys.modules and importlib.util.find_spec("triton") is not None:
+    raise RuntimeError(
+        "triton is installed (it comes with torch's CUDA build), and torch importing it after "
+        "TensorFlow crashes this process with a segmentation fault. Use torch's CPU build "
+        "(pip install torch --index-url https://download.pytorch.org/whl/cpu) or "
+        "pip uninstall triton.")
 
 
 def make_step(s: Setting, math: str, latents: np.ndarray, labels: np.ndarray, *,
