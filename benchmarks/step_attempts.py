@@ -22,7 +22,7 @@ from absl import flags
 from flax import nnx
 
 from configs import c2i
-from self_flow import bench
+from self_flow import bench, sharding
 from self_flow.models import attention, layers, scanning
 
 
@@ -75,16 +75,19 @@ def onehot_gather():
       "bnk,bkf->bnf", jax.nn.one_hot(index, table.shape[1], dtype=table.dtype), table))
 
 
-def split_modulation():
-  """The six adaLN tables split before the gather (six (B, N, D) gathers, no concatenate of
-  their gradients)."""
+def joint_modulation():
+  """The adaLN table gathered whole, (B, N, 6D), then split (before issue 18: the gradients of
+  the six parts are concatenated back to (B, N, 6D))."""
 
   def block(self, x, cond, cond_index):
-    tables = jnp.split(self.modulation(jax.nn.silu(cond)), 6, axis=-1)
-    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (
-        layers.gather_rows(t, cond_index) for t in tables)
-    x = x + gate_a * self.attn(layers.modulate(layers.layer_norm(x), shift_a, scale_a))
-    return x + gate_m * self.mlp(layers.modulate(layers.layer_norm(x), shift_m, scale_m))
+    mod = layers.gather_rows(self.modulation(jax.nn.silu(cond)), cond_index)
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+    x = sharding.constrain(
+        x + gate_a * self.attn(layers.modulate(layers.layer_norm(x), shift_a, scale_a)),
+        layers.TOKENS)
+    return sharding.constrain(
+        x + gate_m * self.mlp(layers.modulate(layers.layer_norm(x), shift_m, scale_m)),
+        layers.TOKENS)
 
   return swapped(layers.AdaLNBlock, "__call__", block)
 
@@ -150,7 +153,7 @@ ATTEMPTS = {
     "jax_attention": jax_attention,
     "select_gather": select_gather,
     "onehot_gather": onehot_gather,
-    "split_modulation": split_modulation,
+    "joint_modulation": joint_modulation,
     "unrolled_scan": unrolled_scan,
     "scan_unroll_2": scan_unroll_2,
     "remat_dots": remat_dots,
