@@ -2,10 +2,10 @@
 
   taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
-    python benchmarks/step_attempts.py --variant=self_flow --attempts=jax_attention,unrolled_scan
+    python benchmarks/step_attempts.py --variant=self_flow --attempts=jax_attention,unrolled_blocks
 
 An attempt swaps one piece of the model or step while the bench variant (self_flow/bench.py) is
-traced and compiled; `current` is the code as it is. All of them are then stepped interleaved
+traced and compiled, or changes config keys; `current` is the code and config as they are. All of them are then stepped interleaved
 under the CPU reference protocol (`bench.run_interleaved`), and the median process-CPU seconds of
 each are printed with their ratio to `current` and the last loss (the same for every attempt
 that keeps the math). The attempts kept are in the library already; the rest live only here, so
@@ -92,35 +92,14 @@ def joint_modulation():
   return swapped(layers.AdaLNBlock, "__call__", block)
 
 
-def _scan(unroll, policy=None):
-  """scan_segment with lax.scan's `unroll` and, given, another rematerialisation policy."""
-  scan_segment = scanning.scan_segment
-
-  def segment(blocks, carry, start, end, apply, remat_policy):
-    if policy is not None:
-      return scan_segment(blocks, carry, start, end, apply, policy)
-    if start >= end:
-      return carry
-    graphdef, stacked_state = nnx.split(blocks)
-    part = jax.tree.map(lambda a: a[start:end], stacked_state)
-    body = lambda c, s: (apply(nnx.merge(graphdef, s), c), None)
-    return jax.lax.scan(body, carry, part, unroll=unroll)[0]
-
-  return swapped(scanning, "scan_segment", segment)
-
-
-def unrolled_scan():
-  """Every scanned segment fully unrolled (no stacked residuals, no dynamic slices)."""
-  return _scan(unroll=True)
-
-
 def scan_unroll_2():
-  return _scan(unroll=2)
+  """Blocks scanned two per loop iteration (lax.scan unroll=2)."""
+  scan = jax.lax.scan
 
+  def scan_by_two(*args, **kwargs):
+    return scan(*args, **{**kwargs, "unroll": 2})
 
-def remat_dots():
-  """Rematerialise everything but the matmuls (fewer stacked residuals, more elementwise)."""
-  return _scan(unroll=1, policy="dots")
+  return swapped(scanning.jax.lax, "scan", scan_by_two)
 
 
 def transposed_kernel_grad():
@@ -148,16 +127,22 @@ def transposed_kernel_grad():
   return swapped(layers.Dense, "__call__", call)
 
 
+def overrides(**values):
+  """An attempt that changes config keys, not code (nested keys as model__scan_layers)."""
+  return contextlib.nullcontext, {k.replace("__", "."): v for k, v in values.items()}
+
+
+# name -> (context manager factory active while the step compiles, config overrides)
 ATTEMPTS = {
-    "current": contextlib.nullcontext,
-    "jax_attention": jax_attention,
-    "select_gather": select_gather,
-    "onehot_gather": onehot_gather,
-    "joint_modulation": joint_modulation,
-    "unrolled_scan": unrolled_scan,
-    "scan_unroll_2": scan_unroll_2,
-    "remat_dots": remat_dots,
-    "transposed_kernel_grad": transposed_kernel_grad,
+    "current": (contextlib.nullcontext, {}),
+    "jax_attention": (jax_attention, {}),
+    "joint_modulation": (joint_modulation, {}),
+    "select_gather": (select_gather, {}),
+    "onehot_gather": (onehot_gather, {}),
+    "unrolled_blocks": overrides(model__scan_layers=False),
+    "scan_unroll_2": (scan_unroll_2, {}),
+    "remat_dots": overrides(model__remat_policy="dots"),
+    "transposed_kernel_grad": (transposed_kernel_grad, {}),
 }
 
 
@@ -174,10 +159,14 @@ def main():
   if unknown:
     parser.error(f"unknown attempts {unknown}; choose from {sorted(ATTEMPTS)}")
   flags.FLAGS.mark_as_parsed()  # bench's absl flags are defined but not parsed here
-  config = c2i.get_config("cpu_reference")
   prepared = {}
   for name in names:
-    with ATTEMPTS[name]():
+    patch, values = ATTEMPTS[name]
+    config = c2i.get_config("cpu_reference")
+    for key, value in values.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    with patch():
       prepared[name] = bench.prepare(config, args.variant)
   timing = bench.run_interleaved(prepared, args.warmup, args.repeats)
   base = np.median(timing["current"].cpu)

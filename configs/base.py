@@ -41,6 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.compute_dtype = "bfloat16"  # Activation/matmul dtype: bfloat16 or float32.
   model.param_dtype = "float32"  # Master weight dtype (the EMA is always float32).
   model.remat_policy = "none"  # Rematerialisation per block: none, full, dots (save matmuls).
+  # Blocks under lax.scan (True: compile time flat in depth) or fully unrolled (False: no stacked
+  # residuals; 6% faster Self-Flow and 6% slower vanilla CPU steps at SiT-S, benchmarks/RESULTS.md).
+  model.scan_layers = True
   # Attention kernel (models/attention.py): xla, cudnn (GPU; bf16/fp16), splash (TPU Pallas; on
   # more than one device the step must be traced under jax.set_mesh(mesh)) or auto (cudnn on GPU
   # where dtype and head dim allow, splash on TPU where it can run, else xla).

@@ -402,7 +402,8 @@ def format_report(env: dict[str, str], config: ml_collections.ConfigDict, warmup
       f"- model: {m.architecture} preset {m.preset}, width {shape.width}, depth {shape.depth}, "
       f"{shape.tokens} tokens x {shape.token_dim} channels, batch "
       f"{config.data.global_batch_size}, compute {m.compute_dtype}, params {m.param_dtype}, "
-      f"layers {shape.student_layer}/{shape.teacher_layer}, remat {m.remat_policy}",
+      f"layers {shape.student_layer}/{shape.teacher_layer}, remat {m.remat_policy}, "
+      f"{'scanned' if m.scan_layers else 'unrolled'} blocks",
       f"- protocol: {warmup} warm-up + {repeats} timed steps per variant, interleaved, every "
       "step blocked on its outputs",
       f"- peak for MFU: {peak[0]:.1f} GFLOP/s per device ({peak[1]})",

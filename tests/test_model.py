@@ -77,11 +77,12 @@ def test_teacher_forward_stops_at_its_layer(make_config):
   assert np.abs(np.asarray(moved - before)).max() > 1e-3
 
 
-def test_remat_policies_agree(make_config):
+def test_remat_policies_and_unrolled_blocks_agree(make_config):
   outputs = []
-  for policy in ("none", "full", "dots"):
+  for policy, scan_layers in (("none", True), ("full", True), ("dots", True), ("none", False)):
     config = make_config()
     config.model.remat_policy = policy
+    config.model.scan_layers = scan_layers
     graphdef, params = _random_params(factory.create_model(config, nnx.Rngs(0)))
     x, pos, labels = _inputs(config)
 

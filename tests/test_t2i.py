@@ -72,6 +72,22 @@ def test_distinct_condition_modulation_equals_per_token():
     np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5)
 
 
+def test_unrolled_blocks_give_the_scanned_outputs():
+  """model.scan_layers=False runs the double and single blocks unrolled: same numbers."""
+  outputs = []
+  for scan_layers in (True, False):
+    config = _config()
+    config.model.scan_layers = scan_layers
+    graphdef, params = _randomised(factory.create_model(config, nnx.Rngs(0)))
+    model = nnx.merge(graphdef, params)
+    x, pos = _image_inputs(config)
+    t, idx = jnp.full((3, 1), 0.4), jnp.zeros(x.shape[:2], jnp.int32)
+    outputs.append((*model(x, pos, t, idx, _text()),
+                    model.teacher_features(x, pos, t, idx, _text())))
+  for scanned, unrolled in zip(*outputs):
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-5)
+
+
 def test_teacher_stops_at_its_layer_in_the_single_stream():
   config = _config()  # 2 double + 2 single blocks; teacher layer round(0.7 * 4) = 3.
   graphdef, params = _randomised(factory.create_model(config, nnx.Rngs(0)))

@@ -34,7 +34,8 @@ class SelfFlowDiT(nnx.Module):
       self, *, in_dim: int, out_dim: int, hidden_size: int, depth: int, num_heads: int,
       mlp_ratio: float, num_classes: int, projector_hidden_mult: int, student_layer: int,
       teacher_layer: int, pos_axes: tuple[int, ...], dtype: Any, param_dtype: Any,
-      remat_policy: str, attention: str, rngs: nnx.Rngs, timestep_input: str = "t"):
+      remat_policy: str, attention: str, rngs: nnx.Rngs, timestep_input: str = "t",
+      scan_layers: bool = True):
     scanning.check_remat_policy(remat_policy)
     if timestep_input not in TIMESTEP_INPUTS:
       raise ValueError(f"model.timestep_input={timestep_input!r}; allowed: {TIMESTEP_INPUTS}.")
@@ -46,6 +47,7 @@ class SelfFlowDiT(nnx.Module):
     self.teacher_layer = teacher_layer
     self.pos_axes = tuple(pos_axes)
     self.remat_policy = remat_policy
+    self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.input_proj = layers.dense(in_dim, hidden_size, ("patch", "embed"), rngs, **kw)
     self.t_embedder = layers.TimestepEmbedder(hidden_size, rngs, **kw)
@@ -76,10 +78,11 @@ class SelfFlowDiT(nnx.Module):
     return sharding.constrain(h + pos.astype(h.dtype), layers.TOKENS)
 
   def run_blocks(self, h, cond, cond_index, start: int, end: int):
-    """Blocks [start, end) (0-based) as one scanned segment over the stacked parameters."""
+    """Blocks [start, end) (0-based) as one scanned (or unrolled, model.scan_layers) segment over
+    the stacked parameters."""
     return scanning.scan_segment(self.blocks, h, start, end,
                                  lambda block, carry: block(carry, cond, cond_index),
-                                 self.remat_policy)
+                                 self.remat_policy, unrolled=not self.scan_layers)
 
   def __call__(self, x, pos_ids, t_table, t_index, labels, modality: str = "image"):
     """Student forward: velocity (B, N, C_out) float32 and projected student features (B, N, D).

@@ -48,8 +48,8 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
             param_dtype=parse_dtype(m.param_dtype, "model.param_dtype"))
   common = dict(hidden_size=dims.hidden_size, num_heads=dims.num_heads, mlp_ratio=m.mlp_ratio,
                 projector_hidden_mult=m.projector_hidden_mult, student_layer=student,
-                teacher_layer=teacher, remat_policy=m.remat_policy, attention=m.attention,
-                rngs=rngs, **kw)
+                teacher_layer=teacher, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                attention=m.attention, rngs=rngs, **kw)
   if m.architecture == "dit":
     if m.conditioning != "class":
       raise ValueError(f"model.conditioning={m.conditioning!r} needs model.architecture='mmdit' "

@@ -145,7 +145,7 @@ class SelfFlowMMDiT(nnx.Module):
       num_single: int, mlp_ratio: float, text_dim: int, text_encoder: nnx.Module | None,
       projector_hidden_mult: int, student_layer: int, teacher_layer: int,
       rope_axes_dims: tuple[int, ...], dtype: Any, param_dtype: Any, remat_policy: str,
-      attention: str, rngs: nnx.Rngs):
+      attention: str, rngs: nnx.Rngs, scan_layers: bool = True):
     scanning.check_remat_policy(remat_policy)
     if sum(rope_axes_dims) != hidden_size // num_heads:
       raise ValueError(f"model.rope_axes_dims={tuple(rope_axes_dims)} must sum to the head dim "
@@ -157,6 +157,7 @@ class SelfFlowMMDiT(nnx.Module):
     self.teacher_layer = teacher_layer
     self.rope_axes_dims = tuple(rope_axes_dims)
     self.remat_policy = remat_policy
+    self.scan_layers = scan_layers
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     mlp_dim = int(hidden_size * mlp_ratio)
     # Per-modality projections: tokens -> width, and width -> velocity (adaLN final layer).
@@ -221,20 +222,21 @@ class SelfFlowMMDiT(nnx.Module):
     return table[modality]
 
   def run_blocks(self, img, txt, p, start: int, end: int):
-    """Blocks [start, end) (0-based, double then single), scanned; returns (img, txt)."""
+    """Blocks [start, end) (0-based, double then single), scanned (or unrolled, see
+    model.scan_layers); returns (img, txt)."""
     nd = self.num_double
     if min(end, nd) > start:
       img, txt = scanning.scan_segment(
           self.double_blocks, (img, txt), start, min(end, nd),
           lambda blk, c: blk(c[0], c[1], p["img_mod"], p["txt_mod"], p["cos"], p["sin"],
-                             p["key_mask"]), self.remat_policy)
+                             p["key_mask"]), self.remat_policy, unrolled=not self.scan_layers)
     s_start, s_end = max(start, nd) - nd, end - nd
     if s_end > s_start:
       n_txt = txt.shape[1]
       x = scanning.scan_segment(
           self.single_blocks, jnp.concatenate([txt, img], 1), s_start, s_end,
           lambda blk, c: blk(c, p["single_mod"], p["cos"], p["sin"], p["key_mask"]),
-          self.remat_policy)
+          self.remat_policy, unrolled=not self.scan_layers)
       txt, img = x[:, :n_txt], x[:, n_txt:]
     return img, txt
 
