@@ -12,6 +12,7 @@ analytic FLOPs, so "matmul GFLOP/s" says how close the dots alone come to the co
 """
 
 import argparse
+import ast
 import collections
 import glob
 import gzip
@@ -59,9 +60,15 @@ def main():
   parser.add_argument("--variant", default="self_flow", choices=sorted(bench.VARIANTS))
   parser.add_argument("--out", default="/tmp/step_trace", help="trace directory (replaced)")
   parser.add_argument("--top", type=int, default=15)
+  parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="config override, VALUE a Python literal (e.g. model.scan_layers=False)")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
   config = c2i.get_config("cpu_reference")
+  for override in args.set:
+    key, value = override.split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = ast.literal_eval(value)
   prepared = bench.prepare(config, args.variant)
   state = prepared.state
   for _ in range(2):
