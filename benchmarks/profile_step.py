@@ -49,6 +49,17 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
   return {m[1]: (m[2], m[3]) for m in re.finditer(pattern, hlo_text, re.M)}
 
 
+def apply_overrides(config, values: dict) -> None:
+  """config.update_from_flattened_dict(values), refusing a key the config does not have (a typo
+  would otherwise add a key nothing reads and time the unchanged step)."""
+  sections = {key: key.partition(".") for key in values}
+  unknown = [key for key, (section, _, field) in sections.items()
+             if section not in config or field not in config[section]]
+  if unknown:
+    raise KeyError(f"config overrides {unknown} name no key of the config")
+  config.update_from_flattened_dict(values)
+
+
 def table(rows, header: str) -> str:
   total = sum(d for _, d in rows) or 1
   lines = [f"| {header} | ms | share |", "|---|---|---|"]
@@ -65,10 +76,8 @@ def main():
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
   config = c2i.get_config("cpu_reference")
-  for override in args.set:
-    key, value = override.split("=", 1)
-    section, field = key.split(".")
-    config[section][field] = ast.literal_eval(value)
+  apply_overrides(config, {key: ast.literal_eval(value)
+                           for key, value in (o.split("=", 1) for o in args.set)})
   prepared = bench.prepare(config, args.variant)
   state = prepared.state
   for _ in range(2):

@@ -25,6 +25,8 @@ from configs import c2i
 from self_flow import bench, sharding
 from self_flow.models import attention, layers, scanning
 
+import profile_step  # benchmarks/, the script's own folder
+
 
 @contextlib.contextmanager
 def swapped(owner, name, value):
@@ -163,9 +165,7 @@ def main():
   for name in names:
     patch, values = ATTEMPTS[name]
     config = c2i.get_config("cpu_reference")
-    for key, value in values.items():
-      section, field = key.split(".")
-      config[section][field] = value
+    profile_step.apply_overrides(config, values)
     with patch():
       prepared[name] = bench.prepare(config, args.variant)
   timing = bench.run_interleaved(prepared, args.warmup, args.repeats)

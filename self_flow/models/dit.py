@@ -82,7 +82,7 @@ class SelfFlowDiT(nnx.Module):
     the stacked parameters."""
     return scanning.scan_segment(self.blocks, h, start, end,
                                  lambda block, carry: block(carry, cond, cond_index),
-                                 self.remat_policy, unrolled=not self.scan_layers)
+                                 self.remat_policy, scan_layers=self.scan_layers)
 
   def __call__(self, x, pos_ids, t_table, t_index, labels, modality: str = "image"):
     """Student forward: velocity (B, N, C_out) float32 and projected student features (B, N, D).

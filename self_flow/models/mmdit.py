@@ -229,14 +229,14 @@ class SelfFlowMMDiT(nnx.Module):
       img, txt = scanning.scan_segment(
           self.double_blocks, (img, txt), start, min(end, nd),
           lambda blk, c: blk(c[0], c[1], p["img_mod"], p["txt_mod"], p["cos"], p["sin"],
-                             p["key_mask"]), self.remat_policy, unrolled=not self.scan_layers)
+                             p["key_mask"]), self.remat_policy, scan_layers=self.scan_layers)
     s_start, s_end = max(start, nd) - nd, end - nd
     if s_end > s_start:
       n_txt = txt.shape[1]
       x = scanning.scan_segment(
           self.single_blocks, jnp.concatenate([txt, img], 1), s_start, s_end,
           lambda blk, c: blk(c, p["single_mod"], p["cos"], p["sin"], p["key_mask"]),
-          self.remat_policy, unrolled=not self.scan_layers)
+          self.remat_policy, scan_layers=self.scan_layers)
       txt, img = x[:, :n_txt], x[:, n_txt:]
     return img, txt
 

@@ -34,10 +34,10 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
 
 def scan_segment(blocks: nnx.Module, carry, start: int, end: int,
                  apply: Callable[[nnx.Module, object], object], remat_policy: str,
-                 unrolled: bool = False):
+                 scan_layers: bool = True):
   """carry <- apply(block_i, carry) for stacked blocks i in [start, end), under one lax.scan.
 
-  `unrolled` (model.scan_layers=False) unrolls the scan fully: straight-line code, so no stacked
+  `scan_layers=False` (model.scan_layers) unrolls the scan fully: straight-line code, so no stacked
   residuals are written and read back by dynamic slices, at a compile time that grows with
   depth. On one CPU core it made the Self-Flow step of `c2i.py:cpu_reference`, whose segments
   are 4 blocks, 6% faster and the vanilla step, one 12-block segment, 6% slower
@@ -53,4 +53,4 @@ def scan_segment(blocks: nnx.Module, carry, start: int, end: int,
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy])
-  return jax.lax.scan(body, carry, segment, unroll=True if unrolled else 1)[0]
+  return jax.lax.scan(body, carry, segment, unroll=1 if scan_layers else True)[0]
