@@ -28,6 +28,7 @@ sampler set below, no CFG, decoded by the SD-VAE, scored by the ADM evaluator (s
 """
 
 from configs import base
+from self_flow import base_config
 
 VARIANTS = ("XL", "L", "B", "S")
 
@@ -36,8 +37,8 @@ def get_config(arg: str | None = None):
   args = base.parse_arg(arg, variant="XL", method="self_flow")
   if args["variant"] not in VARIANTS:
     raise ValueError(f"variant {args['variant']!r} is unknown; allowed: {', '.join(VARIANTS)}.")
-  config = base.get_base_config()
-  base.apply_method(config, args["method"])  # self_flow: dual-timestep noising, gamma 0.8.
+  config = base_config.get_base_config()
+  base_config.apply_method(config, args["method"])  # self_flow: dual-timestep noising, gamma 0.8.
   config.model.preset = args["variant"]  # SiT-S/B/L/XL: hidden, depth and heads of the preset.
   config.model.patch_size = 2  # 32x32 latents -> 256 tokens of 2x2x4.
   config.model.student_layer = 0  # 0 = round(0.3 depth): 8 for XL.

@@ -18,12 +18,13 @@ Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_ma
 """
 
 from configs import base
+from self_flow import base_config
 
 
 def get_config(arg: str | None = None):
   args = base.parse_arg(arg, variant="default", method="self_flow")
-  config = base.get_base_config()
-  base.apply_method(config, args["method"])
+  config = base_config.get_base_config()
+  base_config.apply_method(config, args["method"])
   if args["variant"] == "default":
     base.use_paper_mmdit(config)
     config.model.patch_size = 2

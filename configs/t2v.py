@@ -17,12 +17,13 @@ Paper settings kept in both: R_M 0.1, logit-normal p(t) with trainshift 2.95 (pa
 """
 
 from configs import base
+from self_flow import base_config
 
 
 def get_config(arg: str | None = None):
   args = base.parse_arg(arg, variant="default", method="self_flow")
-  config = base.get_base_config()
-  base.apply_method(config, args["method"])
+  config = base_config.get_base_config()
+  base_config.apply_method(config, args["method"])
   config.modalities = ("video",)
   config.objective.time_distribution = "logit_normal"
   if args["variant"] == "default":

@@ -4,7 +4,7 @@
     --variants=vanilla,dual_timestep,self_flow --seeds=3 --steps=1500 --output=ablations/c2i \\
     [--eval_every=500] [--override=eval.num_samples=500 ...]
 
-A variant is a method (configs/base.py METHODS) or a labelled method with settings of its own,
+A variant is a method (base_config.METHODS) or a labelled method with settings of its own,
 `LABEL=METHOD+KEY=VALUE+...` (e.g. `one_ema=self_flow+optim.ema_warmup=False`). Each run is
 `python -m self_flow.main` in a process of its own (a crash loses only that run), with
 `method=<method>` added to the config argument and `--config.seed` and
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from configs import base
+from self_flow import base_config
 from self_flow.evaluation import student
 
 # Evaluation settings every ablation run gets unless --override names the key.
@@ -74,7 +74,7 @@ class AblationRun:
   variant: str  # The variant's label: its method's name, or the label of a labelled variant.
   seed: int
   workdir: str
-  method: str = ""  # A method of configs/base.py METHODS; "" = the label is the method.
+  method: str = ""  # A method of base_config.METHODS; "" = the label is the method.
   # Config settings of this variant only, ((key, value), ...), e.g. (("optim.ema_warmup",
   # "False"),); applied after the shared overrides.
   settings: tuple[tuple[str, str], ...] = ()
@@ -115,10 +115,10 @@ def plan_runs(variants: Sequence[str], num_seeds: int, output: str) -> list[Abla
   A variant is a method name or a labelled method with settings (`parse_variant`)."""
   parsed = [parse_variant(v) for v in variants]
   labels = [label for label, _, _ in parsed]
-  unknown = [m for _, m, _ in parsed if m not in base.METHODS]
+  unknown = [m for _, m, _ in parsed if m not in base_config.METHODS]
   if not variants or unknown or len(set(labels)) != len(labels):
     raise ValueError(f"variants={list(variants)} must be distinct names from "
-                     f"{sorted(base.METHODS)} (or {VARIANT_FORMAT}).")
+                     f"{sorted(base_config.METHODS)} (or {VARIANT_FORMAT}).")
   if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 1:
     raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1.")
   return [AblationRun(label, s, os.path.join(output, "runs", f"{label}_seed{s}"),
@@ -679,7 +679,7 @@ def _define_flags() -> None:
                       "(method= is added per variant).")
   flags.DEFINE_list("variants", ["vanilla", "dual_timestep", "self_flow"],
                     f"Variants to compare, the first is the reference; each is one of "
-                    f"{sorted(base.METHODS)}, or {VARIANT_FORMAT}.")
+                    f"{sorted(base_config.METHODS)}, or {VARIANT_FORMAT}.")
   flags.DEFINE_integer("seeds", 3, "Seeds per variant (0..seeds-1).")
   flags.DEFINE_integer("steps", None, "Training steps of every run.")
   flags.DEFINE_string("output", None, "Directory for the runs and the results page.")

@@ -61,9 +61,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import base as config_base
-from self_flow import (accelerators, flops, objectives, reporting, torch_reference, train_program,
-                       train_state, train_step)
+from self_flow import (accelerators, base_config, flops, objectives, reporting, torch_reference,
+                       train_program, train_state, train_step)
 from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
 
@@ -83,7 +82,7 @@ flags.DEFINE_bool("breakdown", False,
 
 
 class Variant(NamedTuple):
-  method: str  # configs.base.METHODS key
+  method: str  # base_config.METHODS key
   naive_adaln: bool
 
 
@@ -100,7 +99,7 @@ TORCH_VARIANTS = {"torch_public": "public", "torch_equal": "equal"}
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """A copy of `config` with the variant's method (objective keys only)."""
   config = config.copy_and_resolve_references()
-  config_base.apply_method(config, VARIANTS[name].method)
+  base_config.apply_method(config, VARIANTS[name].method)
   return config
 
 

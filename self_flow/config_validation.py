@@ -8,9 +8,7 @@ functions that later build the objects, so the rules cannot drift apart.
 import jax
 import ml_collections
 
-from configs import base
-
-from self_flow import conditioning, objectives, optim, sampling, sharding
+from self_flow import base_config, conditioning, objectives, optim, sampling, sharding
 from self_flow.data import latent_shards, modality_sources, moving_sprites
 from self_flow.evaluation import linear_probe
 from self_flow.modalities import audio
@@ -201,7 +199,7 @@ def check_keys_and_types(config: ml_collections.ConfigDict, reference=None,
   Configs built from `get_base_config()` are locked against new keys, but a config assembled
   elsewhere (a notebook dict, a JSON of an old run) is not: this catches the typo `lerning_rate`
   that would otherwise be ignored, and a "1e-4" string where a float belongs."""
-  reference = base.get_base_config() if reference is None else reference
+  reference = base_config.get_base_config() if reference is None else reference
   for key in config.keys():
     name = f"{prefix}{key}"
     if key not in reference:

