@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from self_flow import ablate
+from self_flow.ablate import metric_tags, report, runner, statistics, study
 from conftest import tiny_config
 
 VARIANTS = ("vanilla", "self_flow")
@@ -43,10 +43,10 @@ def ablation(fashion_mnist_dir, tmp_path_factory):
   """2 variants x 2 seeds x 3 steps of the tiny config, trained in this process."""
   tmp_path = tmp_path_factory.mktemp("ablation")
   output = str(tmp_path / "out")
-  runs = ablate.plan_runs(VARIANTS, 2, output)
+  runs = runner.plan_runs(VARIANTS, 2, output)
   make = _tiny_run_config(tiny_config, fashion_mnist_dir, tmp_path)
-  results = ablate.run_ablation(runs, ablate.in_process_train_fn(make), output,
-                                fingerprint="tiny", description="tiny test ablation")
+  results = study.run_ablation(runs, runner.in_process_train_fn(make), output,
+                               fingerprint="tiny", description="tiny test ablation")
   return runs, output, results
 
 
@@ -107,11 +107,11 @@ def test_a_repeated_invocation_skips_finished_runs(ablation):
   def must_not_train(run):
     raise AssertionError(f"{run.name} finished already")
 
-  results = ablate.run_ablation(runs, must_not_train, output, fingerprint="tiny")
+  results = study.run_ablation(runs, must_not_train, output, fingerprint="tiny")
   assert [r["status"] for r in results["runs"]] == ["finished earlier"] * 4
   assert results["summary"]["vanilla"]["eval/image/fd"]["n"] == 2  # still read back
   # Other settings (a different fingerprint, e.g. more steps) train again.
-  statuses = ablate.execute(runs[:1], lambda run: None, fingerprint="more steps")
+  statuses = runner.execute(runs[:1], lambda run: None, fingerprint="more steps")
   assert statuses == {runs[0].name: "finished"}
 
 
@@ -120,10 +120,10 @@ def test_an_earlier_page_supplies_the_runs_it_finished(ablation, tmp_path):
   the runs it finished, and only the others are trained."""
   runs, output, original = ablation
   page = os.path.join(output, "results.json")
-  more = ablate.plan_runs(VARIANTS, 3, str(tmp_path / "more"))
+  more = runner.plan_runs(VARIANTS, 3, str(tmp_path / "more"))
   trained = []
-  results = ablate.run_ablation(more, lambda run: trained.append(run.name),
-                                str(tmp_path / "more"), fingerprint="tiny", import_results=page)
+  results = study.run_ablation(more, lambda run: trained.append(run.name),
+                               str(tmp_path / "more"), fingerprint="tiny", import_results=page)
   assert trained == ["vanilla_seed2", "self_flow_seed2"]  # nothing logged: not in the summary
   assert [r["status"] for r in results["runs"]] == (
       [f"imported from {page}"] * 2 + ["finished"]) * 2
@@ -144,7 +144,7 @@ def test_an_earlier_page_supplies_the_runs_it_finished(ablation, tmp_path):
   old_page = str(tmp_path / "old.json")
   with open(old_page, "w") as f:
     json.dump(old, f)
-  histories = ablate.import_histories(old_page, more)
+  histories = report.import_histories(old_page, more)
   assert set(histories) == {"vanilla_seed0", "self_flow_seed0"}
   [seed0] = [r for r in original["runs"] if r["name"] == "self_flow_seed0"]
   imported = histories["self_flow_seed0"]
@@ -153,11 +153,11 @@ def test_an_earlier_page_supplies_the_runs_it_finished(ablation, tmp_path):
   assert {tag: s[-1][1] for tag, s in imported.items()} == seed0["final"]
 
   with pytest.raises(ValueError, match="lists no finished run among the planned ones"):
-    ablate.import_histories(page, ablate.plan_runs(["dual_timestep"], 1, str(tmp_path)))
+    report.import_histories(page, runner.plan_runs(["dual_timestep"], 1, str(tmp_path)))
 
 
 def test_a_failing_run_does_not_stop_the_others(tmp_path):
-  runs = ablate.plan_runs(["vanilla", "dual_timestep"], 2, str(tmp_path))
+  runs = runner.plan_runs(["vanilla", "dual_timestep"], 2, str(tmp_path))
   trained = []
 
   def train(run):
@@ -165,12 +165,12 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path):
       raise RuntimeError("out of memory")
     trained.append(run.name)
 
-  statuses = ablate.execute(runs, train)
+  statuses = runner.execute(runs, train)
   assert trained == ["vanilla_seed0", "dual_timestep_seed0", "dual_timestep_seed1"]
   assert statuses["vanilla_seed1"] == "failed: RuntimeError: out of memory"
-  assert not os.path.exists(os.path.join(runs[1].workdir, ablate.MARKER))
+  assert not os.path.exists(os.path.join(runs[1].workdir, runner.MARKER))
   # The failed run is retried next time; the others are not.
-  assert ablate.execute(runs, lambda run: trained.append(run.name)) == {
+  assert runner.execute(runs, lambda run: trained.append(run.name)) == {
       "vanilla_seed0": "finished earlier", "vanilla_seed1": "finished",
       "dual_timestep_seed0": "finished earlier", "dual_timestep_seed1": "finished earlier"}
 
@@ -179,17 +179,18 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path):
 
 
 def test_within_noise_rule():
-  spread = ablate.Spread
-  assert ablate.verdict(spread((10.0, 10.2, 9.9)), spread((12.0, 12.3, 11.8))) == "beyond noise"
+  spread = statistics.Spread
+  assert statistics.verdict(spread((10.0, 10.2, 9.9)), spread((12.0, 12.3, 11.8))) == "beyond noise"
   # Overlapping ranges: within noise even though the means differ by more than either std.
-  assert ablate.verdict(spread((10.0, 11.0, 12.5)), spread((12.4, 13.0, 14.0))) == "within noise"
+  assert statistics.verdict(spread((10.0, 11.0, 12.5)),
+                            spread((12.4, 13.0, 14.0))) == "within noise"
   # Separate ranges, but the difference (5.55) is below the larger std (7.07): within noise.
-  assert ablate.verdict(spread((0.0, 10.0)), spread((10.5, 10.6))) == "within noise"
-  assert ablate.verdict(spread((1.0,)), spread((5.0, 5.1))) == "undetermined"
+  assert statistics.verdict(spread((0.0, 10.0)), spread((10.5, 10.6))) == "within noise"
+  assert statistics.verdict(spread((1.0,)), spread((5.0, 5.1))) == "undetermined"
 
 
 def test_sentences_say_what_is_beyond_noise():
-  spread = ablate.Spread
+  spread = statistics.Spread
   summary = {
       "vanilla": {"eval/image/fd": spread((20.0, 21.0, 20.5)),
                   "eval/image/probe_layer2": spread((0.40, 0.45, 0.42))},
@@ -197,15 +198,15 @@ def test_sentences_say_what_is_beyond_noise():
                     "eval/image/probe_layer2": spread((0.41, 0.47, 0.44)),
                     "train/teacher_cosine": spread((0.9, 0.91, 0.92))},
   }
-  metrics = ablate.table_metrics(summary)
+  metrics = metric_tags.table_metrics(summary)
   assert metrics == ["eval/image/fd", "eval/image/probe_layer2", "train/teacher_cosine"]
-  records = ablate.compare(summary, metrics, "vanilla")
+  records = statistics.compare(summary, metrics, "vanilla")
   assert [r["metric"] for r in records] == ["eval/image/fd", "eval/image/probe_layer2"]
-  [sentence] = ablate.sentences(records, summary)
+  [sentence] = report.sentences(records, summary)
   assert sentence == (
       "**self_flow vs vanilla**: beyond seed noise: eval/image/fd lower by 5.267 (15.23 vs 20.5, "
       "better). Within seed noise: eval/image/probe_layer2.")
-  table = ablate.markdown_table(summary, ["vanilla", "self_flow"], metrics,
+  table = report.markdown_table(summary, ["vanilla", "self_flow"], metrics,
                                 {"vanilla": 3, "self_flow": 3})
   assert table[2] == "| eval/image/fd ↓ | 20.5 ± 0.5 | 15.23 ± 0.25 |"
   assert table[4] == "| train/teacher_cosine | — | 0.91 ± 0.01 |"
@@ -215,10 +216,10 @@ def test_sentences_say_what_is_beyond_noise():
 
 
 def test_train_command_and_settings(tmp_path):
-  [run] = ablate.plan_runs(["dual_timestep"], 1, str(tmp_path))
+  [run] = runner.plan_runs(["dual_timestep"], 1, str(tmp_path))
   assert run.workdir == os.path.join(str(tmp_path), "runs", "dual_timestep_seed0")
-  overrides = ablate.run_overrides(200, 100, ablate.parse_overrides(["eval.loss_bins=5"]))
-  command = ablate.train_command(run, "configs/c2i.py", "local", overrides, python="python")
+  overrides = runner.run_overrides(200, 100, runner.parse_overrides(["eval.loss_bins=5"]))
+  command = runner.train_command(run, "configs/c2i.py", "local", overrides, python="python")
   assert command == [
       "python", "-m", "self_flow.main", "--config=configs/c2i.py:local,method=dual_timestep",
       f"--workdir={run.workdir}", "--config.seed=0", "--config.data.shuffle_seed=0",
@@ -226,27 +227,27 @@ def test_train_command_and_settings(tmp_path):
       "--config.eval.probe_steps=500", "--config.eval.loss_bins=5",
       "--config.train.gradient_balance_every=250"]
   with pytest.raises(ValueError, match="names a method"):
-    ablate.train_command(run, "configs/c2i.py", "local,method=vanilla", overrides)
+    runner.train_command(run, "configs/c2i.py", "local,method=vanilla", overrides)
   with pytest.raises(ValueError, match="'eval.loss_bins' .* <key>=<value>"):
-    ablate.parse_overrides(["eval.loss_bins"])
+    runner.parse_overrides(["eval.loss_bins"])
   # A labelled variant: a method with settings of its own, after the shared overrides.
-  [one_ema] = ablate.plan_runs(
+  [one_ema] = runner.plan_runs(
       ["one_ema=self_flow+optim.ema_warmup=False+optim.teacher_ema_decay=-1"], 1, str(tmp_path))
   assert (one_ema.name, one_ema.method_name) == ("one_ema_seed0", "self_flow")
-  command = ablate.train_command(one_ema, "configs/c2i.py", "local", overrides, python="python")
+  command = runner.train_command(one_ema, "configs/c2i.py", "local", overrides, python="python")
   assert command[3] == "--config=configs/c2i.py:local,method=self_flow"
   assert command[-2:] == ["--config.optim.ema_warmup=False",
                           "--config.optim.teacher_ema_decay=-1"]
-  assert ablate._run_fingerprint(one_ema, "f") != ablate._run_fingerprint(
-      ablate.plan_runs(["one_ema=self_flow"], 1, str(tmp_path))[0], "f")
+  assert runner._run_fingerprint(one_ema, "f") != runner._run_fingerprint(
+      runner.plan_runs(["one_ema=self_flow"], 1, str(tmp_path))[0], "f")
   with pytest.raises(ValueError, match="must be METHOD or LABEL=METHOD"):
-    ablate.plan_runs(["one_ema=self_flow+optim.ema_warmup"], 1, str(tmp_path))
+    runner.plan_runs(["one_ema=self_flow+optim.ema_warmup"], 1, str(tmp_path))
   with pytest.raises(ValueError, match="must be distinct names"):
-    ablate.plan_runs(["a=self_flow", "a=vanilla"], 1, str(tmp_path))
+    runner.plan_runs(["a=self_flow", "a=vanilla"], 1, str(tmp_path))
   with pytest.raises(ValueError, match=r"variants=\['vanila'\] must be distinct names"):
-    ablate.plan_runs(["vanila"], 1, str(tmp_path))
+    runner.plan_runs(["vanila"], 1, str(tmp_path))
   with pytest.raises(ValueError, match="seeds=0"):
-    ablate.plan_runs(["vanilla"], 0, str(tmp_path))
+    runner.plan_runs(["vanilla"], 0, str(tmp_path))
 
 
 def test_cli_rejects_an_unknown_variant(tmp_path):
