@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from flax import nnx
 
 from configs import c2i
 from self_flow import bench, sharding

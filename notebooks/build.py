@@ -174,34 +174,28 @@ plt.show()
     ("markdown", '''
 ## Sample with the EMA weights
 
-The EMA weights of the last checkpoint, restored with orbax into the layout training used, then
-sampled with the same sampler the evaluation uses: one column per class, first without guidance
-(the setting of the paper's metrics), then with classifier-free guidance.
+The EMA weights of the last checkpoint (only they are read, as host arrays), then sampled with
+the same sampler the evaluation uses: one column per class, first without guidance (the setting
+of the paper's metrics), then with classifier-free guidance.
 '''),
     ("code", '''
 import io
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from IPython.display import Image, display
 from PIL import Image as PILImage
 
-from self_flow import optim, sharding, train_state
+from self_flow import config_resolution, sharding, train_state
 from self_flow.data import fashion_mnist_local
 from self_flow.evaluation import generation
 from self_flow.modalities import image
-from self_flow.modalities import spec as spec_lib
+from self_flow.tools import sample_npz
 
+resolved = config_resolution.resolve(config)
 mesh = sharding.create_mesh(config.mesh)
-tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
-layout = train_state.state_layout(config, mesh, tx)
-with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                           item_names=("state",)) as manager:
-  step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(layout.abstract)))
-ema_params = restored.state["ema_params"]
+graphdef = train_state.model_graphdef(config, resolved)
+ema_params, step = sample_npz.restore_ema_params(config, workdir)
 print(f"EMA weights of step {step}.")
 
 
@@ -221,8 +215,7 @@ def sample_grid(cfg_scale):
   labels = np.tile(np.arange(config.data.num_classes), grid_rows)
   devices = jax.device_count()  # one sampler batch for the whole grid, split over devices
   sample_config.eval.batch_size = -(-len(labels) // devices) * devices
-  generate = generation.Generator(sample_config, layout.graphdef, mesh,
-                                  spec_lib.modality_specs(sample_config)["image"])
+  generate = generation.Generator(sample_config, graphdef, mesh, resolved.spec("image"))
   samples = generate(ema_params, labels, seed=0)
   return image.make_grid(image.to_uint8(samples), columns=config.data.num_classes)
 '''),
@@ -252,7 +245,7 @@ ABLATION = [
     ("markdown", '''
 # Self-Flow vs vanilla flow matching vs dual-timestep only
 
-Runs the ablation harness (`self_flow/ablate.py`) on the CPU-sized class-conditional config:
+Runs the ablation harness (`self_flow/ablate/`) on the CPU-sized class-conditional config:
 each (variant, seed) is its own training run in its own process; then the logged metrics are
 read back and summarised in a table (mean ± std over seeds), plots, and sentences that say which
 differences are beyond seed noise and which are not. The same from a shell:
@@ -293,12 +286,12 @@ Each run's output goes to `train.log` in its workdir (`output/runs/<variant>_see
 import json
 import time
 
-from self_flow import ablate
+from self_flow.ablate import runner, study
 
-settings = ablate.run_overrides(train_steps, eval_every,
+settings = runner.run_overrides(train_steps, eval_every,
                                 {key: str(value) for key, value in overrides.items()})
-runs = ablate.plan_runs(variants, seeds, output)
-train_run = ablate.subprocess_train_fn("configs/c2i.py", "local", settings)
+runs = runner.plan_runs(variants, seeds, output)
+train_run = runner.subprocess_train_fn("configs/c2i.py", "local", settings)
 
 
 def train_with_progress(run):
@@ -308,7 +301,7 @@ def train_with_progress(run):
   print(f"{run.name}: finished in {time.time() - start:.0f} s", flush=True)
 
 
-results = ablate.run_ablation(
+results = study.run_ablation(
     runs, train_with_progress, output, fingerprint=json.dumps(settings, sort_keys=True),
     description=f"notebooks/ablation.ipynb: {variants}, {seeds} seeds, {train_steps} steps")
 for run in results["runs"]:

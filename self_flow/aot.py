@@ -142,15 +142,16 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
   from self_flow import config_validation, flops, hlo_collectives, train_program, train_state
   devices = topology_devices(topology, num_slices)
   config = _without_data(config)
-  config_validation.validate(config, num_devices=len(devices))
-  program = train_program.build(config, devices)
+  resolved = config_validation.validate(config, num_devices=len(devices))
+  program = train_program.build(config, resolved, devices)
   kind = devices[0].device_kind
   state_bytes = train_state.num_bytes(program.layout.abstract)
   reports = []
   for modality in program.specs:
     report = StepReport(config_name, topology, num_slices, kind, len(devices),
                         dict(program.mesh.shape), modality, 0.0, hbm_bytes(kind), state_bytes)
-    report.flops_per_device = flops.train_step_flops(config, modality).total / len(devices)
+    step_flops = flops.train_step_flops(config, resolved, modality)
+    report.flops_per_device = step_flops.total / len(devices)
     start = time.perf_counter()
     try:
       compiled = train_program.lower(config, program, modality).compile()

@@ -28,6 +28,9 @@ neighbour slows all variants alike. Every step blocks on its outputs before the 
 process CPU time of each step is reported too: pinned to one core it is the step time the core
 would give on a quiet machine, so the CPU-time ratios stay meaningful when the machine is busy.
 `--breakdown` adds where the Self-Flow step's time goes (teacher, backward, optimizer and EMA).
+The module is one protocol end to end (variants, interleaved timing, the report RESULTS.md
+records), a little over 450 lines, kept together so that what is timed and what is reported
+cannot drift apart; the PyTorch steps themselves live in `self_flow.torch_reference`.
 
 CPU reference protocol (one thread on one core, tcmalloc), as recorded in benchmarks/RESULTS.md:
 
@@ -61,8 +64,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from self_flow import (accelerators, base_config, flops, objectives, reporting, torch_reference,
-                       train_program, train_state, train_step)
+from self_flow import (accelerators, base_config, config_resolution, flops, objectives,
+                       reporting, torch_reference, train_program, train_state, train_step)
 from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
 
@@ -122,15 +125,15 @@ def per_token_adaln():
     objectives.draw_timesteps = draw_timesteps
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch of the first modality with the pipeline's keys, shapes and dtypes
+def synthetic_batch(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of `spec`'s modality with the pipeline's keys, shapes and dtypes
   (`modality_sources.batch_shapes`): Gaussian signal and embeddings, random labels and tokens
   (the step's cost does not depend on the values)."""
-  spec = next(iter(spec_lib.modality_specs(config).values()))
   rng = np.random.default_rng(seed)
   b = spec.global_batch_size
   batch = {}
-  shapes = modality_sources.batch_shapes(config, spec.name, spec.signal_key, spec.signal_shape)
+  shapes = modality_sources.batch_shapes(config, spec)
   for key, (shape, dtype) in shapes.items():
     if key == "label":
       batch[key] = rng.integers(0, config.data.num_classes, (b,), np.int32)
@@ -164,9 +167,10 @@ class Setup(NamedTuple):
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Program, sharded fresh state and a sharded synthetic batch, as the trainer has them."""
-  program = train_program.build(config)
-  state = train_state.create_train_state(config, program.layout, program.tx)
-  batch = jax.device_put(synthetic_batch(config), program.batch_sharding)
+  resolved = config_resolution.resolve(config)
+  program = train_program.build(config, resolved)
+  state = train_state.create_train_state(config, program.layout, program.tx, resolved)
+  batch = jax.device_put(synthetic_batch(config, resolved.first_spec), program.batch_sharding)
   rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
   return Setup(program, state, batch, rng)
 
@@ -185,8 +189,8 @@ def prepare_torch(config: ml_collections.ConfigDict, name: str) -> Prepared:
     raise ValueError(f"--variants={name}: the PyTorch reference runs on the CPU, but JAX runs on "
                      f"{jax.default_backend()!r}; compare on a CPU backend.")
   setting = torch_reference.setting(config)
-  spec = next(iter(spec_lib.modality_specs(config).values()))
-  batch = synthetic_batch(config)
+  spec = config_resolution.resolve(config).first_spec
+  batch = synthetic_batch(config, spec)
   reference = torch_reference.make_step(setting, TORCH_VARIANTS[name], spec.signal(batch),
                                         batch["label"], threads=torch_threads())
   return Prepared(lambda state, _batch, _rng: (state, state.step()), reference, None, None,
@@ -203,9 +207,10 @@ def prepare(config: ml_collections.ConfigDict, name: str) -> Prepared:
   naive = VARIANTS[name].naive_adaln
   with per_token_adaln() if naive else contextlib.nullcontext():
     compiled = step.lower(s.state, s.batch, s.rng).compile()
-  tokens = flops.model_shape(config).tokens
+  resolved = s.program.resolved
+  tokens = resolved.first_spec.num_tokens
   return Prepared(compiled, s.state, s.batch, s.rng,
-                  flops.train_step_flops(config, rows=tokens if naive else None))
+                  flops.train_step_flops(config, resolved, rows=tokens if naive else None))
 
 
 class Timing(NamedTuple):
@@ -285,13 +290,13 @@ def breakdown(config: ml_collections.ConfigDict, warmup: int, repeats: int
   """
   self_flow = variant_config(config, "self_flow")
   s = setup(self_flow)
-  graphdef = s.program.layout.graphdef
+  graphdef, spec = s.program.layout.graphdef, s.program.resolved.first_spec
   args = (s.state["params"], train_state.teacher_params(s.state), s.batch, s.rng)
   parts = {
       "student forward and L_gen": train_step.make_loss_fn(
-          variant_config(config, "dual_timestep"), graphdef),
-      "+ teacher forward, projector, L_rep": train_step.make_loss_fn(self_flow, graphdef),
-      "+ backward": train_step.make_grad_fn(self_flow, graphdef),
+          variant_config(config, "dual_timestep"), graphdef, spec),
+      "+ teacher forward, projector, L_rep": train_step.make_loss_fn(self_flow, graphdef, spec),
+      "+ backward": train_step.make_grad_fn(self_flow, graphdef, spec),
   }
   times = {}
   for name, fn in parts.items():
@@ -394,7 +399,7 @@ def format_report(env: dict[str, str], config: ml_collections.ConfigDict, warmup
                   repeats: int, rows, ratio_values, peak: tuple[float, str],
                   loss_diffs: dict[str, float]) -> str:
   """The markdown that benchmarks/RESULTS.md records."""
-  shape = flops.model_shape(config)
+  shape = flops.model_shape(config, config_resolution.resolve(config))
   m = config.model
   lines = [f"- {key}: {value}" for key, value in env.items()]
   lines += [

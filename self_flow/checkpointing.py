@@ -10,9 +10,14 @@ A finished checkpoint can still be damaged later (a truncated copy, a lost file 
 disk): `restore_latest` then moves it aside (renamed, never deleted) and falls back to the one
 before. A failed write (disk full, permissions) raises `CheckpointWriteError`, which says that
 the previous checkpoint is intact.
+
+The on-disk layout is `<workdir>/checkpoints/<step>/<item>`, the train state in item `state`;
+readers that are not the training run (sample_npz, fine-tuning from another run) find and read
+it with the functions at the end of this module.
 """
 
 from collections.abc import Mapping, Sequence
+import os
 import time
 from typing import Any
 
@@ -22,6 +27,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -58,7 +64,7 @@ class Checkpointer:
 
   def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """{"params/blocks/...": (shape, dtype)} of the saved state, read from metadata only."""
-    return saved_state_shapes(self.step_dir(step) / "state")
+    return saved_state_shapes(state_dir(self.manager.directory, step))
 
   def set_aside(self, step: int, reason: str) -> epath.Path:
     """Renames the checkpoint of `step` to `<step>.unreadable-<time>` (process 0; all wait).
@@ -180,9 +186,46 @@ class Checkpointer:
     self.manager.close()
 
 
-def saved_state_shapes(state_dir) -> dict[str, tuple[tuple[int, ...], str]]:
+def checkpoints_dir(workdir: str) -> epath.Path:
+  """`<workdir>/checkpoints`, absolute unless a URL (gs://...): orbax refuses to restore from a
+  relative path."""
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+
+
+def state_dir(directory, step: int) -> epath.Path:
+  """The saved train state (item `state`) of `step` in a checkpoints directory."""
+  return epath.Path(directory) / str(step) / "state"
+
+
+def latest_step(directory) -> int | None:
+  """The newest finished step in a checkpoints directory, None if it holds none (or is absent).
+
+  Read-only, so a reader never creates or changes another run's directory; unfinished saves and
+  checkpoints set aside as unreadable are not steps."""
+  with ocp.CheckpointManager(directory,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    return manager.latest_step()
+
+
+def restore_state_subtree(directory, step: int, abstract: dict, *, as_numpy: bool = False):
+  """The arrays of `step`'s saved train state that `abstract` names: a nested dict of
+  ShapeDtypeStructs, part of the saved tree (e.g. {"ema_params": ...}, possibly pruned).
+
+  Nothing else is read, so neither the optimizer moments nor the data iterators need to fit.
+  The arrays come in `abstract`'s shardings or, with `as_numpy`, as host numpy arrays that any
+  host can hold whatever mesh the run was trained on."""
+  if as_numpy:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  return ocp.PyTreeCheckpointer().restore(
+      state_dir(directory, step), args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
+
+
+def saved_state_shapes(path) -> dict[str, tuple[tuple[int, ...], str]]:
   """{"/"-joined path: (shape, dtype name)} of a saved state item, from its metadata only."""
-  return tree_shapes(ocp.StandardCheckpointer().metadata(str(state_dir)).item_metadata.tree)
+  return tree_shapes(ocp.StandardCheckpointer().metadata(str(path)).item_metadata.tree)
 
 
 def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,23 +1,26 @@
 """Checks a run config before any state, file or device buffer is created.
 
 Each failure names the key, the bad value and what is allowed, so a typo on the command line
-costs seconds, not a TPU allocation. Structural checks (sizes, layers, mesh) call the same
-functions that later build the objects, so the rules cannot drift apart.
+costs seconds, not a TPU allocation. The choices and the structural rules belong to the modules
+that use them (`factory.check_config`, `modality_sources.check_config`, the tuples of allowed
+values each module defines): this module composes them, so a rule cannot drift from its use.
+`validate` returns the config's resolution (`config_resolution.resolve`), which the trainer
+passes on instead of deriving it again.
 """
 
 import jax
 import ml_collections
 
-from self_flow import base_config, conditioning, objectives, optim, sampling, sharding
-from self_flow.data import latent_shards, modality_sources, moving_sprites
+from self_flow import (base_config, conditioning, config_resolution, nonfinite, objectives, optim,
+                       sampling, sharding)
+from self_flow.data import modality_sources, sources
+from self_flow.data.latent_shards import reader
 from self_flow.evaluation import linear_probe
-from self_flow.modalities import audio
 from self_flow.modalities import spec as spec_lib
-from self_flow.models import dit, factory, presets, scanning
-from self_flow.text import frozen_encoders
+from self_flow.models import attention, dit, factory, scanning
 
 CHOICES = {
-    "model.attention": ("xla", "cudnn", "splash", "auto"),
+    "model.attention": attention.IMPLEMENTATIONS,
     "model.remat_policy": tuple(scanning.REMAT_POLICIES),
     "model.compute_dtype": tuple(factory.DTYPES),
     "model.param_dtype": tuple(factory.DTYPES),
@@ -26,19 +29,16 @@ CHOICES = {
     "optim.schedule": optim.SCHEDULES,
     "optim.moment_dtype": tuple(optim.MOMENT_DTYPES),
     "sampling.method": sampling.METHODS,
-    "data.source": ("auto", "tfds", "debian"),
-    "data.dataset": ("fashion_mnist", "latent_shards"),
-    "data.latent_sampling": ("mean", "posterior"),
+    "data.source": sources.SOURCES,
+    "data.latent_sampling": modality_sources.LATENT_SAMPLING,
     "model.architecture": factory.ARCHITECTURES,
     "model.timestep_input": dit.TIMESTEP_INPUTS,
     "model.position_embedding_order": tuple(factory.POSITION_ORDERS),
     "model.conditioning": conditioning.KINDS,
     "mesh.rules": tuple(sharding.RULE_PRESETS),
-    "text.encoder": ("bytes", "precomputed", *frozen_encoders.DIMS),
-    "video.dataset": ("moving_sprites", "latent_shards"),
-    "audio.dataset": ("spoken_words", "latent_shards"),
-    "train.nonfinite": ("skip", "stop"),
-    "data.bad_records": latent_shards.BAD_RECORD_POLICIES,
+    "text.encoder": factory.TEXT_ENCODERS,
+    "train.nonfinite": nonfinite.POLICIES,
+    "data.bad_records": reader.BAD_RECORD_POLICIES,
 }
 
 # key -> (predicate, description of what is allowed)
@@ -114,66 +114,12 @@ RANGES = {
        for table in ("probabilities", "loss_weights") for name in spec_lib.MODALITIES},
 }
 
-# Signal shapes of the embedded datasets: (config keys, values the dataset produces).
-_EMBEDDED_SHAPES = {
-    "video": (("num_frames", "image_size", "image_size", "num_channels"),
-              moving_sprites.CLIP_SHAPE),
-    "audio": (("num_frames", "num_channels"), (audio.NUM_FRAMES, audio.NUM_MELS)),
-}
-
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
   value = config
   for part in dotted.split("."):
     value = value[part]
   return value
-
-
-def _check_modalities(config: ml_collections.ConfigDict, specs) -> None:
-  """Backbone, data directory and embedded-data shapes of every trained modality."""
-  for name in specs:
-    section = modality_sources.SECTIONS[name]
-    if name != "image" and config.model.architecture != "mmdit":
-      raise ValueError(f"config.modalities={tuple(config.modalities)} includes {name!r}, which "
-                       "needs model.architecture='mmdit' (text-conditioned, per-modality "
-                       "projections); dit generates class-conditional images only.")
-    if modality_sources.uses_latent_shards(config, name):
-      if not config[section].data_dir:
-        raise ValueError(f"config.{section}.data_dir is empty; with {section}.dataset="
-                         "'latent_shards' it must name the shard directory "
-                         f"(--config.{section}.data_dir=gs://.../shards).")
-    elif name in _EMBEDDED_SHAPES:
-      keys, expected = _EMBEDDED_SHAPES[name]
-      got = tuple(config[section][k] for k in keys)
-      if got != tuple(expected):
-        raise ValueError(f"config.{section} ({', '.join(keys)})={got} must equal {expected}, "
-                         f"the shape of the embedded {config[section].dataset!r} data.")
-
-
-def _check_text_source(config: ml_collections.ConfigDict) -> None:
-  """Caption embeddings come with latent shards and tokens with embedded data: one per run."""
-  if config.model.conditioning != "text":
-    return
-  sharded = {n: modality_sources.uses_latent_shards(config, n) for n in config.modalities}
-  want = "precomputed" if any(sharded.values()) else "bytes"
-  if len(set(sharded.values())) > 1:
-    raise ValueError(f"config.modalities={tuple(config.modalities)} mix latent shards "
-                     f"({[n for n, s in sharded.items() if s]}) with embedded data "
-                     f"({[n for n, s in sharded.items() if not s]}); one model conditions on "
-                     "either precomputed caption embeddings or byte tokens, so use one kind.")
-  frozen = config.text.encoder in frozen_encoders.DIMS
-  if frozen and want == "bytes":
-    others = [n for n in config.modalities if n != "image"]
-    if others:
-      raise ValueError(f"config.text.encoder={config.text.encoder!r} embeds the image captions "
-                       f"of the embedded data; {others} captions are not enumerated for it. Use "
-                       "text.encoder='bytes', or latent shards written with this encoder.")
-    return
-  if config.text.encoder != want:
-    carried = ("latent shards carry precomputed caption embeddings" if want == "precomputed"
-               else "embedded datasets carry byte tokens (or a frozen encoder's embeddings)")
-    raise ValueError(f"config.text.encoder={config.text.encoder!r} does not match the data: "
-                     f"{carried}, so set text.encoder={want!r}.")
 
 
 def _type_name(value) -> str:
@@ -194,7 +140,7 @@ def _type_ok(value, reference) -> bool:
 
 def check_keys_and_types(config: ml_collections.ConfigDict, reference=None,
                          prefix: str = "") -> None:
-  """Every key must exist in `configs/base.py` and hold a value of that key's type there.
+  """Every key must exist in `base_config.py` and hold a value of that key's type there.
 
   Configs built from `get_base_config()` are locked against new keys, but a config assembled
   elsewhere (a notebook dict, a JSON of an old run) is not: this catches the typo `lerning_rate`
@@ -218,8 +164,10 @@ def check_keys_and_types(config: ml_collections.ConfigDict, reference=None,
                        f"{_type_name(want)} (default {want!r}), not {_type_name(value)}.")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ValueError naming the first bad key, its value and what is allowed."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None
+             ) -> config_resolution.ResolvedConfig:
+  """The config's resolution; raises ValueError naming the first bad key, its value and what is
+  allowed."""
   check_keys_and_types(config)
   for key, allowed in CHOICES.items():
     value = _get(config, key)
@@ -229,33 +177,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     value = _get(config, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
       raise ValueError(f"config.{key}={value!r} is not allowed; it must be {allowed}.")
-  m = config.model
-  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
-  presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
-  linear_probe.resolve_layers(config.eval.probe_layers, dims.depth)
-  specs = spec_lib.modality_specs(config)  # names, probabilities, patch/token divisibility
-  _check_modalities(config, specs)
-  _check_text_source(config)
-  if m.architecture == "mmdit":
-    if m.conditioning != "text" or m.num_double > dims.depth:
-      raise ValueError(f"config.model: mmdit needs conditioning='text' (got {m.conditioning!r}) "
-                       f"and num_double={m.num_double} <= depth={dims.depth}.")
-    if sum(m.rope_axes_dims) != dims.hidden_size // dims.num_heads or len(m.rope_axes_dims) != 3:
-      raise ValueError(f"config.model.rope_axes_dims={tuple(m.rope_axes_dims)} must be 3 even "
-                       f"sizes summing to the head dim {dims.hidden_size // dims.num_heads}.")
-  elif m.conditioning != "class":
-    raise ValueError(f"config.model.conditioning={m.conditioning!r} needs "
-                     "model.architecture='mmdit'; the dit backbone is class-conditional.")
-  if config.text.encoder == "bytes" and config.text.width % config.text.num_heads:
-    raise ValueError(f"config.text.width={config.text.width} must be divisible by "
-                     f"config.text.num_heads={config.text.num_heads}.")
+  resolved = config_resolution.resolve(config)  # sizes, layers, patches, mixture
+  linear_probe.resolve_layers(config.eval.probe_layers, resolved.dims.depth)
+  factory.check_config(config, resolved)
+  modality_sources.check_config(config, tuple(resolved.specs))
   if config.sampling.guidance_low > config.sampling.guidance_high:
     raise ValueError(f"config.sampling.guidance_low={config.sampling.guidance_low} must not "
                      f"exceed config.sampling.guidance_high={config.sampling.guidance_high}.")
   num_devices = jax.device_count() if num_devices is None else num_devices
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   batch_shards = shape["data"] * shape["fsdp"]
-  for name, spec in specs.items():
+  for name, spec in resolved.specs.items():
     key = f"config.{modality_sources.SECTIONS[name]}.global_batch_size"
     if spec.global_batch_size % batch_shards:
       raise ValueError(f"{key}={spec.global_batch_size} must be divisible by mesh "
@@ -275,3 +207,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if shape["data"] % max(config.mesh.dcn_data, 1):
     raise ValueError(f"config.mesh.dcn_data={config.mesh.dcn_data} slices must divide mesh "
                      f"data={shape['data']} (mesh {shape}).")
+  return resolved

@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import ml_collections
 
-from self_flow.modalities import spec as spec_lib
-from self_flow.models import presets
+from self_flow import config_resolution
 from self_flow.text import frozen_encoders
 
 TIMESTEP_FREQ_DIM = 256  # layers.TimestepEmbedder: sinusoidal features before its MLP.
@@ -115,17 +114,16 @@ class ModelShape:
   text_encoder_depth: int = 0  # mmdit with the byte encoder; 0 = frozen or precomputed
 
 
-def model_shape(config: ml_collections.ConfigDict, modality: str | None = None) -> ModelShape:
-  """The shape of `config`'s model on `modality`'s tokens (default: the first modality)."""
-  specs = spec_lib.modality_specs(config)
-  spec = specs[modality or next(iter(specs))]
-  m = config.model
-  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
-  student, teacher = presets.feature_layers(dims.depth, m.student_layer, m.teacher_layer)
+def model_shape(config: ml_collections.ConfigDict, resolved: config_resolution.ResolvedConfig,
+                modality: str | None = None) -> ModelShape:
+  """The shape of `config`'s model on `modality`'s tokens (default: the first modality);
+  `resolved` is `config_resolution.resolve(config)`."""
+  spec = resolved.spec(modality) if modality else resolved.first_spec
+  m, dims = config.model, resolved.dims
   common = dict(architecture=m.architecture, tokens=spec.num_tokens, token_dim=spec.token_dim,
                 width=dims.hidden_size, depth=dims.depth,
-                mlp_dim=int(dims.hidden_size * m.mlp_ratio), student_layer=student,
-                teacher_layer=teacher,
+                mlp_dim=int(dims.hidden_size * m.mlp_ratio),
+                student_layer=resolved.student_layer, teacher_layer=resolved.teacher_layer,
                 projector_hidden=m.projector_hidden_mult * dims.hidden_size)
   if m.architecture == "dit":
     return ModelShape(**common)
@@ -196,16 +194,16 @@ class StepFlops(NamedTuple):
     return self.student_forward + self.student_backward + self.teacher_forward
 
 
-def train_step_flops(config: ml_collections.ConfigDict, modality: str | None = None,
+def train_step_flops(config: ml_collections.ConfigDict,
+                     resolved: config_resolution.ResolvedConfig, modality: str | None = None,
                      rows: int | None = None) -> StepFlops:
-  """FLOPs of one train step of `modality` on its global batch.
+  """FLOPs of one train step of `modality` (default: the first) on its global batch.
 
   `rows` overrides the student's distinct conditioning rows per example (the benchmark's naive
   per-token adaLN uses `rows` = N).
   """
-  specs = spec_lib.modality_specs(config)
-  spec = specs[modality or next(iter(specs))]
-  shape = model_shape(config, spec.name)
+  spec = resolved.spec(modality) if modality else resolved.first_spec
+  shape = model_shape(config, resolved, spec.name)
   rows = rows or distinct_rows(config.objective.noising, shape.tokens)
   batch = spec.global_batch_size
   self_flow = config.objective.rep_loss_weight > 0

@@ -1,4 +1,5 @@
-"""Metric writers (TensorBoard via clu), the console progress line and the throughput numbers.
+"""Metric writers (TensorBoard via clu), the training metric window, the console progress line
+and the throughput numbers.
 
 Every metric goes to TensorBoard; the console gets one short line per log step (step/total,
 loss, rate, ETA) instead of clu's line of every scalar, which is unreadable at a glance.
@@ -10,6 +11,7 @@ of every scanned block segment once, so it understates a 28-block model several-
 
 import logging
 import os
+import time
 
 import jax
 import numpy as np
@@ -113,3 +115,58 @@ def periodic_hooks(workdir: str, profile: bool) -> list:
   if profile and jax.process_index() == 0:
     return [periodic_actions.Profile(logdir=workdir, num_profile_steps=5)]
   return []
+
+
+class MetricWindow:
+  """The host metrics of the steps since the last log step, written as one set of scalars.
+
+  At each log step (every `log_every` steps and the last one) it writes the window's means
+  (overall and, with several modalities, per modality with how often each was drawn), the
+  running count of skipped non-finite steps, the step rate over the window's wall time
+  (compiles excluded, see `exclude`), TFLOP/s and MFU, then logs the progress line and starts
+  a new window.
+  """
+
+  def __init__(self, writer: metric_writers.MetricWriter, *, modalities: tuple[str, ...],
+               step_flops: dict[str, float], peak_tflops: float | None, log_every: int,
+               num_steps: int):
+    self._writer = writer
+    self._modalities = modalities
+    self._step_flops = step_flops  # modality -> model FLOPs per step per device
+    self._peak = peak_tflops
+    self._log_every = log_every
+    self._num_steps = num_steps
+    self._entries: list[tuple[str, dict[str, np.ndarray]]] = []
+    self._start = time.time()
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (a compile) out of the window's wall time: the rate counts steps only."""
+    self._start += seconds
+
+  def add(self, step: int, modality: str, host: dict[str, np.ndarray]) -> None:
+    """Adds step `step`'s host metrics; writes and restarts the window at a log step."""
+    self._entries.append((modality, host))
+    if step % self._log_every == 0 or step == self._num_steps:
+      self._write(step)
+
+  def _write(self, step: int) -> None:
+    entries = self._entries
+    elapsed = time.time() - self._start
+    scalars = {f"train/{k}": v for k, v in mean_metrics([m for _, m in entries]).items()}
+    if len(self._modalities) > 1:  # per-modality means, and how often each modality was drawn
+      for modality in self._modalities:
+        drawn = [m for n, m in entries if n == modality]
+        scalars[f"train/{modality}/fraction_of_steps"] = len(drawn) / len(entries)
+        if drawn:
+          scalars.update({f"train/{modality}/{k}": v for k, v in mean_metrics(drawn).items()})
+    # A running total: its latest value, not the window mean (train/finite is the fraction).
+    scalars["train/nonfinite_steps"] = float(entries[-1][1]["nonfinite_steps"])
+    steps_per_sec = len(entries) / max(elapsed, 1e-9)
+    scalars["perf/steps_per_sec"] = steps_per_sec
+    mean_flops = float(np.mean([self._step_flops[n] for n, _ in entries]))
+    scalars.update(throughput_metrics(mean_flops, steps_per_sec, self._peak))
+    self._writer.write_scalars(step, scalars)
+    absl_logging.info("%s", progress_line(step, self._num_steps, scalars["train/loss"],
+                                          steps_per_sec))
+    self._entries = []
+    self._start = time.time()

@@ -14,7 +14,6 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
-import orbax.checkpoint as ocp
 
 from self_flow import checkpointing
 
@@ -88,21 +87,17 @@ def check_resumable(*, workdir: str, step: int, saved_config: dict, saved_shapes
       "loaded, the others initialised fresh).")
 
 
-def _checkpoint_dir(source: str) -> epath.Path:
-  """A run directory's `checkpoints/`, or `source` itself if it holds step directories."""
-  path = epath.Path(source)
-  return path / "checkpoints" if (path / "checkpoints").exists() else path
-
-
-def latest_step_dir(source: str) -> epath.Path:
-  directory = _checkpoint_dir(source)
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-      if directory.exists() else []
-  if not steps:
+def _latest_checkpoint(source: str) -> tuple[epath.Path, int]:
+  """(checkpoints directory, latest step) of `source`, a run directory or its `checkpoints/`."""
+  directory = checkpointing.checkpoints_dir(source)
+  if not directory.exists():  # `source` is the checkpoints directory itself
+    directory = directory.parent
+  step = checkpointing.latest_step(directory)
+  if step is None:
     raise FileNotFoundError(f"config.train.init_from={source!r} holds no checkpoint (looked for "
                             f"step directories in {directory}); allowed: a run directory or its "
                             "checkpoints/ directory.")
-  return directory / str(steps[-1])
+  return directory, step
 
 
 def restore_matching(source: str, state, abstract_state):
@@ -111,8 +106,8 @@ def restore_matching(source: str, state, abstract_state):
 
   A teacher EMA of this run that the source lacks (a one-EMA run) starts as the source's EMA,
   which was that run's teacher."""
-  step_dir = latest_step_dir(source)
-  saved = checkpointing.saved_state_shapes(step_dir / "state")
+  directory, step = _latest_checkpoint(source)
+  saved = checkpointing.saved_state_shapes(checkpointing.state_dir(directory, step))
   trees = [k for k in _WEIGHT_TREES if k in abstract_state]
   if "teacher_params" in trees and not any(n.startswith("teacher_params/") for n in saved):
     trees.remove("teacher_params")
@@ -128,18 +123,15 @@ def restore_matching(source: str, state, abstract_state):
   partial = jax.tree_util.tree_map_with_path(
       keep, {k: abstract_state[k] for k in trees})
   partial = _drop_none(partial)
-  restored = ocp.PyTreeCheckpointer().restore(
-      str(step_dir / "state"), args=ocp.args.PyTreeRestore(
-          item=partial, restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
-          partial_restore=True))
+  restored = checkpointing.restore_state_subtree(directory, step, partial)
   merged = dict(state)
   for tree in trees:
     merged[tree] = _overlay(state[tree], restored.get(tree, {}))
   if teacher_from_ema:
     merged["teacher_params"] = jax.tree.map(lambda e: e.copy(), merged["ema_params"])
   fresh = sorted(set(want) - loadable)
-  logging.info("Initialised from %s: %d of %d weight arrays loaded; left at their "
-               "initialisation: %s.", step_dir, len(loadable), len(want),
+  logging.info("Initialised from step %d of %s: %d of %d weight arrays loaded; left at their "
+               "initialisation: %s.", step, directory, len(loadable), len(want),
                ", ".join(fresh) if fresh else "none")
   return merged, len(loadable), fresh
 

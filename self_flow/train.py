@@ -17,13 +17,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from self_flow import (accelerators, checkpointing, config_validation, flops, mixture,
-                       preemption, reporting, run_compatibility, train_program, train_state)
+from self_flow import (accelerators, checkpointing, config_resolution, config_validation, flops,
+                       mixture, nonfinite, preemption, reporting, run_compatibility,
+                       train_program, train_state)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, student, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -37,14 +37,15 @@ def _open_train_data(config: ml_collections.ConfigDict, spec: spec_lib.ModalityS
   data = config.data
   preprocess, transforms = modality_sources.train_processing(config, spec.name)
   return pipeline.make_train_iterator(
-      modality_sources.open_source(config, spec.name, "train"),
+      modality_sources.open_source(config, spec, "train"),
       global_batch_size=spec.global_batch_size, seed=data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size,
       preprocess=preprocess, transforms=transforms)
 
 
-def _prepare_data(config: ml_collections.ConfigDict, modalities) -> None:
+def _prepare_data(config: ml_collections.ConfigDict,
+                  specs: dict[str, spec_lib.ModalitySpec]) -> None:
   """With several processes, process 0 builds the embedded datasets before the others open them.
 
   Processes sharing a filesystem would otherwise all build the same dataset at once; on
@@ -52,16 +53,17 @@ def _prepare_data(config: ml_collections.ConfigDict, modalities) -> None:
   if jax.process_count() == 1:
     return
   if jax.process_index() == 0:
-    for name in modalities:
-      modality_sources.open_source(config, name, "train")
+    for spec in specs.values():
+      modality_sources.open_source(config, spec, "train")
   multihost_utils.sync_global_devices("self_flow: training data prepared")
 
 
-def _create_evaluators(config, graphdef, workdir: str, mesh) -> dict[str, Any]:
+def _create_evaluators(config, resolved: config_resolution.ResolvedConfig, graphdef,
+                       workdir: str, mesh) -> dict[str, Any]:
   """One evaluator per modality on embedded data (latent shards have no decoder here)."""
   if not config.eval.enabled:
     return {}
-  return {name: _EVALUATORS[name](config, graphdef, workdir, mesh)
+  return {name: _EVALUATORS[name](config, resolved, graphdef, workdir, mesh)
           for name in config.modalities if not modality_sources.uses_latent_shards(config, name)}
 
 
@@ -132,8 +134,8 @@ def _check_free_space(workdir: epath.Path, abstract_state, keep: int) -> None:
                     needed / 2**20)
 
 
-def _restore_or_init(config, checkpointer: checkpointing.Checkpointer, layout, tx, train_iters,
-                     workdir: epath.Path):
+def _restore_or_init(config, program: train_program.TrainProgram,
+                     checkpointer: checkpointing.Checkpointer, train_iters, workdir: epath.Path):
   """(start step, state): the newest readable checkpoint of `workdir` if its arrays fit this
   config (else an error naming the differing keys, before anything is written), otherwise a
   fresh state, optionally initialised from another run (`train.init_from`)."""
@@ -141,20 +143,41 @@ def _restore_or_init(config, checkpointer: checkpointing.Checkpointer, layout, t
   def check(step, saved_config, saved_shapes):
     run_compatibility.check_resumable(
         workdir=str(workdir), step=step, saved_config=saved_config, saved_shapes=saved_shapes,
-        config_dict=config.to_dict(), abstract_state=layout.abstract)
+        config_dict=config.to_dict(), abstract_state=program.layout.abstract)
 
-  step, state = checkpointer.restore_latest(layout.abstract, train_iters, check=check)
+  step, state = checkpointer.restore_latest(program.layout.abstract, train_iters, check=check)
   if step is not None:
     logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
     if config.train.init_from:
       logging.warning("config.train.init_from=%r is ignored: %s already has a checkpoint.",
                       config.train.init_from, workdir)
     return step, state
-  state = train_state.create_train_state(config, layout, tx)
+  state = train_state.create_train_state(config, program.layout, program.tx, program.resolved)
   if config.train.init_from:
     state, _, _ = run_compatibility.restore_matching(config.train.init_from, state,
-                                                     layout.abstract)
+                                                     program.layout.abstract)
   return 0, state
+
+
+class _Readback:
+  """The step dispatched last, whose metrics the host reads only after dispatching the next one,
+  so the host never waits on the step it just dispatched."""
+
+  def __init__(self, on_metrics):
+    self._on_metrics = on_metrics  # (step, modality, host metrics) -> None
+    self._pending = None  # (step, modality, device metrics)
+
+  def push(self, step: int, modality: str, device_metrics) -> None:
+    """Reads back the previous step, then holds this one."""
+    self.flush()
+    self._pending = (step, modality, device_metrics)
+
+  def flush(self) -> None:
+    """Reads back the held step, if any (before a save, so the saved state was checked)."""
+    if self._pending is not None:
+      step, modality, device_metrics = self._pending
+      self._pending = None
+      self._on_metrics(step, modality, jax.device_get(device_metrics))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -163,122 +186,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns {"losses": {step: loss}, "modalities": {step: modality}, "eval": final evaluation
   metrics} for scripts and tests (plus "preempted_at" after a SIGTERM).
   """
-  config_validation.validate(config)
+  resolved = config_validation.validate(config)  # specs and sizes, built once for the run
   unused_accelerator = accelerators.unused_accelerator_warning(jax.default_backend())
   if unused_accelerator:
     logging.warning("NO ACCELERATOR IN USE. %s", unused_accelerator)
   workdir = _prepare_workdir(workdir)
   num_steps = config.train.num_steps
 
-  program = train_program.build(config)  # logs the split; refuses replicated FSDP
-  specs, mesh, tx, layout = program.specs, program.mesh, program.tx, program.layout
+  program = train_program.build(config, resolved)  # logs the split; refuses replicated FSDP
+  specs, mesh = resolved.specs, program.mesh
   modality_of = mixture.ModalitySchedule({n: s.probability for n, s in specs.items()},
                                          config.seed)
-  _check_free_space(workdir, layout.abstract, config.train.keep_checkpoints)
-  batch_sharding = program.batch_sharding
+  _check_free_space(workdir, program.layout.abstract, config.train.keep_checkpoints)
   _prepare_data(config, specs)
   train_iters = {name: _open_train_data(config, spec) for name, spec in specs.items()}
 
   checkpointer = checkpointing.Checkpointer(
-      str(workdir / "checkpoints"), save_every=config.train.checkpoint_every,
+      str(checkpointing.checkpoints_dir(str(workdir))), save_every=config.train.checkpoint_every,
       keep=config.train.keep_checkpoints, modalities=tuple(specs))
-  start_step, state = _restore_or_init(config, checkpointer, layout, tx, train_iters, workdir)
+  start_step, state = _restore_or_init(config, program, checkpointer, train_iters, workdir)
 
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in run_compatibility.flatten_config(config.to_dict()).items()})
-  evaluators = _create_evaluators(config, layout.graphdef, str(workdir), mesh)
+  evaluators = _create_evaluators(config, resolved, program.layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
-  step_fns = program.step_fns
   balance_every = config.train.gradient_balance_every
-
+  # Analytic model FLOPs per step per device of each modality's step.
+  step_flops = {name: flops.train_step_flops(config, resolved, name).total / jax.device_count()
+                for name in specs}
+  window = reporting.MetricWindow(
+      writer, modalities=tuple(specs), step_flops=step_flops,
+      peak_tflops=reporting.peak_tflops_per_device(config.train.peak_tflops_per_device),
+      log_every=config.train.log_every, num_steps=num_steps)
+  nonfinite_policy = nonfinite.NonFinitePolicy(
+      config.train.nonfinite, config.train.max_nonfinite_in_a_row, checkpointer.latest_step)
   losses: dict[int, float] = {}
   modalities: dict[int, str] = {}
-  window: list[tuple[str, dict[str, np.ndarray]]] = []
-  pending = None  # (step, modality, device metrics) of the step dispatched last.
-  compiled: dict[str, Any] = {}  # modality -> compiled step, compiled on first use
-  step_flops: dict[str, float] = {}  # modality -> analytic model FLOPs per step per device
-  peak = reporting.peak_tflops_per_device(config.train.peak_tflops_per_device)
-  hooks = reporting.periodic_hooks(str(workdir), config.train.profile)
-  window_start = time.time()
 
-  def drain(entry):
-    """Host copy of a finished step's metrics; writes the window at log steps."""
-    nonlocal window_start
-    step, name, device_metrics = entry
-    host = jax.device_get(device_metrics)
+  def on_metrics(step: int, name: str, host) -> None:
     losses[step] = float(host["loss"])
     modalities[step] = name
-    window.append((name, host))
-    if step % config.train.log_every == 0 or step == num_steps:
-      elapsed = time.time() - window_start
-      scalars = {f"train/{k}": v
-                 for k, v in reporting.mean_metrics([m for _, m in window]).items()}
-      if len(specs) > 1:  # per-modality means, and how often each modality was drawn
-        for modality in specs:
-          drawn = [m for n, m in window if n == modality]
-          scalars[f"train/{modality}/fraction_of_steps"] = len(drawn) / len(window)
-          if drawn:
-            scalars.update({f"train/{modality}/{k}": v
-                            for k, v in reporting.mean_metrics(drawn).items()})
-      # A running total: its latest value, not the window mean (train/finite is the fraction).
-      scalars["train/nonfinite_steps"] = float(window[-1][1]["nonfinite_steps"])
-      steps_per_sec = len(window) / max(elapsed, 1e-9)
-      scalars["perf/steps_per_sec"] = steps_per_sec
-      mean_flops = float(np.mean([step_flops[n] for n, _ in window]))
-      scalars.update(reporting.throughput_metrics(mean_flops, steps_per_sec, peak))
-      writer.write_scalars(step, scalars)
-      logging.info("%s", reporting.progress_line(step, num_steps, scalars["train/loss"],
-                                                 steps_per_sec))
-      window.clear()
-      window_start = time.time()
-    _check_finite(step, host)
+    window.add(step, name, host)
+    nonfinite_policy.check(step, host)
 
-  nonfinite_in_a_row = 0
-
-  def _check_finite(step: int, host) -> None:
-    """Acts on the step's on-device finiteness flag: skip (counted) or stop, per config."""
-    nonlocal nonfinite_in_a_row
-    if host["finite"]:
-      nonfinite_in_a_row = 0
-      return
-    nonfinite_in_a_row += 1
-    what = f"step {step}: loss {float(host['loss'])}, gradient norm {float(host['grad_norm'])}"
-    policy = config.train.nonfinite
-    if policy == "skip" and nonfinite_in_a_row < config.train.max_nonfinite_in_a_row:
-      logging.warning("Non-finite %s; skipped the update (state unchanged; %d skipped in this "
-                      "run, %d in a row).", what, int(host["nonfinite_steps"]), nonfinite_in_a_row)
-      return
-    why = ("train.nonfinite='stop'" if policy == "stop" else
-           f"{nonfinite_in_a_row} in a row reached train.max_nonfinite_in_a_row")
-    latest = checkpointer.latest_step()
-    raise FloatingPointError(
-        f"Non-finite {what}; stopping ({why}). Nothing after step {step - 1} was saved: "
-        + (f"the last checkpoint (step {latest}) is intact; rerun the same command to resume "
-           "from it" if latest is not None else "no checkpoint had been written yet")
-        + " (lower optim.learning_rate or check the data if it happens again).")
+  readback = _Readback(on_metrics)
+  compiled: dict[str, Any] = {}  # modality -> compiled step, compiled on first use
+  hooks = reporting.periodic_hooks(str(workdir), config.train.profile)
 
   def save(step: int, force: bool = False) -> None:
     """Saves on the interval (or forced) once step's metrics were checked finite: a state
     that went NaN never becomes the latest checkpoint."""
-    nonlocal pending
-    if not (force or checkpointer.should_save(step)):
-      return
-    if pending is not None:
-      drain(pending)
-      pending = None
-    checkpointer.save(step, state, train_iters, config, force=force)
+    if force or checkpointer.should_save(step):
+      readback.flush()
+      checkpointer.save(step, state, train_iters, config, force=force)
 
   with _sigterm_guard() as guard, _finish_saves_on_error(checkpointer):
     for step in range(start_step, num_steps):
       name = modality_of(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = pipeline.make_global_batch(next(train_iters[name]), batch_sharding)
+        batch = pipeline.make_global_batch(next(train_iters[name]), program.batch_sharding)
         if name not in compiled:
           compile_start = time.time()
-          compiled[name] = step_fns[name].lower(state, batch, base_rng).compile()
-          window_start += time.time() - compile_start  # the rate and ETA count steps only
-          step_flops[name] = flops.train_step_flops(config, name).total / jax.device_count()
+          compiled[name] = program.step_fns[name].lower(state, batch, base_rng).compile()
+          window.exclude(time.time() - compile_start)
           logging.info("Compiled the %s train step: %.4g model FLOPs per step per device.", name,
                        step_flops[name])
         balance = None
@@ -289,9 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         prefix = f"train/{name}/" if len(specs) > 1 else "train/"
         writer.write_scalars(step + 1, {prefix + k: float(v)
                                         for k, v in jax.device_get(balance).items()})
-      if pending is not None:
-        drain(pending)
-      pending = (step + 1, name, metrics)
+      readback.push(step + 1, name, metrics)
       for hook in hooks:
         hook(step + 1)
       if _preempted(guard, checkpointer, step + 1):
@@ -306,9 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       every = config.train.eval_every
       if evaluators and every and (step + 1) % every == 0 and step + 1 < num_steps:
         _evaluate(evaluators, state, step + 1, writer, config.eval.student)
-    if pending is not None:
-      drain(pending)
-      pending = None
+    readback.flush()
     if checkpointer.latest_step() != num_steps:
       save(num_steps, force=True)
     checkpointer.wait()

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from self_flow import optim, sharding, train_state, train_step
+from self_flow import config_resolution, optim, sharding, train_state, train_step
 from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
 
@@ -21,7 +21,7 @@ from self_flow.modalities import spec as spec_lib
 class TrainProgram(NamedTuple):
   """Everything the loop needs to run steps, without any array values."""
 
-  specs: dict[str, spec_lib.ModalitySpec]
+  resolved: config_resolution.ResolvedConfig
   mesh: Mesh
   tx: optax.GradientTransformation
   schedule: optax.Schedule
@@ -33,38 +33,43 @@ class TrainProgram(NamedTuple):
   # train.gradient_balance_every is 0 or the objective has no representation loss.
   balance_fns: dict[str, Any]
 
+  @property
+  def specs(self) -> dict[str, spec_lib.ModalitySpec]:
+    return self.resolved.specs
 
-def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None
-          ) -> TrainProgram:
-  """The program of `config` over `devices` (default: all of this process's global devices).
+
+def build(config: ml_collections.ConfigDict, resolved: config_resolution.ResolvedConfig,
+          devices: Sequence[Any] | None = None) -> TrainProgram:
+  """The program of `config` over `devices` (default: all of this process's global devices);
+  `resolved` is the config's resolution (what `config_validation.validate` returned).
 
   Refuses an FSDP layout that leaves too much replicated (`train_state.check_replication`).
   """
-  specs = spec_lib.modality_specs(config)
+  specs = resolved.specs
   mesh = sharding.create_mesh(config.mesh, devices)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  layout = train_state.state_layout(config, mesh, tx)
+  rules = sharding.axis_rules(config.mesh)
+  layout = train_state.state_layout(config, mesh, tx, rules, resolved)
   train_state.check_replication(config, layout)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  rules = sharding.axis_rules(config.mesh)
   step_fns = {
       name: jax.jit(
           sharding.activation_sharding(mesh, rules)(
-              train_step.make_train_step(config, layout.graphdef, tx, schedule, name)),
+              train_step.make_train_step(config, layout.graphdef, tx, schedule, spec)),
           in_shardings=(layout.shardings, batch_sharding, replicated),
           out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
-      for name in specs}
+      for name, spec in specs.items()}
   balance_fns = {}
   if config.train.gradient_balance_every and config.objective.rep_loss_weight > 0:
     balance_fns = {
         name: jax.jit(
             sharding.activation_sharding(mesh, rules)(
-                train_step.make_gradient_balance_fn(config, layout.graphdef, name)),
+                train_step.make_gradient_balance_fn(config, layout.graphdef, spec)),
             in_shardings=(layout.shardings, batch_sharding, replicated),
             out_shardings=replicated)
-        for name in specs}
-  return TrainProgram(specs, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns,
+        for name, spec in specs.items()}
+  return TrainProgram(resolved, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns,
                       balance_fns)
 
 
@@ -72,7 +77,7 @@ def abstract_batch(config: ml_collections.ConfigDict, program: TrainProgram, mod
                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the input pipeline feeds `modality`'s step, as sharded shapes."""
   spec = program.specs[modality]
-  shapes = modality_sources.batch_shapes(config, modality, spec.signal_key, spec.signal_shape)
+  shapes = modality_sources.batch_shapes(config, spec)
   return {key: jax.ShapeDtypeStruct((spec.global_batch_size, *shape), dtype,
                                     sharding=program.batch_sharding)
           for key, (shape, dtype) in shapes.items()}

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from self_flow import sharding
+from self_flow import config_resolution, sharding
 from self_flow.models import factory
 
 # {"step": int32 scalar, "nonfinite_steps": int32 scalar (steps skipped for a NaN/inf loss or
@@ -36,12 +36,15 @@ class StateLayout(NamedTuple):
   abstract: TrainState  # ShapeDtypeStruct leaves carrying the shardings (restore target).
 
 
-def _abstract_model(config: ml_collections.ConfigDict):
-  return nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0)))
+def _abstract_model(config: ml_collections.ConfigDict,
+                    resolved: config_resolution.ResolvedConfig | None):
+  return nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0), resolved))
 
 
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-  graphdef, _ = nnx.split(_abstract_model(config), nnx.Param)
+def model_graphdef(config: ml_collections.ConfigDict,
+                   resolved: config_resolution.ResolvedConfig | None = None) -> nnx.GraphDef:
+  """The model's static structure (no arrays); `resolved` as in `factory.create_model`."""
+  graphdef, _ = nnx.split(_abstract_model(config, resolved), nnx.Param)
   return graphdef
 
 
@@ -64,14 +67,15 @@ def teacher_params(state: TrainState):
   return state.get("teacher_params", state["ema_params"])
 
 
-def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation
-                 ) -> StateLayout:
-  """Graphdef, shardings and abstract shapes of the train state, from shapes alone."""
-  graphdef, abstract_params = nnx.split(_abstract_model(config), nnx.Param)
+def state_layout(config: ml_collections.ConfigDict, mesh, tx: optax.GradientTransformation,
+                 rules: sharding.Rules,
+                 resolved: config_resolution.ResolvedConfig | None = None) -> StateLayout:
+  """Graphdef, shardings and abstract shapes of the train state, from shapes alone; parameters
+  are laid out by the logical-axis `rules` (`sharding.axis_rules(config.mesh)`)."""
+  graphdef, abstract_params = nnx.split(_abstract_model(config, resolved), nnx.Param)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
   abstract_params = nnx.to_pure_dict(abstract_params)
-  param_shardings = sharding.tree_shardings(
-      logical, abstract_params, sharding.axis_rules(config.mesh), mesh)
+  param_shardings = sharding.tree_shardings(logical, abstract_params, rules, mesh)
   replicated = sharding.replicated(mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_utils.tree_map_params(
@@ -109,11 +113,12 @@ def check_replication(config: ml_collections.ConfigDict, layout: StateLayout
 
 
 def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout,
-                       tx: optax.GradientTransformation) -> TrainState:
+                       tx: optax.GradientTransformation,
+                       resolved: config_resolution.ResolvedConfig | None = None) -> TrainState:
   """Fresh state, initialised directly into its shardings; the EMAs start as copies."""
 
   def init(key):
-    model = factory.create_model(config, nnx.Rngs(params=key))
+    model = factory.create_model(config, nnx.Rngs(params=key), resolved)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {
         "step": jnp.zeros((), jnp.int32),

@@ -44,16 +44,6 @@ class Examples(NamedTuple):
   draw: objectives.TimestepDraw  # Per-token (t, s, mask) and the adaLN table/index.
 
 
-def _modality(config: ml_collections.ConfigDict, modality: str | None) -> spec_lib.ModalitySpec:
-  specs = spec_lib.modality_specs(config)
-  if modality is None:
-    return next(iter(specs.values()))
-  if modality not in specs:
-    raise ValueError(f"modality={modality!r} is not trained by this config; modalities="
-                     f"{tuple(specs)}.")
-  return specs[modality]
-
-
 def _make_draw_fn(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec) -> Callable:
   """draw(batch, rng) -> Examples: tokenises the batch and draws its dropout, timesteps and noise
   (method doc §1.13 steps 1-2)."""
@@ -118,10 +108,9 @@ def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDe
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                 modality: str | None = None) -> Callable:
-  """loss_fn(params, teacher_params, batch, rng) -> (loss, aux metrics) for one modality's batches
-  (default: the config's first modality), on the whole batch at once."""
-  spec = _modality(config, modality)
+                 spec: spec_lib.ModalitySpec) -> Callable:
+  """loss_fn(params, teacher_params, batch, rng) -> (loss, aux metrics) for `spec`'s batches,
+  on the whole batch at once."""
   draw = _make_draw_fn(config, spec)
   examples_loss = _make_examples_loss(config, graphdef, spec)
 
@@ -173,10 +162,9 @@ def accumulate(grad_fn: Callable, params, teacher_params, examples: Examples, mi
 
 
 def make_grad_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                 modality: str | None = None) -> Callable:
+                 spec: spec_lib.ModalitySpec) -> Callable:
   """grad_fn(params, teacher_params, batch, rng) -> ((loss, aux), grads w.r.t. params) of the global
   batch, as the mean over `train.microbatches` slices: the gradient the train step applies."""
-  spec = _modality(config, modality)
   draw = _make_draw_fn(config, spec)
   value_and_grad = jax.value_and_grad(_make_examples_loss(config, graphdef, spec), has_aux=True)
   microbatches = config.train.microbatches
@@ -201,7 +189,7 @@ def _shared_norms(grads_a, grads_b) -> tuple[jax.Array, jax.Array]:
 
 
 def make_gradient_balance_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                             modality: str | None = None) -> Callable:
+                             spec: spec_lib.ModalitySpec) -> Callable:
   """balance(state, batch, base_rng) -> {grad_norm_gen, grad_norm_rep, grad_ratio_rep_gen}:
   whether the representation loss moves the shared weights at all, at the state before the step
   that `train_step(state, batch, base_rng)` would take (same draw of noise and timesteps).
@@ -212,7 +200,6 @@ def make_gradient_balance_fn(config: ml_collections.ConfigDict, graphdef: nnx.Gr
   Run on one microbatch of the step's batch (all of it when `train.microbatches` is 1), with the
   step's randomness, outside the train step so the update itself is unchanged.
   """
-  spec = _modality(config, modality)
   draw = _make_draw_fn(config, spec)
   examples_loss = _make_examples_loss(config, graphdef, spec)
   gamma = config.objective.rep_loss_weight
@@ -239,8 +226,8 @@ def make_gradient_balance_fn(config: ml_collections.ConfigDict, graphdef: nnx.Gr
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    modality: str | None = None) -> Callable:
-  """train_step(state, batch, base_rng) -> (state, metrics) for `modality`'s batches;
+                    spec: spec_lib.ModalitySpec) -> Callable:
+  """train_step(state, batch, base_rng) -> (state, metrics) for `spec`'s batches;
   rng = fold_in(base_rng, step). One optimizer and one EMA update per global batch.
 
   Numerical faults are detected here, on device: `metrics["finite"]` is 0 when the loss or any
@@ -249,7 +236,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   brings new data and new randomness) and `state["nonfinite_steps"]` counts it; with "stop" the
   update is applied and the host stops before it can be saved.
   """
-  grad_fn = make_grad_fn(config, graphdef, modality)
+  grad_fn = make_grad_fn(config, graphdef, spec)
   optim = config.optim
   skip_nonfinite = config.train.nonfinite == "skip"
 

@@ -28,17 +28,57 @@ from self_flow.data import fashion_mnist_local, moving_sprites, sources, spoken_
 flags.FLAGS.mark_as_parsed()
 
 
-def tiny_config(method: str = "self_flow"):
-  """A model small enough for many compiles per test run (about 10 ms per step)."""
-  config = c2i.get_config(f"local,method={method}")
-  config.model.hidden_size = 32
-  config.model.depth = 4
-  config.model.num_heads = 2
-  config.model.patch_size = 7
-  config.data.global_batch_size = 8
-  config.optim.warmup_steps = 0
-  config.mesh.data = -1
+# The tiny model every test shrinks its run config to: small enough for many compiles per test
+# run (about 10 ms per step). Dotted keys, so that the tests of the command line and of the
+# notebooks pass the very same model as flags or overrides. Data parallel whatever the preset's
+# layout: a tiny model has nothing worth sharding.
+TINY_MODEL = {
+    "model.preset": "custom", "model.hidden_size": 32, "model.num_heads": 2, "model.depth": 4,
+    "model.patch_size": 7, "data.global_batch_size": 8, "optim.warmup_steps": 0,
+    "mesh.data": -1, "mesh.fsdp": 1}
+# Added for an MMDiT: 2 double + 2 single blocks, a 3-D RoPE over the 16-dim heads (images use
+# only the row and column axes) and a small byte-level text encoder.
+TINY_MMDIT = {"model.num_double": 2, "model.rope_axes_dims": (2, 6, 8), "text.width": 16,
+              "text.max_length": 6}
+
+
+def override(config, overrides: dict):
+  """`config` with each dotted key of `overrides` ("optim.warmup_steps") set, in place. A key
+  the config lacks is an error, so that a misspelt override cannot silently test nothing."""
+  for key, value in overrides.items():
+    *sections, name = key.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    if name not in target:
+      raise KeyError(f"the config has no key {key!r}")
+    target[name] = value
   return config
+
+
+def tiny_overrides(config) -> dict:
+  """The dotted keys that shrink run config `config` to the tiny model, by what it runs: the
+  MMDiT keys for an MMDiT, and a batch for every modality of a joint model."""
+  keys = dict(TINY_MODEL)
+  if config.model.architecture == "mmdit":
+    keys.update(TINY_MMDIT)
+  for name in config.modalities:
+    if name != "image":  # the image batch is data.global_batch_size
+      keys[f"{name}.global_batch_size"] = TINY_MODEL["data.global_batch_size"]
+  if "video" in config.modalities:
+    keys["model.rope_axes_dims"] = (4, 6, 6)  # more of each head on the clips' time axis
+  return keys
+
+
+def tiny(config, overrides: dict | None = None):
+  """Any run config (c2i, t2i, multimodal, ...) shrunk to the tiny model, then a test's own
+  `overrides` (dotted keys), which win."""
+  return override(config, {**tiny_overrides(config), **(overrides or {})})
+
+
+def tiny_config(method: str = "self_flow", overrides: dict | None = None):
+  """configs/c2i.py:local with `method`, shrunk to the tiny model."""
+  return tiny(c2i.get_config(f"local,method={method}"), overrides)
 
 
 def random_params(model, scale: float, seed: int = 0):
@@ -56,14 +96,14 @@ def random_params(model, scale: float, seed: int = 0):
 def write_caption_latent_shards(output_dir: str, num_examples: int, num_shards: int = 1) -> str:
   """Latent shards of random 28x28 images (avgpool2 -> 14x14x1 latents) with byte-encoded
   caption embeddings (8 x 256), for text-to-image runs from shards."""
-  from self_flow.data import latent_shards  # pylint: disable=g-import-not-at-top
+  from self_flow.data.latent_shards import encoders, writer  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   examples = [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
                "caption": f"a photo of item {i}", "label": i % 10} for i in range(num_examples)]
-  latent_shards.write_shards(
+  writer.write_shards(
       examples, output_dir=output_dir, split="train", num_shards=num_shards,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.bytes_text_encoder(8),
+      signal_encoder=encoders.avgpool2_encoder,
+      text_encoder=encoders.bytes_text_encoder(8),
       batch_size=16, signal_encoder_name="avgpool2", text_encoder_name="bytes")
   return output_dir
 

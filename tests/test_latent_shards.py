@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from configs import multimodal, t2v
-from self_flow.data import (latent_shards, modality_sources, motion_captions, sources,
-                            spoken_words)
+from self_flow import config_resolution
+from self_flow.data import modality_sources, motion_captions, sources, spoken_words
+from self_flow.data.latent_shards import encoders, layout, writer
+from self_flow.data.latent_shards import reader as reader_lib
 from self_flow.modalities import audio
 from self_flow.tools import write_latent_shards
 
@@ -40,8 +42,8 @@ def _write(output_dir, examples, split="train", **overrides):
       output_dir=str(output_dir),
       split=split,
       num_shards=_NUM_SHARDS,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.bytes_text_encoder(_MAX_LENGTH),
+      signal_encoder=encoders.avgpool2_encoder,
+      text_encoder=encoders.bytes_text_encoder(_MAX_LENGTH),
       batch_size=7,  # Does not divide 30: the last batch is padded.
       latent_scale=_SCALE,
       latent_shift=_SHIFT,
@@ -49,7 +51,7 @@ def _write(output_dir, examples, split="train", **overrides):
       text_encoder_name="bytes",
   )
   kwargs.update(overrides)
-  return latent_shards.write_shards(examples, **kwargs)
+  return writer.write_shards(examples, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +66,11 @@ def written(tmp_path_factory):
 
 def test_round_trip_matches_encoders_applied_directly(written):
   directory, examples = written
-  source = latent_shards.LatentShardSource(directory, "train")
+  source = reader_lib.LatentShardSource(directory, "train")
   assert len(source) == _NUM_EXAMPLES
   images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-  want_latents = (latent_shards.avgpool2_encoder(images) - _SHIFT) * _SCALE
-  want_embeddings, want_masks = latent_shards.bytes_text_encoder(_MAX_LENGTH)(
+  want_latents = (encoders.avgpool2_encoder(images) - _SHIFT) * _SCALE
+  want_embeddings, want_masks = encoders.bytes_text_encoder(_MAX_LENGTH)(
       [e["caption"] for e in examples]
   )
   for index, example in enumerate(examples):
@@ -86,25 +88,25 @@ def test_scale_shift_convention_and_bytes_encoder(tmp_path):
   image = np.full((1, 2, 2, 1), 255, np.uint8)  # -> 1.0 in [-1, 1].
   caption = "é!"  # UTF-8 bytes 0xc3 0xa9 0x21.
   example = {"image": image[0], "caption": caption, "label": 3}
-  embeddings, mask = latent_shards.bytes_text_encoder(4)([caption])
+  embeddings, mask = encoders.bytes_text_encoder(4)([caption])
   assert embeddings.shape == (1, 4, 256)
   np.testing.assert_array_equal(embeddings[0].argmax(-1)[:3], [0xC3, 0xA9, 0x21])
   np.testing.assert_array_equal(mask[0], [True, True, True, False])
   assert not embeddings[0, 3].any()
-  truncated, truncated_mask = latent_shards.bytes_text_encoder(2)([caption])
+  truncated, truncated_mask = encoders.bytes_text_encoder(2)([caption])
   assert truncated.shape == (1, 2, 256) and truncated_mask.all()
 
-  _write(tmp_path, [example], num_shards=1, signal_encoder=latent_shards.identity_encoder,
+  _write(tmp_path, [example], num_shards=1, signal_encoder=encoders.identity_encoder,
          latent_scale=0.5, latent_shift=3.0)
-  record = latent_shards.LatentShardSource(str(tmp_path), "train")[0]
+  record = reader_lib.LatentShardSource(str(tmp_path), "train")[0]
   # (1 - 3) * 0.5; the other conventions give 2.0 ((x + shift) * scale) or -2.5 (x * scale - shift).
   np.testing.assert_array_equal(record["latent"], np.full((2, 2, 1), -1.0))
 
 
 def test_metadata_documents_the_format_and_merges_splits(written):
   directory, _ = written
-  metadata = latent_shards.read_metadata(directory)
-  assert metadata["format"] == latent_shards.FORMAT and metadata["version"] == 2
+  metadata = layout.read_metadata(directory)
+  assert metadata["format"] == layout.FORMAT and metadata["version"] == 2
   assert metadata["modality"] == "image"
   assert metadata["fields"]["latent"] == {"shape": [4, 3, 2], "dtype": "float16"}
   assert metadata["fields"]["text_embedding"] == {"shape": [_MAX_LENGTH, 256],
@@ -117,7 +119,7 @@ def test_metadata_documents_the_format_and_merges_splits(written):
   }
   assert metadata["splits"]["test"]["num_examples"] == 5
   assert metadata["splits"]["test"]["shard_lengths"] == [2, 2, 1]
-  assert len(latent_shards.LatentShardSource(directory, "test")) == 5
+  assert len(reader_lib.LatentShardSource(directory, "test")) == 5
 
 
 def test_shards_are_three_group_size_one_files_read_in_any_order(written):
@@ -129,7 +131,7 @@ def test_shards_are_three_group_size_one_files_read_in_any_order(written):
     assert "group_size:1," in reader.writer_options_string()
     assert reader.num_records() == 10
     reader.close()
-  source = latent_shards.LatentShardSource(directory, "train")
+  source = reader_lib.LatentShardSource(directory, "train")
   order = np.random.default_rng(0).permutation(_NUM_EXAMPLES)
   assert [source[int(i)]["caption"] for i in order] == [examples[i]["caption"] for i in order]
   batch = source.__getitems__(order[:7])
@@ -142,7 +144,7 @@ def test_repr_is_stable_and_names_no_directory(written, tmp_path):
   directory, examples = written
   copy = tmp_path / "copy"
   _write(copy, examples)
-  reprs = {repr(latent_shards.LatentShardSource(d, "train")) for d in (directory, str(copy))}
+  reprs = {repr(reader_lib.LatentShardSource(d, "train")) for d in (directory, str(copy))}
   assert reprs == {
       "LatentShardSource(modality='image', split='train', num_examples=30, num_shards=3, "
       "latent_shape=(4, 3, 2), text_embedding_shape=(16, 256), signal_encoder='avgpool2', "
@@ -152,7 +154,7 @@ def test_repr_is_stable_and_names_no_directory(written, tmp_path):
 
 def test_grain_pipeline(written):
   directory, _ = written
-  source = latent_shards.LatentShardSource(directory, "train")
+  source = reader_lib.LatentShardSource(directory, "train")
   batches = list(grain.MapDataset.source(source).shuffle(seed=0).batch(4))
   assert len(batches) == 8
   first = batches[0]
@@ -172,35 +174,35 @@ def test_directory_without_metadata_is_refused(written, tmp_path):
     if name.endswith(".array_record"):
       os.link(os.path.join(directory, name), partial / name)
   with pytest.raises(FileNotFoundError, match="no metadata.json.*did not finish"):
-    latent_shards.LatentShardSource(str(partial), "train")
+    reader_lib.LatentShardSource(str(partial), "train")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    latent_shards.LatentShardSource(str(tmp_path / "absent"), "train")
+    reader_lib.LatentShardSource(str(tmp_path / "absent"), "train")
 
 
 def test_unknown_split_version_and_missing_shard_are_refused(written, tmp_path):
   directory, _ = written
   with pytest.raises(ValueError, match=r"'validation' is not in .*\['test', 'train'\]"):
-    latent_shards.LatentShardSource(directory, "validation")
+    reader_lib.LatentShardSource(directory, "validation")
   bad = tmp_path / "bad"
   bad.mkdir()
-  metadata = latent_shards.read_metadata(directory)
+  metadata = layout.read_metadata(directory)
   (bad / "metadata.json").write_text(json.dumps(dict(metadata, version=99)))
   with pytest.raises(ValueError, match="version=99"):
-    latent_shards.LatentShardSource(str(bad), "train")
+    reader_lib.LatentShardSource(str(bad), "train")
   (bad / "metadata.json").write_text(json.dumps(metadata))
   with pytest.raises(FileNotFoundError, match="lists 3 shards of split 'train'.*holds 0"):
-    latent_shards.LatentShardSource(str(bad), "train")
+    reader_lib.LatentShardSource(str(bad), "train")
 
 
 def test_bad_encoder_names_and_arguments_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"Unknown image encoder 'vae'.*'avgpool2', 'identity'"):
-    latent_shards.get_signal_encoder("image", "vae")
+    encoders.get_signal_encoder("image", "vae")
   with pytest.raises(ValueError, match=r"Unknown audio encoder 'avgpool2'.*'log_mel'"):
-    latent_shards.get_signal_encoder("audio", "avgpool2")
+    encoders.get_signal_encoder("audio", "avgpool2")
   with pytest.raises(ValueError, match=r"Unknown modality 'text'.*'image', 'video', 'audio'"):
-    latent_shards.get_signal_encoder("text", "bytes")
+    encoders.get_signal_encoder("text", "bytes")
   with pytest.raises(ValueError, match=r"Unknown text encoder 't5'.*'bytes'"):
-    latent_shards.get_text_encoder("t5", 8)
+    encoders.get_text_encoder("t5", 8)
   with pytest.raises(ValueError, match="num_shards=0"):
     _write(tmp_path, _examples(2), num_shards=0)
   with pytest.raises(ValueError, match="split='a/b'"):
@@ -226,13 +228,13 @@ def test_adding_an_incompatible_split_is_refused(written, tmp_path):
   with pytest.raises(ValueError, match="latent_scale=2.0.*latent_scale=1.0"):
     _write(directory, _examples(3), split="test", latent_scale=1.0)
   with pytest.raises(ValueError, match=r"holds splits \['train'\] written with fields="):
-    _write(directory, _examples(3), split="test", text_encoder=latent_shards.bytes_text_encoder(8))
+    _write(directory, _examples(3), split="test", text_encoder=encoders.bytes_text_encoder(8))
   # Rewriting the only split with other settings is allowed, and replaces its shards.
   _write(directory, _examples(4), num_shards=2, latent_scale=1.0)
   assert sorted(os.listdir(directory)) == [
       "metadata.json", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"
   ]
-  assert len(latent_shards.LatentShardSource(str(directory), "train")) == 4
+  assert len(reader_lib.LatentShardSource(str(directory), "train")) == 4
 
 
 def test_cli_writes_captioned_splits(tmp_path, monkeypatch):
@@ -254,8 +256,8 @@ def test_cli_writes_captioned_splits(tmp_path, monkeypatch):
                            text_max_length=32, max_examples=10, batch_size=4):
     write_latent_shards.main(["write_latent_shards"])
   assert opened == [("fashion_mnist", s, "./data/tfds", "auto") for s in ("train", "test")]
-  train = latent_shards.LatentShardSource(output_dir, "train")
-  test = latent_shards.LatentShardSource(output_dir, "test")
+  train = reader_lib.LatentShardSource(output_dir, "train")
+  test = reader_lib.LatentShardSource(output_dir, "test")
   assert (len(train), len(test)) == (10, 6)
   record = train[9]
   assert record["caption"] == "a photo of an ankle boot"
@@ -270,18 +272,18 @@ def test_video_and_audio_latents_keep_their_rank(tmp_path):
   clips = [{"video": rng.integers(0, 256, (4, 8, 6, 1), dtype=np.uint8), "caption": "a shoe",
             "label": i} for i in range(5)]
   _write(tmp_path / "video", clips, modality="video")
-  video = latent_shards.LatentShardSource(str(tmp_path / "video"), "train")
+  video = reader_lib.LatentShardSource(str(tmp_path / "video"), "train")
   assert (video.modality, video.latent_shape) == ("video", (4, 4, 3, 1))
-  want = (latent_shards.avgpool2_encoder(
+  want = (encoders.avgpool2_encoder(
       np.stack([c["video"] for c in clips]).astype(np.float32) / 127.5 - 1.0) - _SHIFT) * _SCALE
   for index in range(5):
     np.testing.assert_array_equal(video[index]["latent"], want[index].astype(np.float16))
 
   words = [{"waveform": rng.integers(-20000, 20000, audio.CLIP_SAMPLES, dtype=np.int16),
             "caption": "seven", "label": 7} for _ in range(3)]
-  _write(tmp_path / "audio", words, modality="audio", signal_encoder=latent_shards.log_mel_encoder,
+  _write(tmp_path / "audio", words, modality="audio", signal_encoder=encoders.log_mel_encoder,
          signal_encoder_name="log_mel", latent_scale=1.0, latent_shift=0.0)
-  speech = latent_shards.LatentShardSource(str(tmp_path / "audio"), "train")
+  speech = reader_lib.LatentShardSource(str(tmp_path / "audio"), "train")
   assert (speech.modality, speech.latent_shape) == ("audio", (audio.NUM_FRAMES, audio.NUM_MELS))
   np.testing.assert_allclose(speech[2]["latent"],
                              audio.log_mel(audio.from_int16(words[2]["waveform"])), atol=1e-3)
@@ -300,17 +302,19 @@ def test_trainer_refuses_shards_of_another_modality_or_shape(tmp_path):
   config = t2v.get_config("local")
   config.video.dataset = config.audio.dataset = "latent_shards"
   config.video.data_dir = config.audio.data_dir = str(tmp_path)
+  config.modalities = ("video", "audio")  # the audio stream is pointed at the video shards
+  spec = lambda modality: config_resolution.resolve(config).spec(modality)
   with pytest.raises(ValueError, match=r"holds video latents; the audio stream needs audio"):
-    modality_sources.open_source(config, "audio", "train")
+    modality_sources.open_source(config, spec("audio"), "train")
   with pytest.raises(ValueError, match=r"config.video describes video latents of shape "
                                        r"\(8, 32, 32, 1\).*shape \(8, 16, 16, 1\)"):
-    modality_sources.open_source(config, "video", "train")
+    modality_sources.open_source(config, spec("video"), "train")
   config.video.image_size = 16
   with pytest.raises(ValueError, match=r"text.embedding_dim=4096, but the caption embeddings "
                                        r"in .* have width 256"):
-    modality_sources.open_source(config, "video", "train")
+    modality_sources.open_source(config, spec("video"), "train")
   config.text.embedding_dim = 256
-  assert len(modality_sources.open_source(config, "video", "train")) == 2
+  assert len(modality_sources.open_source(config, spec("video"), "train")) == 2
 
 
 def test_cli_writes_video_and_audio_shards(tmp_path, video_data_dir, audio_data_dir):
@@ -321,8 +325,10 @@ def test_cli_writes_video_and_audio_shards(tmp_path, video_data_dir, audio_data_
                              splits=["train"], num_shards=2, text_max_length=64,
                              max_examples=6, batch_size=4):
       write_latent_shards.main(["write_latent_shards"])
-    source = latent_shards.LatentShardSource(output_dir, "train")
-    raw = modality_sources.open_source(_embedded_config(modality, data_dir), modality, "train")
+    source = reader_lib.LatentShardSource(output_dir, "train")
+    embedded = _embedded_config(modality, data_dir)
+    raw = modality_sources.open_source(
+        embedded, config_resolution.resolve(embedded).spec(modality), "train")
     assert len(source) == 6 and source.modality == modality
     for index in (0, 5):
       record, original = source[index], raw[index]

@@ -14,7 +14,7 @@ from self_flow import objectives, train_state
 from self_flow.evaluation import linear_probe, stratified_loss
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
-from conftest import random_params
+from conftest import random_params, tiny
 
 NUM_CLASSES = 10
 
@@ -129,13 +129,8 @@ def test_dit_features_are_the_pooled_block_outputs(make_config):
 
 
 def test_mmdit_features_are_the_pooled_block_outputs():
-  config = t2i.get_config("local")
-  config.model.hidden_size, config.model.num_heads = 32, 2
-  config.model.depth, config.model.num_double = 3, 1
-  config.model.rope_axes_dims = (2, 6, 8)
-  config.model.patch_size = 7
-  config.text.encoder = "bytes"
-  config.text.width, config.text.max_length = 16, 6
+  config = tiny(t2i.get_config("local"), {"model.depth": 3, "model.num_double": 1,
+                                          "text.encoder": "bytes"})
   graphdef, params = _random_model(config, 0.1)
   spec = spec_lib.modality_specs(config)["image"]
   images, _ = _pattern_images(3, seed=2)

@@ -22,6 +22,7 @@ import pytest
 from configs import c2i
 from self_flow import train
 from self_flow.data import pipeline, sources
+from conftest import TINY_MODEL, override
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = os.path.join(_REPO, "tests", "multihost_worker.py")
@@ -33,9 +34,7 @@ _LAUNCH_TIMEOUT_S = 420
 
 # Tiny model, 8 images per step (one per device), checkpoints every 4 steps, small evaluation.
 _OVERRIDES = {
-    "model.hidden_size": 32, "model.depth": 4, "model.num_heads": 2, "model.patch_size": 7,
-    "data.global_batch_size": 8, "data.source": "debian", "optim.warmup_steps": 0,
-    "mesh.data": -1, "train.log_every": 1, "train.checkpoint_every": 4,
+    **TINY_MODEL, "data.source": "debian", "train.log_every": 1, "train.checkpoint_every": 4,
     "eval.num_samples": 16, "eval.batch_size": 8, "eval.grid_rows": 1,
     "eval.classifier_steps": 10, "sampling.num_steps": 2,
 }
@@ -48,11 +47,7 @@ def _overrides(data_dir, tmp_path, evaluate: bool) -> dict:
 
 
 def _config(overrides: dict):
-  config = c2i.get_config("local")
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return override(c2i.get_config("local"), overrides)
 
 
 def _free_port() -> int:

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 from configs import multimodal
-from self_flow import mixture, train, train_step
+from self_flow import config_resolution, mixture, train, train_step
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
 from self_flow.tools import write_latent_shards
-from conftest import random_params
+from conftest import random_params, tiny
 
 PAPER = {"image": 0.57, "video": 0.30, "audio": 0.13}
 
@@ -46,21 +46,9 @@ def test_schedule_rejects_bad_probabilities(probabilities):
 
 
 def tiny_multimodal_config():
-  """configs/multimodal.py:local shrunk to a few milliseconds per step."""
-  config = multimodal.get_config("local")
-  config.model.hidden_size = 32
-  config.model.num_heads = 2
-  config.model.depth = 4
-  config.model.num_double = 2
-  config.model.rope_axes_dims = (4, 6, 6)
-  config.model.patch_size = 7
-  config.text.max_length = 8
-  config.text.width = 16
-  config.data.global_batch_size = 8
-  config.video.global_batch_size = 8
-  config.audio.global_batch_size = 8
-  config.optim.warmup_steps = 0
-  return config
+  """configs/multimodal.py:local shrunk to a few milliseconds per step, with captions of 8 tokens
+  as the latent shards written below carry (text_max_length=8)."""
+  return tiny(multimodal.get_config("local"), {"text.max_length": 8})
 
 
 def _random_batch(spec, batch, max_length, seed):
@@ -88,7 +76,7 @@ def test_each_modality_has_its_own_projections_and_shares_the_rest():
   specs = spec_lib.modality_specs(config)
   graphdef, params = random_params(factory.create_model(config, nnx.Rngs(0)), 0.05)
   assert set(params["inputs"]) == set(params["outputs"]) == set(spec_lib.MODALITIES)
-  loss_fn = train_step.make_loss_fn(config, graphdef, "video")
+  loss_fn = train_step.make_loss_fn(config, graphdef, specs["video"])
   batch = _random_batch(specs["video"], 4, config.text.max_length, seed=1)
   grads = jax.grad(lambda p: loss_fn(p, params, batch, jax.random.PRNGKey(0))[0])(params)
   norm = lambda tree: float(optax.global_norm(tree))
@@ -97,7 +85,7 @@ def test_each_modality_has_its_own_projections_and_shares_the_rest():
     assert norm(grads["inputs"][other]) == 0 and norm(grads["outputs"][other]) == 0
   assert norm(grads["single_blocks"]) > 0 and norm(grads["double_blocks"]) > 0  # shared
   with pytest.raises(ValueError, match="modality='smell' is not trained"):
-    train_step.make_loss_fn(config, graphdef, "smell")
+    config_resolution.resolve(config).spec("smell")
 
 
 def test_loss_weight_scales_only_its_modality():
@@ -105,7 +93,8 @@ def test_loss_weight_scales_only_its_modality():
   graphdef, params = random_params(factory.create_model(config, nnx.Rngs(0)), 0.05)
   specs = spec_lib.modality_specs(config)
   batch = _random_batch(specs["audio"], 4, config.text.max_length, seed=2)
-  loss = lambda c: float(train_step.make_loss_fn(c, graphdef, "audio")(
+  loss = lambda c: float(train_step.make_loss_fn(
+      c, graphdef, config_resolution.resolve(c).spec("audio"))(
       params, params, batch, jax.random.PRNGKey(0))[0])
   base = loss(config)
   config.mixture.loss_weights.audio = 0.25

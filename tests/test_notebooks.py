@@ -12,6 +12,9 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
+from configs import multimodal
+from conftest import TINY_MODEL, tiny_overrides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
 
@@ -62,9 +65,7 @@ def _text(notebook) -> str:
 def _tiny_c2i(data_dir: str, tmp_path) -> dict:
   """config_overrides that shrink configs/c2i.py:local (as conftest.tiny_config does) and its
   evaluation to seconds."""
-  return {"data.data_dir": data_dir, "data.source": "debian", "data.global_batch_size": 8,
-          "model.hidden_size": 32, "model.depth": 4, "model.num_heads": 2,
-          "model.patch_size": 7, "optim.warmup_steps": 0, "train.log_every": 1,
+  return {**TINY_MODEL, "data.data_dir": data_dir, "data.source": "debian", "train.log_every": 1,
           "eval.batch_size": 16, "eval.grid_rows": 1, "eval.classifier_steps": 5,
           "eval.cache_dir": str(tmp_path / "eval_cache")}
 
@@ -108,12 +109,10 @@ def test_multimodal_trains_jointly_and_shows_every_modality(fashion_mnist_dir, v
                                                             audio_data_dir, tmp_path,
                                                             monkeypatch):
   tiny = {
+      **tiny_overrides(multimodal.get_config("local")),
+      "text.max_length": 8,  # as test_multimodal.tiny_multimodal_config
       "data.data_dir": fashion_mnist_dir, "data.source": "debian",
-      "video.data_dir": video_data_dir, "audio.data_dir": audio_data_dir,
-      "model.hidden_size": 32, "model.num_heads": 2, "model.depth": 4, "model.num_double": 2,
-      "model.rope_axes_dims": (4, 6, 6), "model.patch_size": 7, "text.max_length": 8,
-      "text.width": 16, "data.global_batch_size": 8, "video.global_batch_size": 8,
-      "audio.global_batch_size": 8, "optim.warmup_steps": 0, "train.log_every": 1,
+      "video.data_dir": video_data_dir, "audio.data_dir": audio_data_dir, "train.log_every": 1,
       "eval.batch_size": 8, "eval.grid_rows": 1, "eval.classifier_batch_size": 8,
       "eval.cache_dir": str(tmp_path / "eval_cache")}
   notebook = _execute("multimodal", (

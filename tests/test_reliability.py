@@ -25,7 +25,12 @@ import pytest
 from configs import c2i
 from self_flow import (checkpointing, config_validation, optim, run_compatibility, sharding,
                        train, train_state)
-from self_flow.data import latent_shards, pipeline
+from self_flow.data import pipeline
+from self_flow.data.latent_shards import encoders
+from self_flow.data.latent_shards import layout as layout_lib
+from self_flow.data.latent_shards import reader as reader_lib
+from self_flow.data.latent_shards import writer as writer_lib
+from conftest import TINY_MODEL, override
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = os.path.join(_REPO, "tests", "multihost_worker.py")
@@ -34,9 +39,7 @@ _TIMEOUT_S = 300
 
 # The tiny model of conftest.tiny_config as command-line overrides, evaluation off.
 _CLI_OVERRIDES = {
-    "model.hidden_size": 32, "model.depth": 4, "model.num_heads": 2, "model.patch_size": 7,
-    "data.global_batch_size": 8, "data.source": "debian", "optim.warmup_steps": 0,
-    "mesh.data": -1, "train.log_every": 1, "train.checkpoint_every": 100,
+    **TINY_MODEL, "data.source": "debian", "train.log_every": 1, "train.checkpoint_every": 100,
     "train.num_steps": _NUM_STEPS, "eval.enabled": False,
 }
 
@@ -213,7 +216,7 @@ def _fresh_then_restore_matching(config, source):
   """(fresh state of `config`, restore_matching's (state, loaded, left) from run `source`)."""
   mesh = sharding.create_mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 1)
-  layout = train_state.state_layout(config, mesh, tx)
+  layout = train_state.state_layout(config, mesh, tx, sharding.axis_rules(config.mesh))
   fresh = train_state.create_train_state(config, layout, tx)
   return fresh, run_compatibility.restore_matching(str(source), fresh, layout.abstract)
 
@@ -282,14 +285,7 @@ def _base_config():
 
 
 def _with(key: str, value):
-  def mutate(config):
-    section, name = key.rsplit(".", 1)
-    target = config
-    for part in section.split("."):
-      target = target[part]
-    target[name] = value
-    return config
-  return mutate
+  return lambda config: override(config, {key: value})
 
 
 def _as_dict_with(key: str, value):
@@ -453,7 +449,7 @@ def _rewrite_shard(path: str, replace: dict[int, bytes]) -> None:
   reader = array_record_module.ArrayRecordReader(path)
   records = [reader.read() for _ in range(reader.num_records())]
   reader.close()
-  writer = array_record_module.ArrayRecordWriter(path, latent_shards.WRITER_OPTIONS)
+  writer = array_record_module.ArrayRecordWriter(path, layout_lib.WRITER_OPTIONS)
   for index, record in enumerate(records):
     writer.write(replace.get(index, record))
   writer.close()
@@ -466,24 +462,24 @@ def test_bad_dataset_records_are_named_or_skipped(tmp_path):
   examples = [{"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), "caption": f"c{i}",
                "label": i % 10} for i in range(12)]
   directory = str(tmp_path / "latents")
-  latent_shards.write_shards(
+  writer_lib.write_shards(
       examples, output_dir=directory, split="train", num_shards=2,
-      signal_encoder=latent_shards.avgpool2_encoder,
-      text_encoder=latent_shards.bytes_text_encoder(8), batch_size=4,
+      signal_encoder=encoders.avgpool2_encoder,
+      text_encoder=encoders.bytes_text_encoder(8), batch_size=4,
       signal_encoder_name="avgpool2", text_encoder_name="bytes")
-  shard = latent_shards.shard_name("train", 1, 2)
-  good = latent_shards.LatentShardSource(directory, "train")
+  shard = layout_lib.shard_name("train", 1, 2)
+  good = reader_lib.LatentShardSource(directory, "train")
   wrong_shape = serialization.msgpack_restore(good._records[good._key(7)])  # pylint: disable=protected-access
   wrong_shape["latent"] = np.zeros((3, 3, 1), np.float16)
   expected = [good[i] for i in range(12)]
   _rewrite_shard(os.path.join(directory, shard),
                  {2: b"\x00not msgpack", 3: serialization.msgpack_serialize(wrong_shape)})
 
-  strict = latent_shards.LatentShardSource(directory, "train")
-  with pytest.raises(latent_shards.BadRecordError,
+  strict = reader_lib.LatentShardSource(directory, "train")
+  with pytest.raises(reader_lib.BadRecordError,
                      match=rf"latent shard '{shard}' record 2 \(example 5 of "):
     strict[5]  # pylint: disable=pointless-statement
-  with pytest.raises(latent_shards.BadRecordError,
+  with pytest.raises(reader_lib.BadRecordError,
                      match=rf"'{shard}' record 3 \(example 7 .*latent has shape \(3, 3, 1\), "
                      r"the metadata says \(4, 4, 1\)"):
     strict.__getitems__([6, 7, 8])
@@ -494,7 +490,7 @@ def test_bad_dataset_records_are_named_or_skipped(tmp_path):
     for _ in range(3):  # one epoch: every record is read
       next(iterator)
 
-  lenient = latent_shards.LatentShardSource(directory, "train", bad_records="skip")
+  lenient = reader_lib.LatentShardSource(directory, "train", bad_records="skip")
   read = lenient.__getitems__(list(range(12)))
   assert lenient.skipped_records == 2
   for index, stand_in in ((5, 6), (7, 8)):

@@ -10,15 +10,17 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import c2i_imagenet256, multimodal, t2a, t2i, t2v
-from conftest import tiny_config
-from self_flow import config_validation, optim, sharding, train_state, train_step
+from conftest import tiny, tiny_config
+from self_flow import (config_resolution, config_validation, optim, sharding, train_state,
+                       train_step)
 from self_flow.models import factory, layers
 
 
 def _layout(config):
   mesh = sharding.create_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  return mesh, tx, schedule, train_state.state_layout(config, mesh, tx)
+  return mesh, tx, schedule, train_state.state_layout(config, mesh, tx,
+                                                     sharding.axis_rules(config.mesh))
 
 
 def _train(config, state=None, num_steps=3):
@@ -31,7 +33,8 @@ def _train(config, state=None, num_steps=3):
   state = jax.device_put(state, layout.shardings)
   step = jax.jit(
       sharding.activation_sharding(mesh, sharding.axis_rules(config.mesh))(
-          train_step.make_train_step(config, layout.graphdef, tx, schedule)),
+          train_step.make_train_step(config, layout.graphdef, tx, schedule,
+                                     config_resolution.resolve(config).first_spec)),
       in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
       out_shardings=(layout.shardings, None), donate_argnums=0)
   losses = []
@@ -162,10 +165,8 @@ def test_constrain_is_a_noop_without_rules_and_pins_activations_with_them():
 
 
 def test_mmdit_forward_is_unchanged_by_activation_constraints():
-  config = t2i.get_config("local")
-  config.model.update(hidden_size=32, num_heads=2, depth=3, num_double=1,
-                      rope_axes_dims=(2, 6, 8), patch_size=7)
-  config.text.update(encoder="precomputed", embedding_dim=8, max_length=6)
+  config = tiny(t2i.get_config("local"), {"model.depth": 3, "model.num_double": 1,
+                                          "text.encoder": "precomputed", "text.embedding_dim": 8})
   abstract = nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0)))
   graphdef, shapes = nnx.split(abstract, nnx.Param)
   rng = np.random.default_rng(0)  # numpy: no compile per shape; random adaLN: blocks act

@@ -9,26 +9,16 @@ import pytest
 from flax import nnx
 
 from configs import t2i
-from self_flow import conditioning, objectives, sampling, train_step
+from self_flow import conditioning, config_resolution, objectives, sampling, train_step
 from self_flow.modalities import image
 from self_flow.models import factory
-from conftest import random_params, write_caption_latent_shards
+from conftest import random_params, tiny, write_caption_latent_shards
 
 
 def _config(encoder="precomputed"):
-  config = t2i.get_config("local")
-  config.model.hidden_size = 32
-  config.model.num_heads = 2
-  config.model.depth = 4
-  config.model.num_double = 2
-  config.model.rope_axes_dims = (2, 6, 8)
-  config.model.patch_size = 7
-  config.text.encoder = encoder
-  config.text.embedding_dim = 8
-  config.text.max_length = 6
-  config.text.width = 16
-  config.data.global_batch_size = 4
-  return config
+  return tiny(t2i.get_config("local"), {"text.encoder": encoder, "text.embedding_dim": 8,
+                                        "data.global_batch_size": 4,
+                                        "optim.warmup_steps": 100})  # as t2i local
 
 
 def _randomised(model, seed=0):
@@ -144,7 +134,7 @@ def test_text_tokens_are_not_noised_masked_or_in_the_flow_loss(monkeypatch):
   text = _text()
   batch = {"image": jnp.zeros((3, size, size, 1)), "text_embedding": text["embedding"],
            "text_mask": text["mask"]}
-  loss_fn = train_step.make_loss_fn(config, graphdef)
+  loss_fn = train_step.make_loss_fn(config, graphdef, config_resolution.resolve(config).first_spec)
   loss, aux = loss_fn(params, params, batch, jax.random.PRNGKey(0))
   n_img = (size // config.model.patch_size) ** 2
   np.testing.assert_array_equal(seen["text"]["embedding"], text["embedding"])  # not noised

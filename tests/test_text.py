@@ -9,10 +9,11 @@ from flax import nnx
 
 from self_flow.data import captions
 from self_flow.data.fashion_mnist_local import CLASS_NAMES
-from self_flow.text import byte_encoder, tokenizer
+from self_flow.models import byte_encoder
+from self_flow.text import tokenizer
 
 _MAX_LENGTH = 32
-_CAPTION_LENGTH = 48  # configs/base.py text.max_length: every generated caption fits whole.
+_CAPTION_LENGTH = 48  # self_flow/base_config.py text.max_length: every generated caption fits whole.
 
 
 def test_tokenize_round_trips_ascii_and_non_ascii():

@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from configs import c2i
-from self_flow import bench, flops, optim, torch_reference, train_step
-from self_flow.modalities import spec as spec_lib
+from self_flow import bench, config_resolution, flops, optim, torch_reference, train_step
 from self_flow.models import factory
+from conftest import tiny
 
 needs_torch = pytest.mark.skipif(
     not torch_reference.available(),
@@ -27,18 +27,13 @@ needs_torch = pytest.mark.skipif(
 
 
 def tiny_config(batch: int = 2):
-  """cpu_reference at hidden 32, depth 3 (layers 1/2, so the teacher stops before the end),
-  16 tokens of 16 channels."""
-  config = c2i.get_config("cpu_reference")
-  config.model.preset = "custom"
-  config.model.hidden_size = 32
-  config.model.depth = 3
-  config.model.num_heads = 2
-  config.data.image_size = 8
-  config.data.num_classes = 10
-  config.data.global_batch_size = batch
-  config.objective.condition_dropout = 0.5  # some labels become the null class
-  return config
+  """cpu_reference with the tiny model at depth 3 (layers 1/2, so the teacher stops before the
+  end), 16 tokens of 16 channels (the preset's patch 2 on 8x8x4)."""
+  return tiny(c2i.get_config("cpu_reference"), {
+      "model.depth": 3, "model.patch_size": 2, "data.image_size": 8, "data.num_classes": 10,
+      "data.global_batch_size": batch,
+      "objective.condition_dropout": 0.5,  # some labels become the null class
+  })
 
 
 def test_setting_reads_the_cpu_reference_protocol():
@@ -71,7 +66,7 @@ def test_equal_math_counts_our_flops_and_public_the_per_token_extra():
   config = c2i.get_config("cpu_reference")
   s = torch_reference.setting(config)
   equal, public = (torch_reference.step_flops(s, m) for m in ("equal", "public"))
-  assert equal == flops.train_step_flops(config)
+  assert equal == flops.train_step_flops(config, config_resolution.resolve(config))
   n, d, c, mlp = 256, 384, 16, 1536
   depth, teacher_layer = 12, 8
   cond_row = 2 * (256 * d + d * d)  # timestep MLP per row
@@ -147,7 +142,7 @@ def reference_steps(config, state: dict | None = None):
   """Both torch maths on the same batch, student and teacher loaded with the same weights:
   `state`, else N(0, 0.1^2) for every parameter."""
   import torch  # pylint: disable=g-import-not-at-top
-  batch = bench.synthetic_batch(config)
+  batch = bench.synthetic_batch(config, config_resolution.resolve(config).first_spec)
   s = torch_reference.setting(config)
   steps = {m: torch_reference.make_step(s, m, batch["latent"], batch["label"], threads=1)
            for m in torch_reference.MATHS}
@@ -195,10 +190,10 @@ def test_equal_math_is_our_jax_step():
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state = {"step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32),
            "params": params, "ema_params": params, "opt_state": tx.init(params)}
-  batch, rng = bench.synthetic_batch(config), jax.random.PRNGKey(0)
-  jax_step = jax.jit(train_step.make_train_step(config, graphdef, tx, schedule))
+  spec = config_resolution.resolve(config).spec("image")
+  batch, rng = bench.synthetic_batch(config, spec), jax.random.PRNGKey(0)
+  jax_step = jax.jit(train_step.make_train_step(config, graphdef, tx, schedule, spec))
   # The draw the JAX step makes from its rng, handed to the torch step.
-  spec = spec_lib.modality_specs(config)["image"]
   draw_fn = jax.jit(train_step._make_draw_fn(config, spec))  # pylint: disable=protected-access
   as_torch = lambda a: torch.from_numpy(np.array(a))
   reference = reference_steps(config, to_torch(params))["equal"]

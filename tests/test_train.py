@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from self_flow import train, train_program
+from self_flow import config_resolution, train, train_program
 from self_flow.evaluation import evaluator
 
 
@@ -47,8 +47,9 @@ def test_end_to_end_writes_checkpoint_events_samples_and_eval(make_config, fashi
   # The student's metrics are those of the final live params, evaluated directly; the EMA's
   # are those of the EMA params (and differ: after 4 warm-up steps the EMA is not the student).
   saved = _saved_state(workdir, 4)
-  program = train_program.build(config)
-  direct = evaluator.ImageEvaluator(config, program.layout.graphdef, str(workdir), program.mesh)
+  program = train_program.build(config, config_resolution.resolve(config))
+  direct = evaluator.ImageEvaluator(config, program.resolved, program.layout.graphdef,
+                                    str(workdir), program.mesh)
   student = direct.metrics(saved["params"])
   assert student["eval/image/fd"] == result["eval"]["eval/image/student/fd"]
   assert (student["eval/image/class_accuracy"]

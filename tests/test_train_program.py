@@ -6,23 +6,24 @@ import numpy as np
 import pytest
 
 from configs import t2i, t2v
-from self_flow import train_program, train_state
 from conftest import write_caption_latent_shards
+from self_flow import config_resolution, train_program, train_state
 from self_flow.data import modality_sources, pipeline
 
 
 def _first_batch(config, modality: str) -> dict[str, np.ndarray]:
-  spec = train_program.build(config).specs[modality]
+  spec = config_resolution.resolve(config).spec(modality)
   preprocess, transforms = modality_sources.train_processing(config, modality)
   iterator = pipeline.make_train_iterator(
-      modality_sources.open_source(config, modality, "train"),
+      modality_sources.open_source(config, spec, "train"),
       global_batch_size=spec.global_batch_size, seed=0, process_index=0, process_count=1,
       worker_count=0, preprocess=preprocess, transforms=transforms)
   return next(iterator)
 
 
 def _assert_matches(config, modality: str, batch):
-  abstract = train_program.abstract_batch(config, train_program.build(config), modality)
+  program = train_program.build(config, config_resolution.resolve(config))
+  abstract = train_program.abstract_batch(config, program, modality)
   assert set(abstract) <= set(batch), (sorted(abstract), sorted(batch))
   for key, shape in abstract.items():
     assert (shape.shape, np.dtype(shape.dtype)) == (batch[key].shape, batch[key].dtype), key
@@ -60,7 +61,7 @@ def test_abstract_lowering_is_the_step_the_loop_compiles(make_config):
   """Lowered from shapes alone, the step takes exactly the state and batch layout that real
   arrays give it (same shardings), so an AOT compile is the loop's compile."""
   config = make_config()
-  program = train_program.build(config)
+  program = train_program.build(config, config_resolution.resolve(config))
   compiled = train_program.lower(config, program, "image").compile()
   (state_shardings, batch_shardings, rng_sharding), _ = compiled.input_shardings
   assert jax.tree.leaves(state_shardings) == jax.tree.leaves(program.layout.shardings)
@@ -79,4 +80,4 @@ def test_build_refuses_a_mostly_replicated_fsdp_layout(make_config):
   config.mesh.data, config.mesh.fsdp = 1, 8
   config.mesh.rules = "dp"
   with pytest.raises(ValueError, match="replicated"):
-    train_program.build(config)
+    train_program.build(config, config_resolution.resolve(config))

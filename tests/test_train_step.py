@@ -7,13 +7,19 @@ import numpy as np
 import optax
 import pytest
 
-from self_flow import config_validation, optim, sharding, train_state, train_step
+from self_flow import (config_resolution, config_validation, optim, sharding, train_state,
+                       train_step)
+
+
+def _spec(config):
+  """The spec of the config's (only) modality."""
+  return config_resolution.resolve(config).first_spec
 
 
 def _setup(config, devices=None):
   mesh = sharding.create_mesh(config.mesh, devices)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  layout = train_state.state_layout(config, mesh, tx)
+  layout = train_state.state_layout(config, mesh, tx, sharding.axis_rules(config.mesh))
   state = train_state.create_train_state(config, layout, tx)
   return mesh, tx, schedule, layout, state
 
@@ -38,7 +44,7 @@ def test_no_gradient_reaches_the_teacher(make_config):
   config = make_config()
   _, _, _, layout, state = _setup(config)
   state = _perturbed(state)
-  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef, _spec(config))
   grads_student, grads_teacher = jax.grad(lambda p, e: loss_fn(p, e, _batch(config),
                                                                  jax.random.PRNGKey(0))[0],
                                           argnums=(0, 1))(state["params"], state["ema_params"])
@@ -56,7 +62,7 @@ def test_gamma_zero_and_mask_zero_is_vanilla_flow_matching(make_config):
   for config in (vanilla, reduced):
     _, _, _, layout, state = _setup(config)
     state = _perturbed(state)
-    loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+    loss_fn = train_step.make_loss_fn(config, layout.graphdef, _spec(config))
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["ema_params"], _batch(config), jax.random.PRNGKey(3))
     results.append((loss, grads))
@@ -70,7 +76,7 @@ def test_rep_loss_changes_the_objective(make_config):
   config = make_config("self_flow")
   _, _, _, layout, state = _setup(config)
   state = _perturbed(state)
-  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef, _spec(config))
   loss, aux = loss_fn(state["params"], state["ema_params"], _batch(config), jax.random.PRNGKey(3))
   assert float(loss) == pytest.approx(float(aux["loss_gen"] + 0.8 * aux["loss_rep"]), rel=1e-6)
   assert float(aux["loss_rep"]) > 0.01
@@ -78,7 +84,7 @@ def test_rep_loss_changes_the_objective(make_config):
 
 def _one_step(config, devices):
   mesh, tx, schedule, layout, state = _setup(config, devices)
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule),
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule, _spec(config)),
                  in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(layout.shardings, None), donate_argnums=0)
   batch = jax.device_put(_batch(config), sharding.batch_sharding(mesh))
@@ -137,7 +143,7 @@ def test_train_step_uses_the_warmup_decay(make_config):
   config.optim.teacher_ema_decay = -1.0
   mesh, tx, schedule, layout, state = _setup(config, jax.devices()[:1])
   init = jax.device_get(state["ema_params"])
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule))
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule, _spec(config)))
   state, metrics = step(state, _batch(config), jax.random.PRNGKey(0))
   assert float(metrics["ema_decay"]) == pytest.approx(0.1)
   jax.tree.map(lambda e, i, p: np.testing.assert_allclose(e, 0.1 * i + 0.9 * p, rtol=1e-5,
@@ -149,7 +155,7 @@ def test_train_step_uses_the_warmup_decay(make_config):
 
 def _run_steps(config, num_steps=3):
   _, tx, schedule, layout, state = _setup(config, jax.devices()[:1])
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule))
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule, _spec(config)))
   losses = []
   for i in range(num_steps):
     state, metrics = step(state, _batch(config, seed=i), jax.random.PRNGKey(0))
@@ -165,7 +171,8 @@ def test_equal_decays_keep_one_ema(make_config):
   assert "teacher_params" not in layout.abstract
   config.optim.teacher_ema_decay = 0.5
   assert "teacher_params" in train_state.state_layout(
-      config, sharding.create_mesh(config.mesh, jax.devices()[:1]), tx).abstract
+      config, sharding.create_mesh(config.mesh, jax.devices()[:1]), tx,
+      sharding.axis_rules(config.mesh)).abstract
   config.objective.rep_loss_weight = 0.0  # no representation loss, no teacher to keep
   assert not train_state.has_teacher_ema(config)
 
@@ -199,7 +206,7 @@ def test_trivial_cosine_is_the_per_position_mean_target(make_config):
   config = make_config()
   _, _, _, layout, state = _setup(config)
   state = _perturbed(state)
-  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef, _spec(config))
   _, aux = loss_fn(state["params"], state["ema_params"], _batch(config), jax.random.PRNGKey(3))
   assert 0.0 < float(aux["teacher_cosine_trivial"]) < 1.0
   assert float(aux["teacher_cosine_trivial"]) != pytest.approx(float(aux["teacher_cosine"]))
@@ -212,8 +219,9 @@ def test_gradient_balance_matches_separate_gradients(make_config):
   _, _, _, layout, state = _setup(config, jax.devices()[:1])
   state = _perturbed(state)
   batch, rng = _batch(config), jax.random.PRNGKey(5)
-  balance = train_step.make_gradient_balance_fn(config, layout.graphdef)(state, batch, rng)
-  loss_fn = train_step.make_loss_fn(config, layout.graphdef)
+  balance = train_step.make_gradient_balance_fn(config, layout.graphdef, _spec(config))(
+      state, batch, rng)
+  loss_fn = train_step.make_loss_fn(config, layout.graphdef, _spec(config))
   step_rng = jax.random.fold_in(rng, state["step"])
   teacher = train_state.teacher_params(state)
   assert teacher is state["teacher_params"]  # the tiny config keeps a teacher EMA of its own
@@ -255,10 +263,10 @@ def _sgd_steps(config, devices, microbatches):
   config_validation.validate(config, num_devices=len(devices))
   mesh = sharding.create_mesh(config.mesh, devices)
   tx = optax.sgd(0.1)
-  layout = train_state.state_layout(config, mesh, tx)
+  layout = train_state.state_layout(config, mesh, tx, sharding.axis_rules(config.mesh))
   state = _perturbed(train_state.create_train_state(config, layout, tx))
   schedule = optax.constant_schedule(0.1)
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule),
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule, _spec(config)),
                  in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(layout.shardings, None), donate_argnums=0)
   state = jax.device_put(state, layout.shardings)
@@ -301,7 +309,7 @@ def test_microbatches_keep_the_batch_spread_over_devices(make_config):
   config.mesh.update(data=4, fsdp=1, tensor=1)
   config.train.microbatches = 2
   mesh, tx, schedule, layout, state = _setup(config, jax.devices()[:4])
-  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule),
+  step = jax.jit(train_step.make_train_step(config, layout.graphdef, tx, schedule, _spec(config)),
                  in_shardings=(layout.shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(layout.shardings, None))
   batch = jax.device_put(_batch(config), sharding.batch_sharding(mesh))

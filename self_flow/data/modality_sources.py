@@ -12,14 +12,28 @@ import grain
 import ml_collections
 import numpy as np
 
-from self_flow.data import (captions, latent_shards, motion_captions, moving_sprites, pipeline,
-                            sources, spoken_words)
+from self_flow.data import (captions, motion_captions, moving_sprites, pipeline, sources,
+                            spoken_words)
+from self_flow.data.latent_shards import posterior, reader
 from self_flow.modalities import audio, video
 from self_flow.modalities import spec as spec_lib
 from self_flow.text import embedding_cache, frozen_encoders
 
 # modality -> its data section of the config.
 SECTIONS = {"image": "data", "video": "video", "audio": "audio"}
+LATENT_SHARDS = "latent_shards"  # The dataset name of pre-encoded latents, in every section.
+# modality -> the values of its section's `dataset`: the embedded data, or latent shards.
+DATASETS = {"image": (*sources.DATASETS, LATENT_SHARDS),
+            "video": ("moving_sprites", LATENT_SHARDS),
+            "audio": ("spoken_words", LATENT_SHARDS)}
+# data.latent_sampling: train on the stored posterior mean, or draw from the stored posterior.
+LATENT_SAMPLING = ("mean", "posterior")
+# Signal shapes of the embedded datasets: (config keys, values the dataset produces).
+_EMBEDDED_SHAPES = {
+    "video": (("num_frames", "image_size", "image_size", "num_channels"),
+              moving_sprites.CLIP_SHAPE),
+    "audio": (("num_frames", "num_channels"), (audio.NUM_FRAMES, audio.NUM_MELS)),
+}
 
 
 def dataset_name(config: ml_collections.ConfigDict, modality: str) -> str:
@@ -27,22 +41,72 @@ def dataset_name(config: ml_collections.ConfigDict, modality: str) -> str:
 
 
 def uses_latent_shards(config: ml_collections.ConfigDict, modality: str) -> bool:
-  return dataset_name(config, modality) == "latent_shards"
+  return dataset_name(config, modality) == LATENT_SHARDS
 
 
-def batch_shapes(config: ml_collections.ConfigDict, modality: str, signal_key: str,
-                 signal_shape: Sequence[int]) -> dict[str, tuple[tuple[int, ...], Any]]:
+def check_config(config: ml_collections.ConfigDict, modalities: Sequence[str]) -> None:
+  """Raises ValueError when a trained modality's data cannot be opened as configured: a dataset
+  name, a missing shard directory, an embedded dataset of another shape, or a text encoder that
+  does not match what the data carries."""
+  for name, allowed in DATASETS.items():  # every section: a typo is refused even if unused
+    if dataset_name(config, name) not in allowed:
+      raise ValueError(f"config.{SECTIONS[name]}.dataset={dataset_name(config, name)!r} is not "
+                       f"allowed; choose one of {list(allowed)}.")
+  for name in modalities:
+    section = SECTIONS[name]
+    if uses_latent_shards(config, name):
+      if not config[section].data_dir:
+        raise ValueError(f"config.{section}.data_dir is empty; with {section}.dataset="
+                         "'latent_shards' it must name the shard directory "
+                         f"(--config.{section}.data_dir=gs://.../shards).")
+    elif name in _EMBEDDED_SHAPES:
+      keys, expected = _EMBEDDED_SHAPES[name]
+      got = tuple(config[section][k] for k in keys)
+      if got != tuple(expected):
+        raise ValueError(f"config.{section} ({', '.join(keys)})={got} must equal {expected}, "
+                         f"the shape of the embedded {config[section].dataset!r} data.")
+  _check_text_source(config, modalities)
+
+
+def _check_text_source(config: ml_collections.ConfigDict, modalities: Sequence[str]) -> None:
+  """Caption embeddings come with latent shards and tokens with embedded data: one per run."""
+  if config.model.conditioning != "text":
+    return
+  sharded = {n: uses_latent_shards(config, n) for n in modalities}
+  want = "precomputed" if any(sharded.values()) else "bytes"
+  if len(set(sharded.values())) > 1:
+    raise ValueError(f"config.modalities={tuple(modalities)} mix latent shards "
+                     f"({[n for n, s in sharded.items() if s]}) with embedded data "
+                     f"({[n for n, s in sharded.items() if not s]}); one model conditions on "
+                     "either precomputed caption embeddings or byte tokens, so use one kind.")
+  frozen = config.text.encoder in frozen_encoders.DIMS
+  if frozen and want == "bytes":
+    others = [n for n in modalities if n != "image"]
+    if others:
+      raise ValueError(f"config.text.encoder={config.text.encoder!r} embeds the image captions "
+                       f"of the embedded data; {others} captions are not enumerated for it. Use "
+                       "text.encoder='bytes', or latent shards written with this encoder.")
+    return
+  if config.text.encoder != want:
+    carried = ("latent shards carry precomputed caption embeddings" if want == "precomputed"
+               else "embedded datasets carry byte tokens (or a frozen encoder's embeddings)")
+    raise ValueError(f"config.text.encoder={config.text.encoder!r} does not match the data: "
+                     f"{carried}, so set text.encoder={want!r}.")
+
+
+def batch_shapes(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (per-example shape, dtype)} of the training-batch arrays the step reads, as the
   processing of `train_processing` produces them (ahead-of-time compilation and benchmarks
   build batches from this, not from data)."""
-  signal = (tuple(signal_shape), np.float32)
+  signal = (tuple(spec.signal_shape), np.float32)
   length = config.text.max_length
   frozen = config.text.encoder in frozen_encoders.DIMS
-  if uses_latent_shards(config, modality):
+  if uses_latent_shards(config, spec.name):
     return {"latent": signal, "label": ((), np.int32),
             "text_embedding": ((length, config.text.embedding_dim), np.float32),
             "text_mask": ((length,), np.bool_)}
-  shapes = {signal_key: signal, "label": ((), np.int32)}
+  shapes = {spec.signal_key: signal, "label": ((), np.int32)}
   if config.model.conditioning == "text" and frozen:  # one pooled token per caption
     tokens, dim = frozen_encoders.caption_condition_shape(config.text)
     shapes.update(text_embedding=((tokens, dim), np.float32), text_mask=((tokens,), np.bool_))
@@ -59,11 +123,13 @@ def caption_table(config: ml_collections.ConfigDict) -> embedding_cache.CaptionT
       config.text.cache_dir)
 
 
-def open_source(config: ml_collections.ConfigDict, modality: str, split: str):
-  """The random-access source of `modality`'s `split` (prepared on first use when embedded)."""
+def open_source(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec, split: str):
+  """The random-access source of `spec`'s modality's `split` (prepared on first use when
+  embedded); latent shards must hold latents of `spec.signal_shape`."""
+  modality = spec.name
   section = config[SECTIONS[modality]]
-  if section.dataset == "latent_shards":
-    return _open_latent_shards(config, modality, split)
+  if section.dataset == LATENT_SHARDS:
+    return _open_latent_shards(config, modality, split, spec.signal_shape)
   if modality == "image":
     return sources.open_image_source(section.dataset, split, section.data_dir, section.source)
   if modality == "video":
@@ -71,19 +137,18 @@ def open_source(config: ml_collections.ConfigDict, modality: str, split: str):
   return spoken_words.open_audio_source(split, section.data_dir)
 
 
-def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split: str
-                        ) -> latent_shards.LatentShardSource:
+def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split: str,
+                        want: tuple[int, ...]) -> reader.LatentShardSource:
   """Opens `modality`'s shards, refusing ones of another modality or latent shape.
 
   Raises before any training state exists, naming the shard directory and the config keys to fix.
   """
   section_name = SECTIONS[modality]
   data_dir = config[section_name].data_dir
-  source = latent_shards.LatentShardSource(data_dir, split, bad_records=config.data.bad_records)
+  source = reader.LatentShardSource(data_dir, split, bad_records=config.data.bad_records)
   if source.modality != modality:
     raise ValueError(f"config.{section_name}.data_dir={data_dir!r} holds {source.modality} "
                      f"latents; the {modality} stream needs {modality} latent shards.")
-  want = spec_lib.modality_specs(config)[modality].signal_shape
   if source.latent_shape != tuple(want):
     raise ValueError(f"config.{section_name} describes {modality} latents of shape "
                      f"{tuple(want)}, but {data_dir!r} holds latents of shape "
@@ -111,7 +176,7 @@ def train_processing(config: ml_collections.ConfigDict, modality: str
   """
   if uses_latent_shards(config, modality):
     if modality == "image" and config.data.latent_sampling == "posterior":
-      return latent_shards.preprocess_posterior, (latent_shards.PosteriorSample(),)
+      return posterior.preprocess_posterior, (posterior.PosteriorSample(),)
     return pipeline.preprocess_latents, ()
   text = config.model.conditioning == "text"
   max_length = config.text.max_length

@@ -16,11 +16,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from self_flow import config_resolution
 from self_flow.data import modality_sources, pipeline, spoken_words
 from self_flow.evaluation import classifier as classifier_lib
 from self_flow.evaluation import frechet, generation
 from self_flow.modalities import audio, image
-from self_flow.modalities import spec as spec_lib
 
 
 def as_image(features: np.ndarray) -> np.ndarray:
@@ -38,12 +38,13 @@ def spectrogram_strip(features: np.ndarray) -> np.ndarray:
 class AudioEvaluator:
   """Evaluates params (EMA or live student) on audio; classifier, reference built on first use."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
+  def __init__(self, config: ml_collections.ConfigDict,
+               resolved: config_resolution.ResolvedConfig, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = workdir
-    self.generate = generation.Generator(config, graphdef, mesh,
-                                         spec_lib.modality_specs(config)["audio"])
+    self.spec = resolved.spec("audio")
+    self.generate = generation.Generator(config, graphdef, mesh, self.spec)
     self._classifier = None
     self._reference = None
     self.classifier_accuracy = None
@@ -51,7 +52,7 @@ class AudioEvaluator:
   def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(log-mels (n, frames, mels) float32, word labels) of a split."""
     arrays = pipeline.load_split_fields(
-        modality_sources.open_source(self.config, "audio", split), ("waveform", "label"))
+        modality_sources.open_source(self.config, self.spec, split), ("waveform", "label"))
     return audio.log_mel(audio.from_int16(arrays["waveform"])), arrays["label"]
 
   def _prepare(self):

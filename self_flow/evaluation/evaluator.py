@@ -15,55 +15,32 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from self_flow import conditioning, sharding
+from self_flow import conditioning, config_resolution, sharding
 from self_flow.data import captions as caption_lib
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import classifier as classifier_lib
-from self_flow.evaluation import (captioned_grid, frechet, generation, linear_probe,
-                                  stratified_loss)
+from self_flow.evaluation import (captioned_grid, chunking, frechet, generation,
+                                  linear_probe, stratified_loss)
 from self_flow.modalities import image
-from self_flow.modalities import spec as spec_lib
-from self_flow.models import presets
-
-
-def map_in_chunks(fn, params, arrays: tuple, chunk: int, batch_sharding) -> np.ndarray:
-  """fn(params, *rows) over `chunk`-row slices of host arrays (pytrees with a leading example
-  dim), split over the mesh's batch axes; the per-example outputs come back concatenated.
-
-  The last slice is padded to `chunk` rows, so every call has one compiled shape.
-  """
-  total = len(jax.tree.leaves(arrays)[0])
-  outputs = []
-  for start in range(0, total, chunk):
-    part = jax.tree.map(lambda a, s=start: np.asarray(a[s:s + chunk]), arrays)
-    count = len(jax.tree.leaves(part)[0])
-    padded = jax.tree.map(
-        lambda a, c=count: np.pad(a, [(0, chunk - c)] + [(0, 0)] * (a.ndim - 1)), part)
-    # Every process holds the same values; each contributes the shards its devices own.
-    global_part = jax.tree.map(
-        lambda a: jax.make_array_from_callback(a.shape, batch_sharding,
-                                               lambda index, a=a: a[index]), padded)
-    outputs.append(np.asarray(fn(params, *global_part))[:count])
-  return np.concatenate(outputs)
 
 
 class ImageEvaluator:
   """Evaluates params (EMA or live student); classifier and reference built on first use."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
+  def __init__(self, config: ml_collections.ConfigDict,
+               resolved: config_resolution.ResolvedConfig, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = workdir
-    self.spec = spec_lib.modality_specs(config)["image"]
+    self.spec = resolved.spec("image")
     self.generate = generation.Generator(config, graphdef, mesh, self.spec)
     self._classifier = None
     self._reference = None
     self.classifier_accuracy = None
     self._batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    m, ev = config.model, config.eval
-    depth = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads).depth
-    self.probe_layers = linear_probe.resolve_layers(ev.probe_layers, depth)
+    ev = config.eval
+    self.probe_layers = linear_probe.resolve_layers(ev.probe_layers, resolved.dims.depth)
     self._probe_features = jax.jit(
         linear_probe.make_features_fn(graphdef, self.spec, self.probe_layers, ev.probe_t),
         out_shardings=replicated)
@@ -74,8 +51,8 @@ class ImageEvaluator:
 
   def _prepare(self):
     data, ev = self.config.data, self.config.eval
-    train = modality_sources.open_source(self.config, "image", "train")
-    test = modality_sources.open_source(self.config, "image", "test")
+    train = modality_sources.open_source(self.config, self.spec, "train")
+    test = modality_sources.open_source(self.config, self.spec, "test")
     train_images, train_labels = pipeline.load_split_arrays(train)
     test_images, test_labels = pipeline.load_split_arrays(test)
     self._classifier, self.classifier_accuracy = classifier_lib.load_or_train_classifier(
@@ -141,8 +118,8 @@ class ImageEvaluator:
     return np.asarray(self.spec.tokenize(image.from_uint8(images)))
 
   def _map(self, fn, ema_params, *arrays) -> np.ndarray:
-    return map_in_chunks(fn, ema_params, arrays, self.config.eval.batch_size,
-                         self._batch_sharding)
+    return chunking.map_in_chunks(lambda _, *rows: fn(ema_params, *rows), arrays,
+                                  self.config.eval.batch_size, self._batch_sharding)
 
   def linear_probe(self, ema_params) -> dict[str, float]:
     """Top-1 of a linear probe on each probed block's pooled hidden state (`linear_probe.py`),

@@ -17,8 +17,35 @@ from PIL import Image, PngImagePlugin
 
 from self_flow import conditioning, sampling, sharding, train_state
 from self_flow.data import modality_sources
+from self_flow.evaluation import chunking
 from self_flow.modalities import spec as spec_lib
 from self_flow.text import frozen_encoders, tokenizer
+
+
+def sample_signals(model, spec: spec_lib.ModalitySpec, sampling_config: ml_collections.ConfigDict,
+                   num_classes: int, cond, noise_key: jax.Array, sde_key: jax.Array) -> jax.Array:
+  """Signals (B, *spec.signal_shape) that `model` draws for `cond` (B conditions), unclipped.
+
+  The one sampler body (velocity field, guidance, integration, detokenizing) of every way of
+  drawing samples: a batch per key here, one sample per key under vmap in sample_npz.
+  """
+  pos = jnp.asarray(spec.position_ids)
+  s = sampling_config
+
+  def velocity_fn(x, t, c):
+    b, n, _ = x.shape
+    velocity, _ = model(x, jnp.broadcast_to(pos, (b, n, 3)), t[:, None],
+                        jnp.zeros((b, n), jnp.int32), c, modality=spec.name)
+    return velocity
+
+  guided = sampling.guided_velocity_fn(
+      velocity_fn, cfg_scale=s.cfg_scale, null_cond=conditioning.null_like(cond, num_classes),
+      guidance_interval=(s.guidance_low, s.guidance_high))
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  x1 = jax.random.normal(noise_key, (batch, spec.num_tokens, spec.token_dim))
+  tokens = sampling.sample(guided, x1, cond, sde_key, method=s.method, num_steps=s.num_steps,
+                           shift=spec.sample_shift)
+  return spec.detokenize(tokens)
 
 
 def make_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -29,28 +56,12 @@ def make_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   is split over the mesh's batch axes, and the samples come back replicated so every process can
   read them.
   """
-  pos = jnp.asarray(spec.position_ids)
-  s = config.sampling
 
   def sample(params, cond, rng):
-    model = train_state.merge(graphdef, params)
-    key_noise, key_sde = jax.random.split(rng)
-    batch = jax.tree.leaves(cond)[0].shape[0]
-
-    def velocity_fn(x, t, c):
-      b, n, _ = x.shape
-      velocity, _ = model(x, jnp.broadcast_to(pos, (b, n, 3)), t[:, None],
-                          jnp.zeros((b, n), jnp.int32), c, modality=spec.name)
-      return velocity
-
-    guided = sampling.guided_velocity_fn(
-        velocity_fn, cfg_scale=s.cfg_scale,
-        null_cond=conditioning.null_like(cond, config.data.num_classes),
-        guidance_interval=(s.guidance_low, s.guidance_high))
-    x1 = jax.random.normal(key_noise, (batch, spec.num_tokens, spec.token_dim))
-    tokens = sampling.sample(guided, x1, cond, key_sde, method=s.method,
-                             num_steps=s.num_steps, shift=spec.sample_shift)
-    return jnp.clip(spec.detokenize(tokens), -1.0, 1.0)
+    noise_key, sde_key = jax.random.split(rng)
+    signals = sample_signals(train_state.merge(graphdef, params), spec, config.sampling,
+                             config.data.num_classes, cond, noise_key, sde_key)
+    return jnp.clip(signals, -1.0, 1.0)
 
   return jax.jit(sample, in_shardings=(None, sharding.batch_sharding(mesh),
                                        sharding.replicated(mesh)),
@@ -77,23 +88,12 @@ class Generator:
     return {"tokens": tokens, "mask": mask}
 
   def __call__(self, ema_params, cond, seed: int) -> np.ndarray:
-    """Samples in [-1, 1] for a host conditioning pytree (labels or a text dict)."""
-    chunk = self.config.eval.batch_size
-    total = jax.tree.leaves(cond)[0].shape[0]
-    outputs = []
-    for i, start in enumerate(range(0, total, chunk)):
-      part = jax.tree.map(lambda a, s=start: a[s:s + chunk], cond)
-      count = jax.tree.leaves(part)[0].shape[0]
-      # One compiled shape for every chunk: pad the last one.
-      padded = jax.tree.map(
-          lambda a, c=count: np.pad(a, [(0, chunk - c)] + [(0, 0)] * (a.ndim - 1)), part)
-      # Every process holds the same values; each contributes the shards its devices own.
-      global_cond = jax.tree.map(
-          lambda a: jax.make_array_from_callback(a.shape, self._batch_sharding,
-                                                 lambda index, a=a: a[index]), padded)
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      outputs.append(np.asarray(self._sample(ema_params, global_cond, rng))[:count])
-    return np.concatenate(outputs)
+    """Samples in [-1, 1] for a host conditioning pytree (labels or a text dict); chunk i of
+    `eval.batch_size` draws with fold_in(PRNGKey(seed), i)."""
+    key = jax.random.PRNGKey(seed)
+    return chunking.map_in_chunks(
+        lambda i, part: self._sample(ema_params, part, jax.random.fold_in(key, i)), (cond,),
+        self.config.eval.batch_size, self._batch_sharding)
 
 
 def samples_dir(workdir: str) -> epath.Path:

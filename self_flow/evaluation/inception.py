@@ -29,6 +29,10 @@ Weights: no download; `load_params(path)` reads a user-supplied file, by either 
     "fc.weight" (1008, 2048), optional "fc.bias".
 A .npz is read with numpy; .pt/.pth/.bin/.safetensors through `self_flow.weight_files`.
 
+The file is long (about 500 lines) because it is one network: the blocks, both weight namings
+and the two preprocessings must agree exactly with one graph, and reading them side by side is
+how that is checked; split, one graph's definition would be scattered over several files.
+
 CAVEAT: numbers are comparable to published ADM FIDs only with the TF graph's weights and the
 "adm" preprocessing at 299x299; other weights, resizes or input sizes give other numbers. With
 random weights (`random_params`) this module is for testing only.

@@ -17,11 +17,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from self_flow import config_resolution
 from self_flow.data import modality_sources, motion_captions, pipeline
 from self_flow.evaluation import classifier as classifier_lib
 from self_flow.evaluation import frechet, generation
 from self_flow.modalities import image, video
-from self_flow.modalities import spec as spec_lib
 
 
 def frames_of(clips: np.ndarray) -> np.ndarray:
@@ -38,12 +38,13 @@ def stacked_frames(clips: np.ndarray) -> np.ndarray:
 class VideoEvaluator:
   """Evaluates params (EMA or student) on video; classifiers and references built on first use."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, workdir: str,
+  def __init__(self, config: ml_collections.ConfigDict,
+               resolved: config_resolution.ResolvedConfig, graphdef: nnx.GraphDef, workdir: str,
                mesh: jax.sharding.Mesh):
     self.config = config
     self.workdir = workdir
-    self.generate = generation.Generator(config, graphdef, mesh,
-                                         spec_lib.modality_specs(config)["video"])
+    self.spec = resolved.spec("video")
+    self.generate = generation.Generator(config, graphdef, mesh, self.spec)
     self._frame_classifier = self._clip_classifier = None
     self._reference = {}
     self._heldout_accuracy = {}
@@ -62,9 +63,9 @@ class VideoEvaluator:
   def _prepare(self):
     fields = ("video", "label", "motion")
     train = pipeline.load_split_fields(
-        modality_sources.open_source(self.config, "video", "train"), fields)
+        modality_sources.open_source(self.config, self.spec, "train"), fields)
     test = pipeline.load_split_fields(
-        modality_sources.open_source(self.config, "video", "test"), fields)
+        modality_sources.open_source(self.config, self.spec, "test"), fields)
     frames_per_clip = train["video"].shape[1]
     self._frame_classifier = self._train_classifier(
         "frames", frames_of(train["video"]), np.repeat(train["label"], frames_per_clip),

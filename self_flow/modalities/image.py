@@ -22,11 +22,6 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def signal(batch: dict):
-  """The array being generated: pixels ("image") or pre-encoded latents ("latent"), (B, H, W, C)."""
-  return batch["latent"] if "latent" in batch else batch["image"]
-
-
 def check_patchable(image_size: int, patch_size: int) -> None:
   if patch_size <= 0 or image_size % patch_size:
     raise ValueError(f"model.patch_size={patch_size} must be a positive divisor of "

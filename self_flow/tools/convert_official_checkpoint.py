@@ -41,7 +41,7 @@ from flax import nnx
 
 from self_flow.modalities import image
 from self_flow.models import factory, layers, presets
-from self_flow import base_config, weight_files
+from self_flow import base_config, config_resolution, weight_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -124,7 +124,7 @@ def _position_table(config: ml_collections.ConfigDict, order: str) -> np.ndarray
   """Our model's position embedding (N, D) of the config's token grid, under `order`."""
   m = config.model
   ids = image.position_ids(config.data.image_size, config.data.image_size, m.patch_size)
-  hidden = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads).hidden_size
+  hidden = config_resolution.resolve(config).dims.hidden_size
   return np.asarray(layers.sincos_position_embedding(
       ids[None], hidden, factory.POSITION_ORDERS[order]))[0]
 
@@ -139,8 +139,9 @@ def official_config(state_dict: dict[str, np.ndarray], *, num_heads: int = 0,
   """The self_flow config of an official checkpoint: sizes from its shapes, our conventions set.
 
   Starts from the base config (the paper's ImageNet recipe) on SD-VAE latent shards in float32
-  (as the authors' inference code runs) and sets the sizes from the weights; a size that matches a SiT preset (S, B, L, XL) uses it. Attention
-  heads leave no trace in the shapes: `num_heads` (0 = the SiT preset of that width) sets them.
+  (as the authors' inference code runs) and sets the sizes from the weights; a size that matches
+  a SiT preset (S, B, L, XL) uses it. Attention heads leave no trace in the shapes: `num_heads`
+  (0 = the SiT preset of that width) sets them.
   Sampling defaults to the official protocol (SDE, 250 steps, no guidance).
   """
   sizes = read_sizes(state_dict, patch_size)
@@ -189,8 +190,7 @@ def official_config(state_dict: dict[str, np.ndarray], *, num_heads: int = 0,
 
 def _official_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], ...]]:
   """Every key of the official state dict of `config`'s model -> its allowed shapes."""
-  m = config.model
-  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
+  m, dims = config.model, config_resolution.resolve(config).dims
   d, p, c = dims.hidden_size, m.patch_size, config.data.num_channels
   mlp, proj = int(d * m.mlp_ratio), m.projector_hidden_mult * d
   shapes = {
@@ -336,8 +336,7 @@ def convert_file(input_path: str, output_dir: str, *, entry: str | None = None,
   params = convert_state_dict(state_dict, config)
   del state_dict  # Frees the file's storages (the params hold copies) before orbax copies again.
   save_converted(output_dir, config, params)
-  m = config.model
-  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
+  m, dims = config.model, config_resolution.resolve(config).dims
   logging.info("Converted %s: %d parameters, preset %s (hidden %d, depth %d, heads %d), %d "
                "classes, %dx%dx%d latents, time input %s, positions %s -> %s", input_path,
                sum(x.size for x in jax.tree.leaves(params)), m.preset, dims.hidden_size,

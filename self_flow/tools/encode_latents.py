@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from self_flow.data import latent_shards
+from self_flow.data.latent_shards import encoders, writer
 from self_flow.models import autoencoder_kl
 
 # Image files the folder source reads (any letter case).
@@ -241,7 +241,7 @@ def no_text_encoder(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
   return np.zeros((len(captions), 1, 1), np.float32), np.zeros((len(captions), 1), bool)
 
 
-def vae_signal_encoder(model, batch_size: int) -> latent_shards.SignalEncoder:
+def vae_signal_encoder(model, batch_size: int) -> encoders.SignalEncoder:
   """(B, H, W, 3) float32 images in [-1, 1] -> (mean, std) numpy, jitted over local devices.
 
   Each host encodes its own images on its own devices (no cross-host communication), the batch
@@ -295,7 +295,7 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
   logging.info("Process %d/%d: encoding %d%s images of split %r into %s.", process_index,
                process_count, num_images, " (+ flips)" if options.flip else "", options.split,
                options.output_dir)
-  return latent_shards.write_shards(
+  return writer.write_shards(
       process_examples(source, num_images, options.flip, options.image_size, process_index,
                        process_count, options.num_workers),
       output_dir=options.output_dir,

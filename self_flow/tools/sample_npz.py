@@ -40,10 +40,10 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
-from self_flow import conditioning, sampling, sharding, train_state
+from self_flow import checkpointing, config_resolution, sharding, train_state
 from self_flow.data import modality_sources
+from self_flow.evaluation import chunking, generation
 from self_flow.modalities import image
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
@@ -59,12 +59,8 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
 
   Reads only the `ema_params` subtree of the saved train state (no optimizer state, no data
   iterators), as numpy so that any host can hold them whatever the training mesh was."""
-  directory = epath.Path(os.path.abspath(workdir) if "://" not in workdir else workdir)
-  directory = directory / "checkpoints"
-  manager = ocp.CheckpointManager(directory,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
+  directory = checkpointing.checkpoints_dir(workdir)
+  step = checkpointing.latest_step(directory)
   if step is None:
     raise ValueError(f"{directory} holds no checkpoint to sample from; train first (or pass "
                      "--converted=DIR).")
@@ -72,12 +68,8 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
                         nnx.Param)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
                           nnx.to_pure_dict(abstract))
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  restored = ocp.PyTreeCheckpointer().restore(
-      directory / str(step) / "state",
-      args=ocp.args.PyTreeRestore(item={"ema_params": abstract},
-                                  restore_args={"ema_params": restore_args},
-                                  partial_restore=True))
+  restored = checkpointing.restore_state_subtree(directory, step, {"ema_params": abstract},
+                                                as_numpy=True)
   return restored["ema_params"], step
 
 
@@ -121,29 +113,14 @@ def make_index_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
   Each sample is integrated alone under `vmap` with noise from its own keys, so a sample does
   not depend on which others share its batch (unlike `generation.make_sampler`, whose one key
   draws the whole batch's noise). The model still sees one batched computation."""
-  s = config.sampling
-  pos = jnp.asarray(spec.position_ids)
 
   def sample(params, labels, indices, seed):
     model = train_state.merge(graphdef, params)
 
-    def velocity_fn(x, t, cond):
-      b, n, _ = x.shape
-      velocity, _ = model(x, jnp.broadcast_to(pos, (b, n, 3)), t[:, None],
-                          jnp.zeros((b, n), jnp.int32), cond, modality=spec.name)
-      return velocity
-
     def one(label, index):
       _, key_noise, key_sde = _sample_keys(seed, index)
-      cond = label[None]
-      guided = sampling.guided_velocity_fn(
-          velocity_fn, cfg_scale=s.cfg_scale,
-          null_cond=conditioning.null_like(cond, config.data.num_classes),
-          guidance_interval=(s.guidance_low, s.guidance_high))
-      x1 = jax.random.normal(key_noise, (1, spec.num_tokens, spec.token_dim))
-      tokens = sampling.sample(guided, x1, cond, key_sde, method=s.method,
-                               num_steps=s.num_steps, shift=spec.sample_shift)
-      return spec.detokenize(tokens)[0]
+      return generation.sample_signals(model, spec, config.sampling, config.data.num_classes,
+                                       label[None], key_noise, key_sde)[0]
 
     return jax.vmap(one)(labels, indices)
 
@@ -205,7 +182,7 @@ def write_samples(config: ml_collections.ConfigDict, params: dict, *, output: st
 
   Returns: `output` on process 0 (after merging), None elsewhere.
   """
-  spec = _check_config(config, decode)
+  resolved = _check_config(config, decode)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, process_count="
                      f"{process_count}).")
@@ -217,13 +194,20 @@ def write_samples(config: ml_collections.ConfigDict, params: dict, *, output: st
                      "devices the batch is split over.")
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
   batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  sampler = jax.jit(make_index_sampler(config, train_state.model_graphdef(config), spec),
+  sampler = jax.jit(make_index_sampler(config, train_state.model_graphdef(config, resolved),
+                                       resolved.spec("image")),
                     in_shardings=(replicated, batch, batch, replicated), out_shardings=batch)
   settings = json.dumps({"seed": seed, "part_size": part_size, "rgb": rgb, "source": source,
                          "sampling": config.sampling.to_dict()}, sort_keys=True)
   num_parts = math.ceil(num_samples / part_size)
   _parts_dir(output).mkdir(parents=True, exist_ok=True)
   device_params = jax.device_put(params, replicated)
+
+  def draw(_, batch_labels, batch_indices):
+    signals = sampler(device_params, batch_labels, batch_indices, seed)
+    pixels = signals if decode is None else decode(signals)
+    return image.to_uint8(np.asarray(pixels))  # rounds and clips
+
   for part in range(process_index, num_parts, process_count):
     start, stop = part * part_size, min((part + 1) * part_size, num_samples)
     path = _part_path(output, part)
@@ -232,16 +216,7 @@ def write_samples(config: ml_collections.ConfigDict, params: dict, *, output: st
       continue
     indices = np.arange(start, stop, dtype=np.int32)
     labels = np.asarray(class_labels(seed, indices, config.data.num_classes))
-    images = []
-    for first in range(0, len(indices), batch_size):
-      count = min(batch_size, len(indices) - first)
-      pad = (0, batch_size - count)  # One compiled shape: pad the last call.
-      batch_labels = jax.device_put(np.pad(labels[first:first + count], pad), batch)
-      batch_indices = jax.device_put(np.pad(indices[first:first + count], pad), batch)
-      signals = sampler(device_params, batch_labels, batch_indices, seed)
-      pixels = signals if decode is None else decode(signals)
-      images.append(image.to_uint8(np.asarray(pixels)[:count]))  # rounds and clips
-    images = np.concatenate(images)
+    images = chunking.map_in_chunks(draw, (labels, indices), batch_size, batch)
     if rgb and images.shape[-1] == 1:
       images = np.repeat(images, 3, axis=-1)
     _write_npz(path, images=images, labels=labels.astype(np.int64), settings=np.asarray(settings))
@@ -273,8 +248,9 @@ def _merge_parts(output: str, num_parts: int) -> str:
 
 
 def _check_config(config: ml_collections.ConfigDict, decode: Decode | None
-                  ) -> spec_lib.ModalitySpec:
-  """The image spec of a class-conditional image model; the decoder must match its data."""
+                  ) -> config_resolution.ResolvedConfig:
+  """The resolution of a class-conditional image model's config; the decoder must match its
+  data."""
   if "image" not in config.modalities or config.model.conditioning != "class":
     raise ValueError(f"sample_npz draws class-conditional images; this config trains "
                      f"modalities={tuple(config.modalities)} with model.conditioning="
@@ -286,7 +262,7 @@ def _check_config(config: ml_collections.ConfigDict, decode: Decode | None
   if not latent and decode is not None:
     raise ValueError(f"this model generates pixels (data.dataset={config.data.dataset!r}); "
                      "it needs no decoder (drop --vae).")
-  return spec_lib.modality_specs(config)["image"]
+  return config_resolution.resolve(config)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

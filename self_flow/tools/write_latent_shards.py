@@ -4,7 +4,7 @@ Pod-scale text-to-image, text-to-video and text-to-audio training reads pre-enco
 caption embeddings (`self_flow.data.latent_shards`) instead of running the encoders every step.
 This tool writes them for a dataset the trainer already knows, using the built-in encoders; real
 autoencoders (a VAE, Wan2.2's video AE, an audio AE) and text encoders are plugged in from
-Python by passing callables to `latent_shards.write_shards`.
+Python by passing callables to `latent_shards.writer.write_shards`.
 
   python -m self_flow.tools.write_latent_shards --output_dir=DIR --modality=image \
       --data_dir=./data/tfds --splits=train,test --num_shards=4 --signal_encoder=avgpool2 \
@@ -29,15 +29,16 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from self_flow.data import (fashion_mnist_local, latent_shards, motion_captions, moving_sprites,
-                            sources, spoken_words)
+from self_flow.data import (fashion_mnist_local, motion_captions, moving_sprites, sources,
+                            spoken_words)
+from self_flow.data.latent_shards import encoders, layout, writer
 
 # The built-in encoder used when --signal_encoder is not given.
 DEFAULT_ENCODERS = {"image": "avgpool2", "video": "avgpool2", "audio": "log_mel"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Latent-shard directory to write (created if missing).")
-flags.DEFINE_enum("modality", "image", list(latent_shards.MODALITIES),
+flags.DEFINE_enum("modality", "image", list(layout.MODALITIES),
                   "What to encode: Fashion-MNIST images, moving-sprite clips or spoken words.")
 flags.DEFINE_enum("dataset", "fashion_mnist", sources.DATASETS,
                   "Image dataset to encode (--modality=image only).")
@@ -49,7 +50,7 @@ flags.DEFINE_integer("num_shards", 4, "ArrayRecord shard files per split.", lowe
 flags.DEFINE_string("signal_encoder", None, "Built-in encoder of the modality (image, video: "
                     "avgpool2, identity; audio: log_mel). Default: "
                     + ", ".join(f"{k}: {v}" for k, v in DEFAULT_ENCODERS.items()) + ".")
-flags.DEFINE_enum("text_encoder", "bytes", list(latent_shards.TEXT_ENCODERS),
+flags.DEFINE_enum("text_encoder", "bytes", list(encoders.TEXT_ENCODERS),
                   "Built-in text encoder.")
 flags.DEFINE_integer("text_max_length", 64, "Text tokens per caption (padded or truncated).",
                      lower_bound=1)
@@ -94,7 +95,7 @@ def _audio_example(index: int, record: dict[str, Any]) -> dict[str, Any]:
           "label": label}
 
 
-# modality -> (record index, dataset record) -> example for `latent_shards.write_shards`.
+# modality -> (record index, dataset record) -> example for `writer.write_shards`.
 _EXAMPLES = {"image": _image_example, "video": _video_example, "audio": _audio_example}
 
 
@@ -121,10 +122,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   modality = FLAGS.modality
   encoder_name = FLAGS.signal_encoder or DEFAULT_ENCODERS[modality]
-  signal_encoder = latent_shards.get_signal_encoder(modality, encoder_name)
-  text_encoder = latent_shards.get_text_encoder(FLAGS.text_encoder, FLAGS.text_max_length)
+  signal_encoder = encoders.get_signal_encoder(modality, encoder_name)
+  text_encoder = encoders.get_text_encoder(FLAGS.text_encoder, FLAGS.text_max_length)
   for split in FLAGS.splits:
-    latent_shards.write_shards(
+    writer.write_shards(
         captioned_examples(open_dataset(modality, split), FLAGS.max_examples, modality),
         output_dir=FLAGS.output_dir,
         split=split,

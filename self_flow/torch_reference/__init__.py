@@ -27,9 +27,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from self_flow import flops, train_state
-from self_flow.modalities import spec as spec_lib
-from self_flow.models import presets
+from self_flow import config_resolution, flops, train_state
 
 MATHS = ("public", "equal")
 # The config values this step implements (anything else would time a different step).
@@ -87,7 +85,8 @@ def setting(config: ml_collections.ConfigDict) -> Setting:
     if _value(config, key) not in allowed:
       raise ValueError(f"{key}={_value(config, key)!r}: the PyTorch reference step implements "
                        f"{list(allowed)} only.")
-  specs = spec_lib.modality_specs(config)
+  resolved = config_resolution.resolve(config)
+  specs = resolved.specs
   if tuple(specs) != ("image",):
     raise ValueError(f"modalities={tuple(specs)}: the PyTorch reference step is image-only.")
   spec, obj, optim, m = specs["image"], config.objective, config.optim, config.model
@@ -101,9 +100,9 @@ def setting(config: ml_collections.ConfigDict) -> Setting:
     raise ValueError(f"optim.teacher_ema_decay={optim.teacher_ema_decay}: the PyTorch reference "
                      "uses the evaluation EMA as the teacher (the paper setting), set it to -1.")
   height, width, _ = spec.signal_shape
-  dims = presets.resolve_dims(m.preset, m.hidden_size, m.depth, m.num_heads)
   return Setting(
-      shape=flops.model_shape(config), num_heads=dims.num_heads, patch_size=m.patch_size,
+      shape=flops.model_shape(config, resolved), num_heads=resolved.dims.num_heads,
+      patch_size=m.patch_size,
       grid=(height // m.patch_size, width // m.patch_size),
       num_classes=config.data.num_classes, batch=spec.global_batch_size,
       mask_ratio=spec.mask_ratio, condition_dropout=obj.condition_dropout,

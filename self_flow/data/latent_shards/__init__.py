@@ -1,0 +1,62 @@
+"""Pre-encoded training data: signal latents and caption embeddings in ArrayRecord shards.
+
+Pod-scale text-to-image, text-to-video and text-to-audio runs never run the autoencoder or the
+large frozen text encoder (e.g. T5) in the training loop: a one-off job (`writer.write_shards`,
+CLI `self_flow.tools.write_latent_shards`) encodes every example once and the trainer reads the
+results by index through grain (`reader.LatentShardSource`). The modules of this package:
+
+* `layout`: the on-disk format below (names, metadata, modalities), shared by writer and reader.
+* `encoders`: the encoder signatures `write_shards` takes, and small built-in encoders.
+* `writer`: `write_shards`, single- or multi-process.
+* `reader`: `LatentShardSource`, the grain source, and its bad-record policies.
+* `posterior`: grain transforms drawing latents from a stored posterior.
+
+On-disk format (version 2). A directory (local or mounted, e.g. with gcsfuse) holding:
+
+* `{split}-{i:05d}-of-{n:05d}.array_record` for i in [0, n): the shards of `split`, written
+  with ArrayRecord options `group_size:1` (one record per chunk, which random access needs).
+  Example k of the written stream is record k // n of shard k % n (round robin), and
+  `LatentShardSource` index k reads it back, so sources keep the written order.
+* `metadata.json`, written last (atomically) and merged when more splits are added::
+
+    {"format": "self_flow.latent_shards", "version": 2, "modality": "image",
+     "fields": {"latent": {"shape": [h, w, c], "dtype": "float16"},
+                "text_embedding": {"shape": [L, D], "dtype": "float16"},
+                "text_mask": {"shape": [L], "dtype": "bool"},
+                "caption": {"shape": [], "dtype": "utf-8 bytes"},
+                "label": {"shape": [], "dtype": "int32"}},
+     "latent_scale": 1.0, "latent_shift": 0.0,
+     "signal_encoder": "avgpool2", "text_encoder": "bytes",
+     "splits": {"train": {"num_examples": N, "num_shards": n, "shard_lengths": [...]}}}
+
+  A split's shards are usable only once its entry is in `metadata.json`; a directory without
+  the file, or a split missing from it, was not (completely) written and is refused.
+
+  With P writer processes (`write_shards(process_index=p, process_count=P, barrier=...)`), n is
+  a multiple of P and process p encodes the examples k = p, p + P, ... of the stream, so it alone
+  writes the shards i = p, p + P, ...; process 0 writes metadata.json after all have finished.
+
+One directory holds one modality (`layout.MODALITIES`), whose latents have the rank the
+trainer's tokenizer of that modality expects:
+
+* image: examples carry `image` uint8 (H, W, C); latents are (h, w, c).
+* video: examples carry `video` uint8 (T, H, W, C); latents are (t, h, w, c).
+* audio: examples carry `waveform` int16 (samples,); latents are (frames, channels).
+
+Pixels reach the signal encoder as float32 in [-1, 1], waveforms as float32 in [-1, 1).
+
+Each record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays:
+
+* `latent` float16: `(signal_encoder(signal) - latent_shift) * latent_scale`, the convention
+  of SD3/FLUX autoencoders, applied at write time so the trainer reads latents ready for the
+  model.
+* `latent_std` float16, only when the signal encoder returns a Gaussian posterior (mean, std),
+  e.g. the SD-VAE: `latent` is then the scaled posterior mean and `latent_std` the scaled std
+  (`std * |latent_scale|`), so the trainer can draw a fresh latent every epoch
+  (`posterior.PosteriorSample`). Listed in `fields` when present; readers that ignore it see
+  the mean.
+* `text_embedding` (L, D) float16 and `text_mask` (L,) bool (True = real token), from the text
+  encoder.
+* `caption` utf-8 bytes, kept for sampling prompts and debugging.
+* `label` int32 scalar: the class id, -1 when the dataset has none.
+"""
