@@ -41,6 +41,14 @@ def _abstract_model(config: ml_collections.ConfigDict,
   return nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0), resolved))
 
 
+def abstract_params(config: ml_collections.ConfigDict,
+                    resolved: config_resolution.ResolvedConfig | None = None) -> dict:
+  """The model's parameters as a plain nested dict of ShapeDtypeStructs, without building any
+  array: the tree of `params` (and, in float32, of the EMAs) that restoring or converting
+  weights targets; `resolved` as in `factory.create_model`."""
+  return nnx.to_pure_dict(nnx.state(_abstract_model(config, resolved), nnx.Param))
+
+
 def model_graphdef(config: ml_collections.ConfigDict,
                    resolved: config_resolution.ResolvedConfig | None = None) -> nnx.GraphDef:
   """The model's static structure (no arrays); `resolved` as in `factory.create_model`."""

@@ -129,7 +129,7 @@ def open_source(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec, 
   modality = spec.name
   section = config[SECTIONS[modality]]
   if section.dataset == LATENT_SHARDS:
-    return _open_latent_shards(config, modality, split, spec.signal_shape)
+    return _open_latent_shards(config, spec, split)
   if modality == "image":
     return sources.open_image_source(section.dataset, split, section.data_dir, section.source)
   if modality == "video":
@@ -137,12 +137,13 @@ def open_source(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec, 
   return spoken_words.open_audio_source(split, section.data_dir)
 
 
-def _open_latent_shards(config: ml_collections.ConfigDict, modality: str, split: str,
-                        want: tuple[int, ...]) -> reader.LatentShardSource:
-  """Opens `modality`'s shards, refusing ones of another modality or latent shape.
+def _open_latent_shards(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec,
+                        split: str) -> reader.LatentShardSource:
+  """Opens `spec`'s modality's shards, refusing ones of another modality or latent shape.
 
   Raises before any training state exists, naming the shard directory and the config keys to fix.
   """
+  modality, want = spec.name, spec.signal_shape
   section_name = SECTIONS[modality]
   data_dir = config[section_name].data_dir
   source = reader.LatentShardSource(data_dir, split, bad_records=config.data.bad_records)

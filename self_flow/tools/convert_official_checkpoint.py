@@ -37,11 +37,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from self_flow.modalities import image
 from self_flow.models import factory, layers, presets
-from self_flow import base_config, config_resolution, weight_files
+from self_flow import base_config, config_resolution, train_state, weight_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -239,11 +238,6 @@ def check_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections.C
                      "official_config(state_dict) detects the layout.")
 
 
-def _abstract_params(config: ml_collections.ConfigDict):
-  model = nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
 def _kernel(state_dict, name: str) -> dict[str, np.ndarray]:
   """A torch Linear (out, in) weight + bias -> our {"kernel": (in, out), "bias"}."""
   return {"kernel": state_dict[f"{name}.weight"].T, "bias": state_dict[f"{name}.bias"]}
@@ -283,7 +277,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
   weight = sd["final_layer.linear.weight"].reshape(p, p, -1, d)[:, :, :c].reshape(p * p * c, d)
   bias = sd["final_layer.linear.bias"].reshape(p, p, -1)[:, :, :c].reshape(p * p * c)
   params["final_layer"]["linear"] = {"kernel": -weight.T, "bias": -bias}
-  abstract = _abstract_params(config)
+  abstract = train_state.abstract_params(config)
   if jax.tree.structure(abstract) != jax.tree.structure(params):
     mismatch = ["the tree structure"]
   else:
@@ -322,7 +316,7 @@ def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   with open(config_path) as f:
     config.update(json.load(f))  # Typed by the base config (tuples stay tuples).
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          _abstract_params(config))
+                          train_state.abstract_params(config))
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), abstract)
   return config, jax.tree.map(np.asarray, params)

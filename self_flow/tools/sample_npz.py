@@ -46,7 +46,6 @@ from self_flow.data import modality_sources
 from self_flow.evaluation import chunking, generation
 from self_flow.modalities import image
 from self_flow.modalities import spec as spec_lib
-from self_flow.models import factory
 
 Decode = Callable[[jax.Array], jax.Array]  # model latents (B, h, w, c) -> images in [-1, 1]
 
@@ -64,10 +63,8 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str) -> tuple
   if step is None:
     raise ValueError(f"{directory} holds no checkpoint to sample from; train first (or pass "
                      "--converted=DIR).")
-  _, abstract = nnx.split(nnx.eval_shape(lambda: factory.create_model(config, nnx.Rngs(0))),
-                        nnx.Param)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
-                          nnx.to_pure_dict(abstract))
+                          train_state.abstract_params(config))
   restored = checkpointing.restore_state_subtree(directory, step, {"ema_params": abstract},
                                                 as_numpy=True)
   return restored["ema_params"], step
