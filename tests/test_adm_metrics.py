@@ -15,6 +15,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from conftest import tiny_config
+from equivalence import assert_equivalent, assert_fault_detected, rounding_bound
 from self_flow import train
 from self_flow.evaluation import adm_metrics, inception
 from self_flow.tools import evaluate_npz, sample_npz
@@ -60,7 +61,13 @@ def test_inception_outputs_have_the_documented_shapes(random_params, extractor):
   assert (activations.pool >= 0).all()  # the mean of ReLU outputs
   # Padding never leaks into real rows; different images give different features.
   alone = extractor(images[8:])
-  np.testing.assert_allclose(alone.pool, activations.pool[8:], rtol=1e-5, atol=1e-6)
+  # Same images at other rows of the same compiled batch-8 program: only a batch-dependent
+  # blocking of the convolutions could reorder their sums (bound 256 float32 roundings; measured
+  # 0 on jax 0.10.2 and 0.12.1).
+  bound = rounding_bound(256)
+  assert_equivalent(alone.pool, activations.pool[8:], bound=bound)
+  assert_fault_detected(activations.pool[7:9], activations.pool[8:], bound=bound,
+                        fault="features one image off")
   assert np.abs(activations.pool[0] - activations.pool[1]).max() > 1e-3
   # Grayscale is replicated to RGB.
   gray = images[:BATCH, ..., :1]

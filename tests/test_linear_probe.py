@@ -15,6 +15,7 @@ from self_flow.evaluation import linear_probe, stratified_loss
 from self_flow.modalities import spec as spec_lib
 from self_flow.models import factory
 from conftest import random_params, tiny
+from equivalence import assert_equivalent, assert_fault_detected, rounding_bound
 
 NUM_CLASSES = 10
 
@@ -118,13 +119,18 @@ def test_dit_features_are_the_pooled_block_outputs(make_config):
   every = _features(graphdef, params, spec, images, null, (1, 2, 3, 4), t)
   some = _features(graphdef, params, spec, images, null, (2, 3), t)
   assert every.shape == (4, 4, config.model.hidden_size)
-  np.testing.assert_allclose(some, every[1:3], rtol=1e-5, atol=1e-5)
+  # Same model, other set of taps: equal up to the forward's rounding (bound 960 x eps).
+  bound = rounding_bound(config.model.depth * (7 * config.model.hidden_size + 16))
+  assert_equivalent(some, every[1:3], bound=bound)
+  assert_fault_detected(every[0:2], every[1:3], bound=bound, fault="the taps one layer off")
   # Layer 3 is the teacher layer of the tiny model: the teacher forward on the same input.
   tokens = spec.tokenize(jnp.asarray(images))
   x_t = (1 - t) * tokens + t * linear_probe.probe_noise(4, spec)
   teacher = _teacher_features(graphdef, params, spec, x_t, t, null)
   assert nnx.merge(graphdef, params).teacher_layer == 3
-  np.testing.assert_allclose(every[2], np.asarray(teacher).mean(1), rtol=1e-4, atol=1e-5)
+  assert_equivalent(every[2], np.asarray(teacher).mean(1), bound=bound)
+  assert_fault_detected(every[1], np.asarray(teacher).mean(1), bound=bound,
+                        fault="the tap one layer before the teacher's")
   assert np.abs(every[0] - every[3]).max() > 1e-3  # the layers do differ
 
 
@@ -141,7 +147,10 @@ def test_mmdit_features_are_the_pooled_block_outputs():
   teacher = _teacher_features(graphdef, params, spec, tokens, 0.0, null_text)
   # Block 2 is a single-stream block: the image part of [text, image].
   assert nnx.merge(graphdef, params).teacher_layer == 2
-  np.testing.assert_allclose(features[:, 1], np.asarray(teacher).mean(1), rtol=1e-4, atol=1e-5)
+  bound = rounding_bound(config.model.depth * (7 * config.model.hidden_size + 6 + 16))
+  assert_equivalent(features[:, 1], np.asarray(teacher).mean(1), bound=bound)
+  assert_fault_detected(features[:, 0], np.asarray(teacher).mean(1), bound=bound,
+                        fault="the tap one layer before the teacher's")
 
 
 def test_probe_on_a_tiny_model_tells_real_labels_from_shuffled(make_config):

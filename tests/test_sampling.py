@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from self_flow import sampling
+from equivalence import assert_equivalent, assert_fault_detected, rounding_bound
 
 MU = jnp.array([1.0, -2.0])
 STD = jnp.array([0.5, 2.0])
@@ -106,7 +107,16 @@ def test_sde_follows_official_update():
     eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
     x = x + sit_drift(x, u) * 0.48 + jnp.sqrt(2 * (1 - u) * 0.48) * eps
   expected = x + sit_drift(x, 0.96) * 0.04
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # Three steps of a few elementwise operations each: a bound of 64 float32 roundings.
+  bound = rounding_bound(64)
+  assert_equivalent(out, expected, bound=bound)
+  wrong_noise = x1
+  for i, u in enumerate([0.0, 0.48]):  # the fault: the two steps' noise draws swapped
+    eps = jax.random.normal(jax.random.fold_in(rng, 1 - i), x.shape)
+    wrong_noise = wrong_noise + sit_drift(wrong_noise, u) * 0.48 + jnp.sqrt(
+        2 * (1 - u) * 0.48) * eps
+  wrong_noise = wrong_noise + sit_drift(wrong_noise, 0.96) * 0.04
+  assert_fault_detected(wrong_noise, expected, bound=bound, fault="the noise draws swapped")
 
 
 def test_cfg_scale_one_is_exactly_unguided(noise):

@@ -19,6 +19,7 @@ from configs import c2i
 from self_flow import bench, config_resolution, flops, optim, torch_reference, train_step
 from self_flow.models import factory
 from conftest import tiny
+from equivalence import assert_equivalent, assert_fault_detected, rounding_bound
 
 needs_torch = pytest.mark.skipif(
     not torch_reference.available(),
@@ -169,8 +170,14 @@ def test_public_and_equal_maths_give_the_same_losses_and_update():
   steps = reference_steps(config)
   draw = steps["equal"].draw()
   out = {m: step_lib.losses(st.student, st.teacher, st.setting, m, draw) for m, st in steps.items()}
-  for field in ("loss_gen", "loss_rep", "teacher"):
+  for field in ("loss_gen", "loss_rep"):
     close(getattr(out["public"], field), getattr(out["equal"], field), atol=1e-6)
+  # The teacher features: the full teacher read at its layer against the truncated one, equal
+  # up to rounding (bound 960 float32 roundings, as the tiny model's forward in test_model).
+  teachers = [getattr(out[m], "teacher").detach().numpy() for m in ("public", "equal")]
+  assert_equivalent(*teachers, bound=rounding_bound(960))
+  assert_fault_detected(np.roll(teachers[0], 1, axis=1), teachers[1], bound=rounding_bound(960),
+                        fault="teacher features one token off")
   for st in steps.values():
     st.update(draw)
   public, equal = (dict(steps[m].student.named_parameters()) for m in ("public", "equal"))
