@@ -29,6 +29,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from self_flow import storage
+
 # The host computes on its CPU; the TPU devices are compile-only (no TPU backend is started).
 # libtpu asks the cloud metadata server for the host's own TPU otherwise, and logs errors.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,9 +47,11 @@ flags.DEFINE_float("min_headroom", 0.1,
                    "Fraction of the chip's HBM that must stay free for the step to count as "
                    "fitting (the runtime, fragmentation and the input pipeline need some).")
 flags.DEFINE_bool("markdown", False, "Also print one markdown table row per compiled step.")
-flags.DEFINE_string("json", None, "Also write the reports to this JSON file (tests, tables).")
+flags.DEFINE_string("json", None, "Also write the reports to this JSON file (tests, tables; local "
+                    "or gs://...).")
 flags.DEFINE_string("hlo_dir", None, "Also write each compiled step's HLO text here "
-                    "(<topology>_<modality>.hlo.txt), e.g. to inspect its collectives.")
+                    "(<topology>_<modality>.hlo.txt, local or gs://...), e.g. to inspect its "
+                    "collectives.")
 
 GIB = 2**30
 # HBM per chip by device kind (Cloud TPU documentation).
@@ -171,10 +175,8 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
     report.code_bytes = memory.generated_code_size_in_bytes
     hlo_text = compiled.as_text()
     if hlo_dir:
-      os.makedirs(hlo_dir, exist_ok=True)
       name = f"{topology.replace(':', '_')}x{num_slices}_{modality}.hlo.txt"
-      with open(os.path.join(hlo_dir, name), "w") as f:
-        f.write(hlo_text)
+      storage.write_text(storage.join(hlo_dir, name), hlo_text)
     report.collectives = hlo_collectives.count(hlo_text)
     report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
     reports.append(report)
@@ -269,8 +271,8 @@ def main(argv):
       print(format_report(report, FLAGS.min_headroom), flush=True)
       reports.append(report)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump([to_json(r, FLAGS.min_headroom) for r in reports], f, indent=1)
+    as_json = [to_json(r, FLAGS.min_headroom) for r in reports]
+    storage.write_text(FLAGS.json, json.dumps(as_json, indent=1))
   if FLAGS.markdown:
     print("\n" + MARKDOWN_HEADER)
     for report in reports:

@@ -9,6 +9,9 @@ callable, so the unpickler here resolves only the handful of globals a state dic
 numpy-only stand-ins and refuses everything else by name: loading never executes code from the
 file. `.npz` and `.safetensors` (8-byte header length, JSON header, raw bytes) are read too.
 
+Any file may be local or a URL (gs://...): it is streamed through `etils.epath`, seeking to what
+is needed, so a multi-GB checkpoint costs its tensors' memory and no copy of the whole file.
+
   state_dict = load_state_dict("selfflow_imagenet256.pt")   # "ema", else "model", else "state_dict"
   state_dict = load_state_dict("train_ckpt.pt", entry="model")  # a named entry
 
@@ -28,6 +31,7 @@ import zipfile
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SUFFIXES = TORCH_SUFFIXES + (".npz", ".safetensors")
@@ -157,22 +161,23 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 def _read_torch_zip(path: str):
   """The object `torch.save` wrote to `path` (zip format), with tensors as numpy arrays."""
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path} is not a zip archive: only the zip format of torch.save (PyTorch "
-                     ">= 1.6, the default) is supported, not the legacy tar/pickle format; "
-                     "re-save it with a recent torch.save.")
-  with zipfile.ZipFile(path) as archive:
-    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-      raise ValueError(f"{path} is a zip but not a torch.save archive: expected one "
-                       f"'<dir>/data.pkl', found {pickles}.")
-    prefix = pickles[0][:-len("data.pkl")]
-    byteorder_name = f"{prefix}byteorder"
-    byteorder = (archive.read(byteorder_name).decode().strip()
-                 if byteorder_name in archive.namelist() else "little")
-    if byteorder not in ("little", "big"):
-      raise ValueError(f"{path}: byteorder record {byteorder!r} is neither 'little' nor 'big'.")
-    return _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, byteorder).load()
+  with epath.Path(path).open("rb") as f:
+    if not zipfile.is_zipfile(f):
+      raise ValueError(f"{path} is not a zip archive: only the zip format of torch.save (PyTorch "
+                       ">= 1.6, the default) is supported, not the legacy tar/pickle format; "
+                       "re-save it with a recent torch.save.")
+    with zipfile.ZipFile(f) as archive:
+      pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+      if len(pickles) != 1:
+        raise ValueError(f"{path} is a zip but not a torch.save archive: expected one "
+                         f"'<dir>/data.pkl', found {pickles}.")
+      prefix = pickles[0][:-len("data.pkl")]
+      byteorder_name = f"{prefix}byteorder"
+      byteorder = (archive.read(byteorder_name).decode().strip()
+                   if byteorder_name in archive.namelist() else "little")
+      if byteorder not in ("little", "big"):
+        raise ValueError(f"{path}: byteorder record {byteorder!r} is neither 'little' nor 'big'.")
+      return _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, byteorder).load()
 
 
 def _select_entry(obj, entry: str | None, path: str) -> dict[str, np.ndarray]:
@@ -200,33 +205,45 @@ def _select_entry(obj, entry: str | None, path: str) -> dict[str, np.ndarray]:
   return dict(obj)
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A .safetensors file: u64 header length, JSON header of dtype/shape/offsets, raw bytes."""
-  with open(path, "rb") as f:
-    blob = f.read()
-  if len(blob) < 8:
+def _safetensors_header(f, path: str) -> tuple[dict, int, int]:
+  """(JSON header, offset of the data, size of the data) of the open .safetensors file `f`."""
+  f.seek(0, io.SEEK_END)
+  size = f.tell()
+  f.seek(0)
+  if size < 8:
     raise ValueError(f"{path} is too short to be a safetensors file.")
-  (header_len,) = struct.unpack("<Q", blob[:8])
-  if 8 + header_len > len(blob):
-    raise ValueError(f"{path}: header length {header_len} exceeds the file size {len(blob)}.")
-  header = json.loads(blob[8:8 + header_len])
-  data = memoryview(blob)[8 + header_len:]
-  arrays = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; supported: "
-                       f"{sorted(_SAFETENSORS_DTYPES)}.")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end - begin != int(np.prod(shape)) * dtype.itemsize or end > len(data):
-      raise ValueError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} does "
-                       f"not fit its byte range [{begin}, {end}).")
-    values = np.frombuffer(data[begin:end], dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-    arrays[name] = _widen_bfloat16(values) if info["dtype"] == "BF16" else values
-  return arrays
+  (header_len,) = struct.unpack("<Q", f.read(8))
+  if 8 + header_len > size:
+    raise ValueError(f"{path}: header length {header_len} exceeds the file size {size}.")
+  return json.loads(f.read(header_len)), 8 + header_len, size - 8 - header_len
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A .safetensors file: u64 header length, JSON header of dtype/shape/offsets, raw bytes.
+
+  Tensors are read one at a time in file order (sequential reads from Cloud Storage), so the
+  file is never in memory whole."""
+  with epath.Path(path).open("rb") as f:
+    header, data_start, data_size = _safetensors_header(f, path)
+    names = sorted((name for name in header if name != "__metadata__"),
+                   key=lambda name: header[name]["data_offsets"][0])
+    arrays = {}
+    for name in names:
+      info = header[name]
+      if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; supported: "
+                         f"{sorted(_SAFETENSORS_DTYPES)}.")
+      dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+      begin, end = info["data_offsets"]
+      shape = tuple(info["shape"])
+      if end - begin != int(np.prod(shape)) * dtype.itemsize or end > data_size:
+        raise ValueError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} "
+                         f"does not fit its byte range [{begin}, {end}).")
+      f.seek(data_start + begin)
+      values = np.frombuffer(f.read(end - begin), dtype).reshape(shape)
+      values = values.astype(dtype.newbyteorder("="))
+      arrays[name] = _widen_bfloat16(values) if info["dtype"] == "BF16" else values
+  return {name: arrays[name] for name in header if name in arrays}  # in the header's order
 
 
 def _with_prefix(arrays: dict[str, np.ndarray], entry: str | None, path: str):
@@ -255,7 +272,7 @@ def load_state_dict(path: str, entry: str | None = None) -> dict[str, np.ndarray
   if suffix in TORCH_SUFFIXES:
     arrays = _select_entry(_read_torch_zip(path), entry, path)
   elif suffix == ".npz":
-    with np.load(path, allow_pickle=False) as npz:
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
       arrays = _with_prefix({name: npz[name] for name in npz.files}, entry, path)
   elif suffix == ".safetensors":
     arrays = _with_prefix(_read_safetensors(path), entry, path)

@@ -175,6 +175,28 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path):
       "dual_timestep_seed0": "finished earlier", "dual_timestep_seed1": "finished earlier"}
 
 
+@pytest.mark.parametrize("upload", [False, True], ids=["local", "uploaded"])
+def test_a_run_log_keeps_every_attempt(tmp_path, monkeypatch, upload):
+  """train.log gets each attempt's command and output appended, also where it cannot be appended
+  to (Cloud Storage: a local copy, uploaded even when the child fails), and a failure names it."""
+  if upload:  # the URL route (copy, append, upload) on local files
+    monkeypatch.setattr(runner.storage, "is_url", lambda path: True)
+  [run] = runner.plan_runs(["vanilla"], 1, str(tmp_path))
+  outputs = iter(["print('first attempt')", "print('second attempt'); raise SystemExit(3)"])
+  monkeypatch.setattr(runner, "train_command", lambda *_: [sys.executable, "-c", next(outputs)])
+  train = runner.subprocess_train_fn("configs/c2i.py", "local", {})
+  os.makedirs(run.workdir)  # Cloud Storage has no directories: the upload route makes none
+  train(run)
+  with pytest.raises(RuntimeError, match="(?s)exit status 3; log .*train.log ends with:\n"
+                                         ".*first attempt\n.*second attempt\n$"):
+    train(run)
+  with open(os.path.join(run.workdir, "train.log")) as f:
+    lines = f.read().splitlines()
+  assert [line for line in lines if not line.startswith("$ ")] == ["first attempt",
+                                                                    "second attempt"]
+  assert len(lines) == 4 and lines[2].startswith(f"$ {sys.executable} -c")
+
+
 # The within-noise rule on synthetic numbers.
 
 

@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 from absl import app, flags
+from etils import epath
 from flax import traverse_util
 
 from conftest import tiny_config
 from equivalence import assert_equivalent, assert_fault_detected, rounding_bound
-from self_flow import train
+from self_flow import storage, train
 from self_flow.evaluation import adm_metrics, inception
 from self_flow.tools import evaluate_npz, sample_npz
 
@@ -363,10 +364,10 @@ def test_sample_npz_resumes_complete_parts_and_refuses_mixed_settings(trained_ru
   params, _ = sample_npz.restore_ema_params(config, workdir)
   output = str(tmp_path / "s.npz")
   kwargs = dict(num_samples=10, seed=0, batch_size=BATCH, part_size=4, source="test")
-  written = []
-  write_npz = sample_npz._write_npz
-  monkeypatch.setattr(sample_npz, "_write_npz",
-                      lambda path, **arrays: (written.append(path.name), write_npz(path, **arrays)))
+  written = []  # every file sample_npz writes (parts and the merged output)
+  local_output = storage.local_output
+  monkeypatch.setattr(storage, "local_output",
+                      lambda path: (written.append(epath.Path(path).name), local_output(path))[1])
   # Process 1 of 2 finishes (part 1 of parts 0-2); process 0 never ran.
   sample_npz.write_samples(config, params, output=output, process_index=1, process_count=2,
                            **kwargs)

@@ -387,6 +387,15 @@ def test_npz_and_safetensors_reader(tmp_path):
   np.testing.assert_array_equal(loaded["a"], arrays["ema.a"])
   np.testing.assert_array_equal(loaded["b"], arrays["ema.b"])
   np.testing.assert_array_equal(loaded["c"], bf16)
+  # Tensors are read in file order, whatever the header's order, and come back in the header's.
+  header = {name: header[name] for name in ("c", "__metadata__", "a", "b")}
+  header_bytes = json.dumps(header).encode()
+  (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes
+                                           + data)
+  shuffled = weight_files.load_state_dict(str(tmp_path / "w.safetensors"))
+  assert list(shuffled) == ["c", "a", "b"]
+  for name in loaded:
+    np.testing.assert_array_equal(shuffled[name], loaded[name])
   with pytest.raises(ValueError, match="unknown weights format"):
     weight_files.load_state_dict(str(tmp_path / "w.ckpt"))
 

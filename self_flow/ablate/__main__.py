@@ -2,12 +2,11 @@
 in a `python -m self_flow.main` process of its own and write the results page."""
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
-from self_flow import ablate, base_config
+from self_flow import ablate, base_config, storage
 from self_flow.ablate import runner, study
 
 
@@ -20,14 +19,16 @@ def _define_flags() -> None:
                     f"{sorted(base_config.METHODS)}, or {runner.VARIANT_FORMAT}.")
   flags.DEFINE_integer("seeds", 3, "Seeds per variant (0..seeds-1).")
   flags.DEFINE_integer("steps", None, "Training steps of every run.")
-  flags.DEFINE_string("output", None, "Directory for the runs and the results page.")
+  flags.DEFINE_string("output", None, "Directory for the runs and the results page (local or "
+                      "gs://...).")
   flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (the curves); 0 = only at "
                        "the end.")
   flags.DEFINE_multi_string("override", [], "Extra config setting for every run, "
                             "<key>=<value> (e.g. eval.num_samples=500); repeatable.")
-  flags.DEFINE_string("import_results", "", "results.json of an earlier study with the same "
-                      "settings: the runs it lists as finished are taken from it, not trained "
-                      "(e.g. seed 0 of a study whose workdirs are gone, when adding seeds).")
+  flags.DEFINE_string("import_results", "", "results.json (local or gs://...) of an earlier "
+                      "study with the same settings: the runs it lists as finished are taken "
+                      "from it, not trained (e.g. seed 0 of a study whose workdirs are gone, when "
+                      "adding seeds).")
   flags.mark_flags_as_required(["config", "steps", "output"])
 
 
@@ -43,7 +44,7 @@ def main(argv):
   results = study.run_ablation(runs, runner.subprocess_train_fn(config_file, config_arg, overrides),
                                f.output, fingerprint, description, f.import_results)
   failed = [r["name"] for r in results["runs"] if r["status"].startswith("failed")]
-  logging.info("Results in %s.", os.path.join(f.output, "results.md"))
+  logging.info("Results in %s.", storage.join(f.output, "results.md"))
   if failed:
     raise SystemExit(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); their "
                      "logs are train.log in their workdirs. Rerun the same command to retry "

@@ -1,12 +1,13 @@
 """The results page's figures (PNG, matplotlib's Agg backend): each metric against the training
 step, probe accuracy by layer and held-out loss by timestep bin, as a mean line with a min-max
-band over seeds."""
+band over seeds. Each is rendered in memory and written whole to its path, local or a URL."""
 
-import os
+import io
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from self_flow import storage
 from self_flow.ablate import metric_tags, runner
 from self_flow.evaluation import student
 
@@ -26,7 +27,9 @@ def _save(figure, axes, path: str) -> None:
   axes.grid(alpha=0.3)
   axes.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  png = io.BytesIO()
+  figure.savefig(png, format="png", dpi=100)
+  storage.write_bytes(path, png.getvalue())
 
 
 def _band(axes, x, values_per_x: list[list[float]], label: str) -> None:
@@ -87,7 +90,7 @@ def write_plots(output: str, histories, summary, variants, metrics) -> list[str]
                        if any(p.search(t) for p in metric_tags.CURVE_PATTERNS)
                        and not student.SET_UP_METRICS.search(t)):
     name = "curve_" + metric.replace("/", "_") + ".png"
-    plot_curve(curves(histories, variants, metric), metric, os.path.join(output, name))
+    plot_curve(curves(histories, variants, metric), metric, storage.join(output, name))
     written.append(name)
   for modality in sorted({m.split("/")[1] for m in metrics if m.startswith("eval/")}):
     probes = [m for m in metrics if m.startswith(f"eval/{modality}/probe_layer")]
@@ -96,7 +99,7 @@ def write_plots(output: str, histories, summary, variants, metrics) -> list[str]
       plot_final_by(summary, variants, probes, "block (1-based)",
                     lambda m: metric_tags.numbers(m)[0], "linear-probe top-1 accuracy",
                     f"{modality}: probe accuracy by layer (final, min-max over seeds)",
-                    os.path.join(output, name))
+                    storage.join(output, name))
       written.append(name)
     bins = [m for m in metrics if m.startswith(f"eval/{modality}/loss_t")]
     if bins:
@@ -104,6 +107,6 @@ def write_plots(output: str, histories, summary, variants, metrics) -> list[str]
       plot_final_by(summary, variants, bins, "timestep t (bin centre)",
                     lambda m: float(np.mean(metric_tags.numbers(m)[:2])), "held-out flow loss",
                     f"{modality}: loss by timestep (final, min-max over seeds)",
-                    os.path.join(output, name))
+                    storage.join(output, name))
       written.append(name)
   return written

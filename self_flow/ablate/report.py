@@ -5,10 +5,10 @@ back, so that a study adding seeds need not train again the runs that page finis
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from self_flow import storage
 from self_flow.ablate import events, figures, metric_tags, runner, statistics
 
 
@@ -87,9 +87,9 @@ def write_report(output: str, runs: Sequence[runner.AblationRun], statuses: Mapp
 
   `imported` holds the histories of runs taken from an earlier page (`import_histories`), read
   from there instead of from their workdirs. Returns the results.json content. The first
-  variant (in run order) is the reference that the others are compared with.
+  variant (in run order) is the reference that the others are compared with. `output` may be
+  local or a URL (gs://...).
   """
-  os.makedirs(output, exist_ok=True)
   imported = imported or {}
   variants = list(dict.fromkeys(run.variant for run in runs))
   done = [run for run in runs
@@ -120,8 +120,7 @@ def write_report(output: str, runs: Sequence[runner.AblationRun], statuses: Mapp
   lines += ["", "## Runs", "", "| run | status | workdir |", "|---|---|---|"]
   lines += [f"| {run.name} | {statuses.get(run.name, 'not run')} | {run.workdir} |"
             for run in runs]
-  with open(os.path.join(output, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  storage.write_text(storage.join(output, "results.md"), "\n".join(lines) + "\n")
 
   curve_tags = sorted({t for s in histories.values() for t in s
                        if any(p.search(t) for p in metric_tags.CURVE_PATTERNS)})
@@ -138,24 +137,22 @@ def write_report(output: str, runs: Sequence[runner.AblationRun], statuses: Mapp
       "comparisons": records,
       "curves": {t: figures.curves(histories, variants, t) for t in curve_tags},
   }
-  with open(os.path.join(output, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  storage.write_text(storage.join(output, "results.json"), json.dumps(results, indent=1))
   return results
 
 
 def import_histories(path: str, runs: Sequence[runner.AblationRun]
                      ) -> dict[str, dict[str, list[tuple[int, float]]]]:
   """{run name: {tag: [(step, value), ...]}} of the planned `runs` that the earlier results.json
-  at `path` lists as finished: a study adds seeds to runs whose workdirs are gone (another
-  machine, a cleaned disk) without training those runs again.
+  at `path` (local or a URL) lists as finished: a study adds seeds to runs whose workdirs are
+  gone (another machine, a cleaned disk) without training those runs again.
 
   Each history holds every final metric of the run, plus its curves: from the run's own
   "history" (written since 2026-12-04), or, in older pages, from the variant's curves when the
   run is its variant's only one there (curve values are per seed but not named by run, so with
   several seeds only the final metrics can be taken back).
   """
-  with open(path) as f:
-    page = json.load(f)
+  page = storage.read_json(path)
   finished = [r for r in page["runs"] if r["status"].startswith(("finished", "imported"))]
   per_variant = {v: sum(r["variant"] == v for r in finished) for v in page["variants"]}
   wanted = {run.name: run for run in runs}

@@ -2,19 +2,21 @@
 `python -m self_flow.main` command, and training the runs one after the other, skipping those
 that finished with the same settings, so that a crash costs only its own run."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 from absl import logging
 
-from self_flow import base_config
+from self_flow import base_config, storage
 
 # Evaluation settings every ablation run gets unless --override names the key.
 DEFAULT_OVERRIDES = {"eval.probe_steps": "500", "eval.loss_bins": "10",
@@ -75,7 +77,7 @@ def plan_runs(variants: Sequence[str], num_seeds: int, output: str) -> list[Abla
                      f"{sorted(base_config.METHODS)} (or {VARIANT_FORMAT}).")
   if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds < 1:
     raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1.")
-  return [AblationRun(label, s, os.path.join(output, "runs", f"{label}_seed{s}"),
+  return [AblationRun(label, s, storage.join(output, "runs", f"{label}_seed{s}"),
                       "" if method == label and not settings else method, settings)
           for label, method, settings in parsed for s in range(num_seeds)]
 
@@ -89,11 +91,10 @@ def _run_fingerprint(run: AblationRun, fingerprint: str) -> str:
 
 def is_finished(run: AblationRun, fingerprint: str) -> bool:
   """Whether `run` finished with the same settings (`fingerprint`) in an earlier invocation."""
-  path = os.path.join(run.workdir, MARKER)
-  if not os.path.exists(path):
+  path = storage.join(run.workdir, MARKER)
+  if not storage.exists(path):
     return False
-  with open(path) as f:
-    return json.load(f).get("fingerprint") == _run_fingerprint(run, fingerprint)
+  return storage.read_json(path).get("fingerprint") == _run_fingerprint(run, fingerprint)
 
 
 def execute(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None],
@@ -123,11 +124,10 @@ def execute(runs: Sequence[AblationRun], train_fn: Callable[[AblationRun], None]
       logging.exception("Ablation run %s failed.", run.name)
       statuses[run.name] = f"failed: {type(error).__name__}: {error}"
       continue
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, MARKER), "w") as f:
-      json.dump({"variant": run.variant, "seed": run.seed,
-                 "fingerprint": _run_fingerprint(run, fingerprint),
-                 "seconds": round(time.time() - start, 1)}, f)
+    storage.write_json(storage.join(run.workdir, MARKER),
+                       {"variant": run.variant, "seed": run.seed,
+                        "fingerprint": _run_fingerprint(run, fingerprint),
+                        "seconds": round(time.time() - start, 1)})
     statuses[run.name] = "finished"
   return statuses
 
@@ -168,23 +168,47 @@ def train_command(run: AblationRun, config_file: str, config_arg: str,
            f"--workdir={run.workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()])
 
 
+@contextlib.contextmanager
+def _appended_log(path: str) -> Iterator[IO[str]]:
+  """A text file to append a run's log to, ending up at `path` (local or a URL).
+
+  A local log is appended to in place, so that it can be followed while the run trains. A Cloud
+  Storage object cannot be appended to: its earlier content is copied into a local temporary
+  file, which is uploaded when the block ends, also when it raises (an interrupted run's log is
+  the one worth reading)."""
+  if not storage.is_url(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as log:
+      yield log
+    return
+  with tempfile.TemporaryDirectory(prefix="self_flow_ablate_") as directory:
+    local = os.path.join(directory, "train.log")
+    with open(local, "wb") as earlier:
+      earlier.write(storage.read_bytes(path) if storage.exists(path) else b"")
+    with open(local, "a") as log:
+      try:
+        yield log
+      finally:
+        log.flush()
+        storage.upload(local, path)
+
+
 def subprocess_train_fn(config_file: str, config_arg: str, overrides: Mapping[str, str],
                         env: Mapping[str, str] | None = None) -> Callable[[AblationRun], None]:
   """train(run): `train_command` in a child process, its output appended to <workdir>/train.log;
   raises naming the log when the child fails."""
 
   def train(run: AblationRun) -> None:
-    os.makedirs(run.workdir, exist_ok=True)
-    log_path = os.path.join(run.workdir, "train.log")
+    log_path = storage.join(run.workdir, "train.log")
     command = train_command(run, config_file, config_arg, overrides)
-    with open(log_path, "a") as log:
+    with _appended_log(log_path) as log:
       log.write("$ " + " ".join(command) + "\n")
       log.flush()
       returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                   env=None if env is None else dict(env), check=False).returncode
     if returncode:
-      with open(log_path) as log:
-        tail = "".join(log.readlines()[-15:])
+      log_text = storage.read_bytes(log_path).decode(errors="replace")
+      tail = "".join(log_text.splitlines(keepends=True)[-15:])
       raise RuntimeError(f"exit status {returncode}; log {log_path} ends with:\n{tail}")
 
   return train

@@ -28,16 +28,17 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from self_flow import storage
 from self_flow.evaluation import frechet, inception
 
 IS_SPLIT_SIZE = 5000  # ADM: samples per Inception Score split (10 splits of a 50k batch).
@@ -112,8 +113,9 @@ def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
 
 
 def read_npz_images(path: str) -> np.ndarray:
-  """`arr_0` of an ADM-format .npz (class labels, if any, are `arr_1` and not needed here)."""
-  with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+  """`arr_0` of an ADM-format .npz, local or a URL (class labels, if any, are `arr_1` and not
+  needed here). Streamed: only `arr_0` is read, once."""
+  with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
     if "arr_0" not in npz.files:
       raise ValueError(f"{path} has no images 'arr_0' (keys: {npz.files}); ADM .npz batches store "
                        "uint8 NHWC images as arr_0.")
@@ -257,6 +259,7 @@ _STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 def default_cache_path(reference_path: str) -> str:
+  """`<reference without .npz>.inception_cache.npz` (a string edit: a URL stays a URL)."""
   return f"{os.path.splitext(reference_path)[0]}.inception_cache.npz"
 
 
@@ -268,8 +271,8 @@ def load_reference(path: str, extractor: InceptionActivations, cache_path: str |
   computed from `arr_0`. The pool activations of `arr_0` (precision/recall) and any computed
   statistics go to `cache_path` (default: beside the reference), keyed by the extractor's
   fingerprint and a hash of the images, and are reused while both match; `cache_path=""` turns
-  caching off."""
-  with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+  caching off. Both paths may be local or URLs (gs://...)."""
+  with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
     stored = {k: npz[k] for k in _STAT_KEYS if k in npz.files}
     images = check_images(npz["arr_0"], f"{path} arr_0") if "arr_0" in npz.files else None
   if stored and len(stored) != len(_STAT_KEYS):
@@ -297,9 +300,9 @@ def load_reference(path: str, extractor: InceptionActivations, cache_path: str |
 
 
 def _read_cache(cache_path: str, key: str) -> dict[str, np.ndarray] | None:
-  if not cache_path or not os.path.exists(cache_path):
+  if not cache_path or not storage.exists(cache_path):
     return None
-  with open(cache_path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+  with epath.Path(cache_path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
     if str(npz["key"]) != key:
       logging.info("%s belongs to other weights, preprocessing or images; recomputing.",
                    cache_path)
@@ -309,16 +312,16 @@ def _read_cache(cache_path: str, key: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(cache_path: str, key: str, arrays: dict[str, np.ndarray]) -> None:
-  """Atomic write (temporary file + rename); an unwritable location only skips caching."""
+  """Atomic write (`storage.save_npz`); an unwritable location only skips caching."""
   if not cache_path:
     return
   try:
-    directory = os.path.dirname(os.path.abspath(cache_path))
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as f:
-      np.savez(f, key=np.asarray(key), **arrays)
-    os.replace(f.name, cache_path)
-  except OSError as error:
-    logging.warning("Could not cache reference activations at %s (%s).", cache_path, error)
+    storage.save_npz(cache_path, {"key": np.asarray(key), **arrays})
+  # A cache is optional: whatever refuses the write (an OSError here, a tf.errors.OpError from
+  # Cloud Storage, which is no OSError) must not cost the metrics already computed.
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning("Could not cache reference activations at %s (%s: %s).", cache_path,
+                    type(error).__name__, error)
 
 
 # --- All five. ---
@@ -342,6 +345,5 @@ def evaluate(samples: np.ndarray, reference: Reference, extractor: InceptionActi
 
 
 def write_json(path: str, results: dict) -> None:
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-    f.write("\n")
+  """`results` as sorted, indented JSON at `path` (local or a URL), written all at once."""
+  storage.write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 
 from absl import logging
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from self_flow import storage
 from self_flow.modalities import image as image_modality
 
 # Architecture settings. They enter the cache file name, so changing one retrains the classifier;
@@ -130,10 +130,11 @@ def load_or_train_classifier(
 ) -> tuple[FeatureClassifier, float | None]:
   """The cached classifier for these data and settings; trains and caches it when missing.
 
-  The cache file is `<cache_dir>/<cache_key>-<hash>.npz`, where the hash covers the training
-  settings, the architecture settings and a fingerprint of the training data, so changing any
-  of them retrains rather than silently reusing stale weights. The file is written atomically
-  (temporary file, then `os.replace`), so an interrupted run never leaves a truncated cache.
+  The cache file is `<cache_dir>/<cache_key>-<hash>.npz` (`cache_dir` local or a URL,
+  gs://...), where the hash covers the training settings, the architecture settings and a
+  fingerprint of the training data, so changing any of them retrains rather than silently
+  reusing stale weights. The file is written atomically (`storage.save_npz`), so an interrupted
+  run never leaves a truncated cache.
 
   Returns (classifier, held-out accuracy). The accuracy is measured on (eval_images,
   eval_labels) when the classifier is trained and stored with it, so a later load returns the
@@ -164,9 +165,9 @@ def load_or_train_classifier(
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
   digest.update(np.ascontiguousarray(images).tobytes())
   digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
-  path = os.path.join(os.fspath(cache_dir), f"{cache_key}-{digest.hexdigest()[:16]}.npz")
+  path = storage.join(cache_dir, f"{cache_key}-{digest.hexdigest()[:16]}.npz")
 
-  if os.path.exists(path):
+  if storage.exists(path):
     classifier, accuracy = _load(path, num_classes, images.shape[1:], feature_dim)
     logging.info("Loaded the evaluation classifier from %s.", path)
     if accuracy is None and eval_images is not None:
@@ -253,18 +254,7 @@ def _save(path: str, classifier: FeatureClassifier, accuracy: float | None) -> N
   arrays = {name: np.asarray(value) for name, value in arrays.items()}
   if accuracy is not None:
     arrays[_ACCURACY_KEY] = np.asarray(accuracy, np.float64)
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
-                                  suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  storage.save_npz(path, arrays)
 
 
 def _load(path: str, num_classes: int, image_shape: tuple[int, ...],
@@ -274,8 +264,7 @@ def _load(path: str, num_classes: int, image_shape: tuple[int, ...],
       lambda: FeatureClassifier(num_classes, image_shape, feature_dim, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   expected = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state), sep="/")
-  with np.load(path) as stored:
-    arrays = {name: stored[name] for name in stored.files}
+  arrays = storage.load_npz(path)
   accuracy = arrays.pop(_ACCURACY_KEY, None)
   found = {name: value.shape for name, value in arrays.items()}
   wanted = {name: tuple(value.shape) for name, value in expected.items()}

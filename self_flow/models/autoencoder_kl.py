@@ -25,17 +25,16 @@ single-element module lists are plain attributes (`downsamplers.0.conv` is `down
 """
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx, traverse_util
 
-from self_flow import weight_files
+from self_flow import storage, weight_files
 
 # Latents are multiplied by this before diffusion training (and divided before decoding).
 SD_VAE_SCALE = 0.18215
@@ -383,28 +382,29 @@ def load_state_dict(model: AutoencoderKL, weights: Mapping[str, np.ndarray],
 
 
 def _resolve_paths(path: str) -> tuple[str, str | None]:
-  """(weight file, its config.json or None) for a weight file or a diffusers model directory."""
-  if os.path.isdir(path):
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.exists(weights):
+  """(weight file, its config.json or None) for a weight file or a diffusers model directory,
+  local or a URL (gs://...)."""
+  if storage.is_dir(path):
+    weights = storage.join(path, WEIGHTS_FILE)
+    if not storage.exists(weights):
       raise FileNotFoundError(f"{path!r} is a directory without {WEIGHTS_FILE}; pass the "
                               "diffusers VAE directory (e.g. sd-vae-ft-ema/) or a weight file.")
-  elif os.path.exists(path):
+  elif storage.exists(path):
     weights = path
   else:
     raise FileNotFoundError(f"VAE weights {path!r} do not exist.")
-  config = os.path.join(os.path.dirname(weights), CONFIG_FILE)
-  return weights, config if os.path.exists(config) else None
+  config = storage.join(epath.Path(weights).parent, CONFIG_FILE)
+  return weights, config if storage.exists(config) else None
 
 
 def load_autoencoder(path: str, config: AutoencoderConfig | None = None, *,
                      dtype=jnp.float32) -> AutoencoderKL:
-  """The AutoencoderKL with the weights of a local diffusers VAE.
+  """The AutoencoderKL with the weights of a diffusers VAE.
 
   Args:
     path: A diffusers VAE directory (holding diffusion_pytorch_model.safetensors and
       config.json, e.g. a download of stabilityai/sd-vae-ft-ema), a .safetensors file, or an
-      .npz of the same tensor names in PyTorch layout.
+      .npz of the same tensor names in PyTorch layout; local or a URL (gs://...).
     config: The architecture; default: the config.json next to the weights when there is one,
       else SD-VAE's.
     dtype: Compute dtype (parameters stay float32).
@@ -415,8 +415,7 @@ def load_autoencoder(path: str, config: AutoencoderConfig | None = None, *,
   """
   weights_path, config_path = _resolve_paths(path)
   if config is None and config_path is not None:
-    with open(config_path) as f:
-      config = AutoencoderConfig.from_diffusers(json.load(f))
+    config = AutoencoderConfig.from_diffusers(storage.read_json(config_path))
   config = config or AutoencoderConfig()
   # Built abstractly: every parameter is replaced by the file's, so random init would be waste.
   model = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))

@@ -5,18 +5,18 @@ run can see is known up front: `CaptionTable` embeds all of them in one batch, s
 `<cache_dir>/text_<encoder>_<key>.npz` (key: sha256 of the encoder's name and version and the
 sorted captions) and afterwards only looks vectors up. Resumed and repeated runs read the same
 file, so their conditioning is bit-identical even if the encoder's threaded arithmetic is not;
-another encoder or version gets another file.
+another encoder or version gets another file. The cache directory may be local or a URL
+(gs://...).
 """
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from absl import logging
 
+from self_flow import storage
 from self_flow.text import frozen_encoders
 
 
@@ -26,7 +26,7 @@ def cache_key(encoder_name: str, encoder_version: str, captions: Sequence[str]) 
 
 
 def cache_path(cache_dir: str, encoder_name: str, key: str) -> str:
-  return os.path.join(cache_dir, f"text_{encoder_name}_{key}.npz")
+  return storage.join(cache_dir, f"text_{encoder_name}_{key}.npz")
 
 
 class CaptionTable:
@@ -53,20 +53,17 @@ class CaptionTable:
     self._embeddings = embeddings
 
   def _read(self, captions: list[str]) -> np.ndarray | None:
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return None
-    with np.load(self.path) as saved:
-      if list(saved["captions"]) != captions:  # a hash collision or a hand-edited file
-        raise ValueError(f"{self.path} holds other captions than its key says; delete it.")
-      return saved["embeddings"]
+    saved = storage.load_npz(self.path)
+    if list(saved["captions"]) != captions:  # a hash collision or a hand-edited file
+      raise ValueError(f"{self.path} holds other captions than its key says; delete it.")
+    return saved["embeddings"]
 
   def _write(self, captions: list[str], embeddings: np.ndarray) -> None:
-    """Atomically (temp file + rename): concurrent processes each write a whole file."""
-    directory = os.path.dirname(self.path) or "."
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz.tmp", delete=False) as f:
-      np.savez(f, captions=np.asarray(captions), embeddings=embeddings.astype(np.float32))
-    os.replace(f.name, self.path)
+    """Atomically (`storage.save_npz`): concurrent processes each write a whole file."""
+    storage.save_npz(self.path, {"captions": np.asarray(captions),
+                                 "embeddings": embeddings.astype(np.float32)})
 
   def __contains__(self, caption: str) -> bool:
     return caption in self._rows

@@ -27,9 +27,7 @@ Conventions bridged (method doc §1.1, §1.4, §4 item 19):
 """
 
 import dataclasses
-import json
 import math
-import os
 import re
 
 from absl import app, flags, logging
@@ -40,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from self_flow.modalities import image
 from self_flow.models import factory, layers, presets
-from self_flow import base_config, config_resolution, train_state, weight_files
+from self_flow import base_config, config_resolution, storage, train_state, weight_files
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -291,34 +289,32 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: ml_collections
 
 
 def save_converted(directory: str, config: ml_collections.ConfigDict, params) -> None:
-  """Writes `directory/config.json` and the params as an orbax checkpoint in `directory/params`."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+  """Writes `directory/config.json` and the params as an orbax checkpoint in `directory/params`
+  (`directory` local or a URL: orbax and `storage` both take gs://)."""
+  directory = storage.resolve(directory)
+  if storage.exists(storage.join(directory, PARAMS_DIR)):
     raise ValueError(f"{directory} already holds converted params; choose a new output "
                      "directory or delete it.")
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+  storage.write_text(storage.join(directory, CONFIG_FILE), config.to_json(indent=2))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+    checkpointer.save(storage.join(directory, PARAMS_DIR), params)
     checkpointer.wait_until_finished()
 
 
 def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, params) written by `save_converted`; params are host numpy arrays in the tree of
   `train_state.model_graphdef(config)` (merge them, or device_put them to shardings)."""
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  directory = storage.resolve(directory)
+  config_path = storage.join(directory, CONFIG_FILE)
+  if not storage.exists(config_path):
     raise ValueError(f"{directory} holds no {CONFIG_FILE}; is it an output of "
                      "convert_official_checkpoint?")
   config = base_config.get_base_config()
-  with open(config_path) as f:
-    config.update(json.load(f))  # Typed by the base config (tuples stay tuples).
+  config.update(storage.read_json(config_path))  # Typed by the base config (tuples stay tuples).
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           train_state.abstract_params(config))
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), abstract)
+    params = checkpointer.restore(storage.join(directory, PARAMS_DIR), abstract)
   return config, jax.tree.map(np.asarray, params)
 
 
@@ -347,8 +343,9 @@ def define_flags() -> None:
   """Defines the CLI flags; only when run as a program, since tools that import this module
   (sample_npz --converted) define flags of the same names (--output)."""
   flags.DEFINE_string("input", None, "Official checkpoint: torch.save .pt/.pth/.bin, .npz or "
-                      ".safetensors.")
-  flags.DEFINE_string("output", None, "Directory to write (config.json + orbax params/).")
+                      ".safetensors (local or gs://...).")
+  flags.DEFINE_string("output", None, "Directory to write (config.json + orbax params/; local "
+                      "or gs://...).")
   flags.DEFINE_string("entry", None, "Entry of a nested checkpoint holding the weights "
                       "(default: 'ema' when present, else the top level).")
   flags.DEFINE_integer("num_heads", 0, "Attention heads (not in the weights); 0 = the SiT "

@@ -5,9 +5,10 @@
 
 Both files are .npz with uint8 NHWC images as `arr_0` (the reference may instead or also store
 `mu`, `sigma`, `mu_s`, `sigma_s`, used as stored, as the ADM evaluator does). The InceptionV3
-weights are a local file the user supplies (see `self_flow.evaluation.inception` for the accepted
+weights are a file the user supplies (see `self_flow.evaluation.inception` for the accepted
 names); nothing is downloaded. Prints the metrics and writes them as JSON (default: beside the
-samples, `<samples>.metrics.json`). Runs on the local devices of one host.
+samples, `<samples>.metrics.json`). Every path may be local or a URL (gs://...). Runs on the local
+devices of one host.
 
 The numbers are comparable to published ADM-evaluator numbers only with the TF graph's Inception
 weights, --preprocessing=adm and --inception_input_size=299 (the defaults), 50k samples and the
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from self_flow import storage
 from self_flow.evaluation import adm_metrics, inception
 
 
@@ -63,9 +65,9 @@ def run(options: flags.FlagValues) -> dict:
   output = options.output_json or f"{os.path.splitext(options.samples)[0]}.metrics.json"
   report = {
       **results, "num_samples": int(len(samples)), "reference_statistics": reference.origin,
-      "samples": os.path.abspath(options.samples),
-      "reference": os.path.abspath(options.reference),
-      "inception_weights": os.path.abspath(options.inception_weights),
+      "samples": storage.resolve(options.samples),
+      "reference": storage.resolve(options.reference),
+      "inception_weights": storage.resolve(options.inception_weights),
       "preprocessing": options.preprocessing,
       "inception_input_size": options.inception_input_size,
       "is_split_size": options.is_split_size}

@@ -21,14 +21,15 @@ round-off of differently shaped batches can differ). The index range is cut into
 --part_size; process p of P generates parts p, p + P, ... on its local devices and writes each
 as `<output>.parts/part_<k>.npz` (atomically); a part already complete with the same settings
 is kept, so a restarted job resumes. After a barrier, process 0 merges the parts into --output
-and deletes them (an existing --output is replaced). All processes must see the same output
-directory (a shared filesystem).
+and deletes them (an existing --output is replaced; the merged file is built on local disk, one
+part in memory at a time, then renamed or uploaded). All processes must see the same output
+directory: a shared filesystem or Cloud Storage (every path may be a gs:// URL).
 """
 
 import functools
 import json
 import math
-import os
+import zipfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -41,7 +42,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from self_flow import checkpointing, config_resolution, sharding, train_state
+from self_flow import checkpointing, config_resolution, sharding, storage, train_state
 from self_flow.data import modality_sources
 from self_flow.evaluation import chunking, generation
 from self_flow.modalities import image
@@ -136,11 +137,9 @@ def _part_path(output: str, part: int) -> epath.Path:
 
 
 def _write_npz(path: epath.Path, **arrays) -> None:
-  """Writes through a temporary name and renames, so a file that exists is complete."""
-  temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  with temporary.open("wb") as f:
+  """Writes the .npz `path` (local or a URL) all at once, so a file that exists is complete."""
+  with storage.local_output(path) as local, open(local, "wb") as f:
     np.savez(f, **arrays)
-  temporary.rename(path)
 
 
 def _read_part(path: epath.Path, settings: str, count: int) -> bool:
@@ -152,6 +151,12 @@ def _read_part(path: epath.Path, settings: str, count: int) -> bool:
       raise ValueError(f"{path} was sampled with other settings ({npz['settings']}; now "
                        f"{settings}); delete {path.parent} or choose another --output.")
     return len(npz["labels"]) == count
+
+
+def _read_array(path: epath.Path, name: str) -> np.ndarray:
+  """The array `name` of the .npz `path`, reading no other."""
+  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+    return npz[name]
 
 
 def write_samples(config: ml_collections.ConfigDict, params: dict, *, output: str,
@@ -228,20 +233,39 @@ def write_samples(config: ml_collections.ConfigDict, params: dict, *, output: st
 
 def _merge_parts(output: str, num_parts: int) -> str:
   """Concatenates parts 0..num_parts-1 into `output` (arr_0 images, arr_1 labels); deletes them."""
-  missing = [str(_part_path(output, k)) for k in range(num_parts)
-             if not _part_path(output, k).exists()]
+  parts = [_part_path(output, k) for k in range(num_parts)]
+  missing = [str(path) for path in parts if not path.exists()]
   if missing:
     raise RuntimeError(f"{len(missing)} part(s) are missing, e.g. {missing[:3]}: did every "
                        "process finish (and do all share the output directory)?")
-  images, labels = [], []
-  for part in range(num_parts):
-    with _part_path(output, part).open("rb") as f, np.load(f, allow_pickle=False) as npz:
-      images.append(npz["images"])
-      labels.append(npz["labels"])
-  _write_npz(epath.Path(output), arr_0=np.concatenate(images), arr_1=np.concatenate(labels))
+  with storage.local_output(output) as local:
+    count = _write_merged(local, parts)
   _parts_dir(output).rmtree()
-  logging.info("Wrote %d samples to %s.", sum(len(x) for x in labels), output)
+  logging.info("Wrote %d samples to %s.", count, output)
   return output
+
+
+def _write_merged(local: str, parts: Sequence[epath.Path]) -> int:
+  """Writes the ADM .npz `local` from the parts, holding one part's images at a time (50k
+  ImageNet samples are ~10 GB): `arr_0`'s header announces every sample, then each part's
+  images are streamed into the archive. Returns the number of samples."""
+  labels = np.concatenate([_read_array(path, "labels") for path in parts])
+  with zipfile.ZipFile(local, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+      header = None
+      for path in parts:
+        images = np.ascontiguousarray(_read_array(path, "images"))
+        if header is None:
+          header = np.lib.format.header_data_from_array_1_0(images)
+          header["shape"] = (len(labels),) + images.shape[1:]
+          np.lib.format.write_array_header_1_0(member, header)
+        if (images.shape[1:], images.dtype) != (header["shape"][1:], np.dtype(header["descr"])):
+          raise ValueError(f"{path} holds {images.dtype} images of shape {images.shape[1:]}, "
+                           f"unlike {parts[0]}; were the parts sampled by one model?")
+        member.write(images.data)
+    with archive.open("arr_1.npy", "w", force_zip64=True) as member:
+      np.lib.format.write_array(member, labels)
+  return len(labels)
 
 
 def _check_config(config: ml_collections.ConfigDict, decode: Decode | None
@@ -275,8 +299,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("converted", None, "Directory of a converted official checkpoint "
                       "(instead of --config and --workdir).", **fv)
   flags.DEFINE_integer("num_samples", 50_000, "Samples to generate.", lower_bound=1, **fv)
-  flags.DEFINE_string("output", "samples.npz", "The .npz to write (parts go to "
-                      "<output>.parts/).", **fv)
+  flags.DEFINE_string("output", "samples.npz", "The .npz to write, local or gs://... (parts go "
+                      "to <output>.parts/).", **fv)
   flags.DEFINE_integer("seed", 0, "Seed of the labels and noise; sample i depends on (seed, i).",
                        **fv)
   flags.DEFINE_integer("batch_size", 256, "Samples per sampler call on one host (a multiple of "
@@ -322,11 +346,11 @@ def run(options: flags.FlagValues) -> str | None:
     raise app.UsageError("pass either --converted or --config with --workdir, not both.")
   if options.converted:
     config, params = load_converted(options.converted)
-    source = f"converted:{os.path.abspath(options.converted)}"
+    source = f"converted:{storage.resolve(options.converted)}"
   elif options.config and options.workdir:
     config = options.config
     params, step = restore_ema_params(config, options.workdir)
-    source = f"workdir:{os.path.abspath(options.workdir)}@{step}"
+    source = f"workdir:{storage.resolve(options.workdir)}@{step}"
   else:
     raise app.UsageError("pass --config and --workdir (a training run), or --converted=DIR.")
   config = with_guidance(config, options)
@@ -334,7 +358,7 @@ def run(options: flags.FlagValues) -> str | None:
   if options.vae:
     mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
     decode = vae_decoder(options.vae, options.latent_scale, mesh)
-    source += f"|vae:{os.path.abspath(options.vae)}|latent_scale:{options.latent_scale}"
+    source += f"|vae:{storage.resolve(options.vae)}|latent_scale:{options.latent_scale}"
   process_count = jax.process_count()
   return write_samples(
       config, params, output=options.output, num_samples=options.num_samples,
