@@ -13,32 +13,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from self_flow import distributed
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, samples.")
 config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
-flags.DEFINE_bool("distributed", None,
-                  "Call jax.distributed.initialize(); default: when running on a TPU pod, when "
-                  "JAX_COORDINATOR_ADDRESS is set or when --coordinator_address is given.")
-# Where JAX cannot detect the cluster (TPU pods, SLURM, Open MPI, ... it can), e.g. GPU hosts
-# started by hand or several CPU processes on one machine, every process names the coordinator,
-# the process count and its own id; unset ones are left to JAX's detection.
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0's coordinator (default: JAX_COORDINATOR_ADDRESS or "
-                    "detected).")
-flags.DEFINE_integer("num_processes", None, "Processes of a distributed run (default: detected).")
-flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (default: "
-                     "detected).")
+distributed.define_flags()
 flags.DEFINE_bool("library_info_logs", False,
                   "Also log the INFO lines of the libraries (orbax, grain, tfds, ...); by default "
                   "only self_flow's INFO lines and every library's warnings and errors.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _want_distributed() -> bool:
-  if FLAGS.distributed is not None:
-    return FLAGS.distributed
-  return bool(FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-              or os.environ.get("TPU_WORKER_HOSTNAMES"))
 
 
 def main(argv):
@@ -54,9 +38,7 @@ def main(argv):
       accelerators.usable_cores())
   if cpu_devices is not None:  # before any backend starts; only the CPU backend reads it
     jax.config.update("jax_num_cpu_devices", cpu_devices)
-  if _want_distributed():
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  distributed.initialize(FLAGS)
   try:  # TensorFlow is only used by clu/tfds for I/O: keep it off the accelerators.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")

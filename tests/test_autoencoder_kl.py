@@ -380,25 +380,23 @@ def _image_folder(root, sizes_per_class: dict) -> list[str]:
   return files
 
 
-def test_processes_split_the_example_stream_without_overlap(tmp_path):
+def test_shard_blocks_of_the_examples_make_up_the_whole_split(tmp_path):
+  """The writer reads each shard's block as a slice: any cut into blocks (including one across
+  the originals/flips boundary) gives the examples of the whole split, in order."""
   files = _image_folder(tmp_path / "images", {"a": [(12, 12)] * 3, "b": [(12, 16)] * 4})
   source = encode_latents.FolderSource(str(tmp_path / "images"))
   assert source.class_names == ["a", "b"] and len(source) == len(files)
-
-  def stream(index, count):
-    return list(encode_latents.process_examples(source, len(files), True, 8, index, count, 2))
-
-  single = stream(0, 1)  # all originals, then all flips
-  assert len(single) == 2 * len(files)
-  assert [e["label"] for e in single] == [0, 0, 0, 1, 1, 1, 1] * 2
-  np.testing.assert_array_equal(single[len(files)]["image"], single[0]["image"][:, ::-1])
-  for count in (2, 3):  # process p holds examples p, p + count, ...
-    merged = [None] * len(single)
-    for index in range(count):
-      merged[index::count] = stream(index, count)
-    for got, want in zip(merged, single):
+  examples = encode_latents.CroppedExamples(source, len(files), True, 8, 2)
+  whole = list(examples[0:len(examples)])  # all originals, then all flips
+  assert len(examples) == len(whole) == 2 * len(files)
+  assert [e["label"] for e in whole] == [0, 0, 0, 1, 1, 1, 1] * 2
+  np.testing.assert_array_equal(whole[len(files)]["image"], whole[0]["image"][:, ::-1])
+  for cuts in ((0, 3, 9, 14), (0, 7, 14), (0, 1, 2, 13, 14)):
+    blocks = [item for a, b in zip(cuts, cuts[1:]) for item in examples[a:b]]
+    for got, want in zip(blocks, whole, strict=True):
       np.testing.assert_array_equal(got["image"], want["image"])
       assert (got["label"], got["caption"]) == (want["label"], want["caption"])
+  np.testing.assert_array_equal(examples[8]["image"], whole[8]["image"])
 
 
 def test_processes_write_one_split_together(tmp_path):
@@ -412,7 +410,7 @@ def test_processes_write_one_split_together(tmp_path):
   def write(index):
     try:
       writer.write_shards(
-          examples[index::2], output_dir=str(tmp_path), split="train", num_shards=4,
+          examples, output_dir=str(tmp_path), split="train", num_shards=3,
           signal_encoder=encoders.avgpool2_encoder,
           text_encoder=encode_latents.no_text_encoder, batch_size=3,
           signal_encoder_name="avgpool2", text_encoder_name="none", process_index=index,
@@ -429,12 +427,10 @@ def test_processes_write_one_split_together(tmp_path):
   assert not errors, errors
   source = reader.LatentShardSource(str(tmp_path), "train")
   assert [int(source[k]["label"]) for k in range(len(source))] == list(range(11))
-  with pytest.raises(ValueError, match="multiple of process_count"):
-    writer.write_shards(examples, output_dir=str(tmp_path), split="x", num_shards=3,
-                               signal_encoder=encoders.avgpool2_encoder,
-                               text_encoder=encode_latents.no_text_encoder, batch_size=3,
-                               signal_encoder_name="a", text_encoder_name="none",
-                               process_index=0, process_count=2, barrier=print)
+  # 3 shards need not divide over 2 processes; each shard is a block, with its manifest.
+  manifests = [json.loads((tmp_path / "manifests" / f"train-{i:05d}-of-00003.array_record.json"
+                           ).read_text()) for i in range(3)]
+  assert [m["num_records"] for m in manifests] == [3, 4, 4]
 
 
 def _constant_posterior(signals):
@@ -544,10 +540,10 @@ def test_tfds_source_reads_images_labels_and_class_names(fashion_mnist_dir):
   source = encode_latents.TfdsSource("fashion_mnist_local", "train", fashion_mnist_dir)
   assert len(source) == 60_000 and source.class_names[:2] == ["t-shirt/top", "trouser"]
   records = sources.open_image_source("fashion_mnist", "train", fashion_mnist_dir, "debian")
-  for index, loader in zip(range(5, 20, 7), source.strided(5, 7, 20)):
+  for index, loader in zip(range(5, 20), source.loaders(5, 20), strict=True):
     image, label = loader()
     assert label == int(records[index]["label"])
     np.testing.assert_array_equal(np.asarray(image), records[index]["image"][..., 0])
-  examples = list(encode_latents.process_examples(source, 3, False, 16, 0, 1, 2))
+  examples = list(encode_latents.CroppedExamples(source, 3, False, 16, 2)[0:3])
   assert [e["caption"] for e in examples] == [source.class_names[e["label"]] for e in examples]
   assert examples[0]["image"].shape == (16, 16, 3)

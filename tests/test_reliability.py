@@ -456,7 +456,7 @@ def _rewrite_shard(path: str, replace: dict[int, bytes]) -> None:
 
 
 def test_bad_dataset_records_are_named_or_skipped(tmp_path):
-  """Record 2 of shard 1 is garbage and record 3 holds a latent of the wrong shape: "error"
+  """Record 0 of shard 1 is garbage and record 3 holds a latent of the wrong shape: "error"
   names the shard file and record; "skip" serves the next good record and counts the skips."""
   rng = np.random.default_rng(0)
   examples = [{"image": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8), "caption": f"c{i}",
@@ -473,16 +473,16 @@ def test_bad_dataset_records_are_named_or_skipped(tmp_path):
   wrong_shape["latent"] = np.zeros((3, 3, 1), np.float16)
   expected = [good[i] for i in range(12)]
   _rewrite_shard(os.path.join(directory, shard),
-                 {2: b"\x00not msgpack", 3: serialization.msgpack_serialize(wrong_shape)})
+                 {0: b"\x00not msgpack", 3: serialization.msgpack_serialize(wrong_shape)})
 
   strict = reader_lib.LatentShardSource(directory, "train")
   with pytest.raises(reader_lib.BadRecordError,
-                     match=rf"latent shard '{shard}' record 2 \(example 5 of "):
-    strict[5]  # pylint: disable=pointless-statement
+                     match=rf"latent shard '{shard}' record 0 \(example 6 of "):
+    strict[6]  # pylint: disable=pointless-statement  (shard 1 holds examples 6..11)
   with pytest.raises(reader_lib.BadRecordError,
-                     match=rf"'{shard}' record 3 \(example 7 .*latent has shape \(3, 3, 1\), "
+                     match=rf"'{shard}' record 3 \(example 9 .*latent has shape \(3, 3, 1\), "
                      r"the metadata says \(4, 4, 1\)"):
-    strict.__getitems__([6, 7, 8])
+    strict.__getitems__([8, 9, 10])
   with pytest.raises(Exception, match=rf"latent shard '{shard}' record"):
     iterator = pipeline.make_train_iterator(
         strict, global_batch_size=4, seed=0, process_index=0, process_count=1, worker_count=0,
@@ -493,7 +493,7 @@ def test_bad_dataset_records_are_named_or_skipped(tmp_path):
   lenient = reader_lib.LatentShardSource(directory, "train", bad_records="skip")
   read = lenient.__getitems__(list(range(12)))
   assert lenient.skipped_records == 2
-  for index, stand_in in ((5, 6), (7, 8)):
+  for index, stand_in in ((6, 7), (9, 10)):
     np.testing.assert_array_equal(read[index]["latent"], expected[stand_in]["latent"])
-  for index in (0, 4, 6, 11):
+  for index in (0, 4, 8, 11):
     np.testing.assert_array_equal(read[index]["latent"], expected[index]["latent"])

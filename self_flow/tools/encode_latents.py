@@ -23,11 +23,12 @@ folder in sorted order; -1 for a flat folder without classes) and `caption` the 
 There is no caption embedding: `text_embedding` is one zero token with a False mask (the empty
 caption), so the shards suit class-conditional training only.
 
-Multi-host: run the same command on every host of a pod (writing to shared storage, e.g. a
-gcsfuse mount). With P processes, process p encodes examples p, p + P, ... and writes its own
-shard files (--num_shards must be a multiple of P); process 0 writes metadata.json last, after a
-barrier. `jax.distributed.initialize()` is called on TPU pods or when JAX_COORDINATOR_ADDRESS
-is set (or with --distributed).
+Multi-host: run the same command on every host of a pod, writing to shared storage (a gs://
+--output_dir, or a mount). With P processes, process p writes shards p, p + P, ..., each a
+contiguous block of examples it alone reads; process 0 writes metadata.json last, after a
+barrier. A rerun after a preemption writes only the shards that are missing
+(`latent_shards.writer`). `jax.distributed.initialize()` is called on TPU pods or when
+JAX_COORDINATOR_ADDRESS is set (or with --distributed / --coordinator_address).
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +36,6 @@ import collections
 import concurrent.futures
 import functools
 import io
-import os
 from typing import Any
 
 from absl import app, flags, logging
@@ -45,9 +45,11 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
+from etils import epath
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from self_flow import distributed, storage
 from self_flow.data.latent_shards import encoders, writer
 from self_flow.models import autoencoder_kl
 
@@ -84,8 +86,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        lower_bound=1, **fv)
   flags.DEFINE_bool("flip", False, "Also encode a horizontally flipped copy of every image.",
                     **fv)
-  flags.DEFINE_integer("num_shards", 256, "Shard files of the split; a multiple of the process "
-                       "count.", lower_bound=1, **fv)
+  flags.DEFINE_integer("num_shards", 256, "Shard files of the split.", lower_bound=1, **fv)
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call on each host; a multiple of "
                        "its local device count.", lower_bound=1, **fv)
   flags.DEFINE_integer("max_examples", None, "Encode only the first this many images (default: "
@@ -95,8 +96,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("vae_dtype", "float32", list(VAE_DTYPES), "Compute dtype of the VAE.", **fv)
   flags.DEFINE_integer("num_workers", 8, "Threads decoding and cropping images.", lower_bound=1,
                        **fv)
-  flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: on a TPU "
-                    "pod or when JAX_COORDINATOR_ADDRESS is set.", **fv)
+  flags.DEFINE_bool("overwrite", False, "Replace a split that --output_dir holds from another "
+                    "job (other VAE, scale or sizes); without it such shards are kept and the job "
+                    "stops.", **fv)
+  distributed.define_flags(flag_values)
   flags.mark_flags_as_required(["output_dir", "vae_path"], flag_values=flag_values)
 
 
@@ -119,7 +122,7 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _load_file(path: str, label: int) -> tuple[Image.Image, int]:
-  with Image.open(path) as image:
+  with epath.Path(path).open("rb") as f, Image.open(f) as image:  # local or gs://
     image.load()
     return image, label
 
@@ -136,34 +139,34 @@ def _load_record(source, index: int) -> tuple[Image.Image, int]:
 
 
 class FolderSource:
-  """Images of a directory: `class_name/*.jpg|png` (label = index of the sorted class name), or
-  images directly in it (label -1). Files are taken in sorted order."""
+  """Images of a directory (local or gs://): `class_name/*.jpg|png` (label = index of the sorted
+  class name), or images directly in it (label -1). Files are taken in sorted order."""
 
   def __init__(self, directory: str):
-    if not os.path.isdir(directory):
+    if not storage.is_dir(directory):
       raise FileNotFoundError(f"--image_dir={directory!r} is not a directory.")
-    entries = sorted(os.listdir(directory))
+    entries = storage.list_names(directory)
     is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS)  # noqa: E731
-    classes = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+    classes = [e for e in entries if storage.is_dir(storage.join(directory, e))]
     flat = [e for e in entries if is_image(e)]
     if classes and flat:
       raise ValueError(f"{directory!r} holds both class folders ({classes[:3]}) and images "
                        f"({flat[:3]}); use one layout: class_name/*.jpg or a flat folder.")
     self.class_names = classes
     if classes:
-      self._items = [(os.path.join(directory, c, f), label) for label, c in enumerate(classes)
-                     for f in sorted(os.listdir(os.path.join(directory, c))) if is_image(f)]
+      self._items = [(storage.join(directory, c, f), label) for label, c in enumerate(classes)
+                     for f in storage.list_names(storage.join(directory, c)) if is_image(f)]
     else:
-      self._items = [(os.path.join(directory, f), -1) for f in flat]
+      self._items = [(storage.join(directory, f), -1) for f in flat]
     if not self._items:
       raise ValueError(f"{directory!r} holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
 
   def __len__(self) -> int:
     return len(self._items)
 
-  def strided(self, start: int, step: int, stop: int) -> Iterator[Loader]:
-    """Loaders of images start, start + step, ... below stop."""
-    for path, label in self._items[start:stop:step]:
+  def loaders(self, start: int, stop: int) -> Iterator[Loader]:
+    """Loaders of images start, ..., stop - 1."""
+    for path, label in self._items[start:stop]:
       yield functools.partial(_load_file, path, label)
 
 
@@ -186,41 +189,55 @@ class TfdsSource:
   def __len__(self) -> int:
     return self._length
 
-  def strided(self, start: int, step: int, stop: int) -> Iterator[Loader]:
-    """Loaders of examples start, start + step, ... below stop."""
+  def loaders(self, start: int, stop: int) -> Iterator[Loader]:
+    """Loaders of examples start, ..., stop - 1 (TFRecord files: read from the split's start)."""
     if self._builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
       source = self._builder.as_data_source(split=self._split)
-      for index in range(start, stop, step):
+      for index in range(start, stop):
         yield functools.partial(_load_record, source, index)
       return
     dataset = self._builder.as_dataset(
         split=self._split, shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()})  # JPEG bytes: decoded by our threads
-    for record in tfds.as_numpy(dataset.take(stop).shard(step, start)):
+    for record in tfds.as_numpy(dataset.skip(start).take(stop - start)):
       yield functools.partial(_load_bytes, record["image"], int(record["label"]))
 
 
-def process_examples(source, num_images: int, flip: bool, image_size: int, process_index: int,
-                     process_count: int, num_workers: int) -> Iterator[dict[str, Any]]:
-  """This process's examples k = p, p + P, ... of the split, as `write_shards` examples.
+class CroppedExamples(Sequence):
+  """The split as `write_shards` examples: example k < num_images is image k center-cropped;
+  with `flip`, example num_images + i is image i flipped. A slice loads its images in
+  `num_workers` threads, in order, reading only its own block of the source."""
 
-  Example k < num_images is image k; with `flip`, example num_images + i is image i flipped.
-  """
-  def load(item: tuple[Loader, bool]) -> dict[str, Any]:
+  def __init__(self, source, num_images: int, flip: bool, image_size: int, num_workers: int):
+    self._source, self._num_images, self._flip = source, num_images, flip
+    self._image_size, self._num_workers = image_size, num_workers
+
+  def __len__(self) -> int:
+    return self._num_images * (2 if self._flip else 1)
+
+  def _load(self, item: tuple[Loader, bool]) -> dict[str, Any]:
     loader, flipped = item
     image, label = loader()
-    image = center_crop(image, image_size)
-    caption = source.class_names[label] if 0 <= label < len(source.class_names) else ""
+    image = center_crop(image, self._image_size)
+    names = self._source.class_names
     return {"image": np.ascontiguousarray(image[:, ::-1] if flipped else image),
-            "caption": caption, "label": label}
+            "caption": names[label] if 0 <= label < len(names) else "", "label": label}
 
-  def items() -> Iterator[tuple[Loader, bool]]:
-    for copy in range(2 if flip else 1):
-      start = (process_index - copy * num_images) % process_count
-      for loader in source.strided(start, process_count, num_images):
-        yield loader, bool(copy)
+  def _items(self, start: int, stop: int) -> Iterator[tuple[Loader, bool]]:
+    for copy in range(2 if self._flip else 1):
+      offset = copy * self._num_images
+      first, last = max(start - offset, 0), min(stop - offset, self._num_images)
+      if first < last:
+        for loader in self._source.loaders(first, last):
+          yield loader, bool(copy)
 
-  return _ordered_parallel_map(load, items(), num_workers)
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      start, stop, step = index.indices(len(self))
+      if step != 1:
+        raise ValueError("CroppedExamples slices must be contiguous.")
+      return _ordered_parallel_map(self._load, self._items(start, stop), self._num_workers)
+    return next(iter(self[index:index + 1]))
 
 
 def _ordered_parallel_map(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
@@ -285,19 +302,15 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
   source = _open_source(options)
   num_images = min(len(source), options.max_examples or len(source))
   process_index, process_count = jax.process_index(), jax.process_count()
-  if num_images * (2 if options.flip else 1) < process_count:
-    raise app.UsageError(f"{num_images} images cannot be split over {process_count} processes.")
   latent_scale = (autoencoder_kl.SD_VAE_SCALE if options.latent_scale is None
                   else options.latent_scale)
-  vae_name = os.path.basename(os.path.normpath(os.path.dirname(options.vae_path)
-                                               if os.path.isfile(options.vae_path)
-                                               else options.vae_path))
+  vae_path = epath.Path(options.vae_path)
+  vae_name = (vae_path.parent if vae_path.is_file() else vae_path).name
   logging.info("Process %d/%d: encoding %d%s images of split %r into %s.", process_index,
                process_count, num_images, " (+ flips)" if options.flip else "", options.split,
                options.output_dir)
   return writer.write_shards(
-      process_examples(source, num_images, options.flip, options.image_size, process_index,
-                       process_count, options.num_workers),
+      CroppedExamples(source, num_images, options.flip, options.image_size, options.num_workers),
       output_dir=options.output_dir,
       split=options.split,
       num_shards=options.num_shards,
@@ -311,20 +324,14 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
       process_index=process_index,
       process_count=process_count,
       barrier=multihost_utils.sync_global_devices if process_count > 1 else None,
+      overwrite=options.overwrite,
   )
-
-
-def _want_distributed(options: flags.FlagValues) -> bool:
-  if options.distributed is not None:
-    return options.distributed
-  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"))
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _want_distributed(flags.FLAGS):
-    jax.distributed.initialize()
+  distributed.initialize(flags.FLAGS)
   run(flags.FLAGS)
 
 

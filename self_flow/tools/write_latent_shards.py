@@ -19,16 +19,17 @@ Python by passing callables to `latent_shards.writer.write_shards`.
 
 The datasets are Fashion-MNIST (image; captioned from the class name), the moving sprites
 (video; a training phrasing of object, direction and speed, fixed per example) and the spoken
-words (audio; the exact transcript).
+words (audio; the exact transcript). --output_dir may be a gs:// URL; a rerun after an
+interruption writes only the shards that are missing (`latent_shards.writer`).
 """
 
-from collections.abc import Iterator, Sequence
-import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 import numpy as np
 
+from self_flow import distributed
 from self_flow.data import (fashion_mnist_local, motion_captions, moving_sprites, sources,
                             spoken_words)
 from self_flow.data.latent_shards import encoders, layout, writer
@@ -59,6 +60,9 @@ flags.DEFINE_float("latent_scale", 1.0, "Stored latent = (encoded - latent_shift
 flags.DEFINE_float("latent_shift", 0.0, "See --latent_scale.")
 flags.DEFINE_integer("max_examples", None, "Encode at most this many examples per split "
                      "(default: all).", lower_bound=1)
+flags.DEFINE_bool("overwrite", False, "Replace a split that --output_dir holds from another job "
+                  "(other encoders or sizes); without it such shards are kept and the job stops.")
+distributed.define_flags()
 flags.mark_flags_as_required(["output_dir"])
 
 
@@ -99,13 +103,25 @@ def _audio_example(index: int, record: dict[str, Any]) -> dict[str, Any]:
 _EXAMPLES = {"image": _image_example, "video": _video_example, "audio": _audio_example}
 
 
-def captioned_examples(
-    source: Sequence[dict[str, Any]], max_examples: int | None, modality: str = "image"
-) -> Iterator[dict[str, Any]]:
-  """Yields the first `max_examples` records of `source` (all if None) with their captions."""
-  make_example = _EXAMPLES[modality]
-  for index in itertools.islice(range(len(source)), max_examples):
-    yield make_example(index, source[index])
+class CaptionedExamples(Sequence):
+  """The first `max_examples` records of `source` (all if None) with their captions, read
+  lazily by index (the writer reads each shard's block)."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], max_examples: int | None,
+               modality: str = "image"):
+    self._source = source
+    self._length = min(len(source), max_examples or len(source))
+    self._make_example = _EXAMPLES[modality]
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(self._length))]
+    if not 0 <= index < self._length:
+      raise IndexError(f"example {index} of {self._length}")
+    return self._make_example(index, self._source[index])
 
 
 def open_dataset(modality: str, split: str) -> Sequence[dict[str, Any]]:
@@ -120,13 +136,23 @@ def open_dataset(modality: str, split: str) -> Sequence[dict[str, Any]]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(FLAGS)
+  import jax  # pylint: disable=g-import-not-at-top  (after the distributed set-up)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   modality = FLAGS.modality
   encoder_name = FLAGS.signal_encoder or DEFAULT_ENCODERS[modality]
   signal_encoder = encoders.get_signal_encoder(modality, encoder_name)
   text_encoder = encoders.get_text_encoder(FLAGS.text_encoder, FLAGS.text_max_length)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  barrier = multihost_utils.sync_global_devices if process_count > 1 else None
   for split in FLAGS.splits:
+    # Process 0 builds the embedded dataset (first use) before the others open it.
+    dataset = open_dataset(modality, split) if process_index == 0 else None
+    if barrier:
+      barrier(f"write_latent_shards: dataset {split} prepared")
     writer.write_shards(
-        captioned_examples(open_dataset(modality, split), FLAGS.max_examples, modality),
+        CaptionedExamples(open_dataset(modality, split) if dataset is None else dataset,
+                          FLAGS.max_examples, modality),
         output_dir=FLAGS.output_dir,
         split=split,
         num_shards=FLAGS.num_shards,
@@ -138,6 +164,10 @@ def main(argv: Sequence[str]) -> None:
         signal_encoder_name=encoder_name,
         text_encoder_name=FLAGS.text_encoder,
         modality=modality,
+        process_index=process_index,
+        process_count=process_count,
+        barrier=barrier,
+        overwrite=FLAGS.overwrite,
     )
 
 

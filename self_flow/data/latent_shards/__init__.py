@@ -11,12 +11,17 @@ results by index through grain (`reader.LatentShardSource`). The modules of this
 * `reader`: `LatentShardSource`, the grain source, and its bad-record policies.
 * `posterior`: grain transforms drawing latents from a stored posterior.
 
-On-disk format (version 2). A directory (local or mounted, e.g. with gcsfuse) holding:
+On-disk format (version 3). A directory, local or on Cloud Storage (gs://...), holding:
 
 * `{split}-{i:05d}-of-{n:05d}.array_record` for i in [0, n): the shards of `split`, written
   with ArrayRecord options `group_size:1` (one record per chunk, which random access needs).
-  Example k of the written stream is record k // n of shard k % n (round robin), and
-  `LatentShardSource` index k reads it back, so sources keep the written order.
+  Shard i holds the consecutive examples `layout.shard_range(i, n, N)` of the N written, and
+  `LatentShardSource` index k reads example k back, so sources keep the written order.
+  (Version 2 directories, whose shard k % n held example k, are still read.)
+* `manifests/{shard file}.json`, one per finished shard: the job that wrote it (modality,
+  encoders, scale, shift, N, n), its record count and fields, and who wrote it when. A shard
+  counts as written only once its manifest exists, so a rerun of an interrupted job writes only
+  the shards that have none.
 * `metadata.json`, written last (atomically) and merged when more splits are added::
 
     {"format": "self_flow.latent_shards", "version": 2, "modality": "image",
@@ -32,9 +37,9 @@ On-disk format (version 2). A directory (local or mounted, e.g. with gcsfuse) ho
   A split's shards are usable only once its entry is in `metadata.json`; a directory without
   the file, or a split missing from it, was not (completely) written and is refused.
 
-  With P writer processes (`write_shards(process_index=p, process_count=P, barrier=...)`), n is
-  a multiple of P and process p encodes the examples k = p, p + P, ... of the stream, so it alone
-  writes the shards i = p, p + P, ...; process 0 writes metadata.json after all have finished.
+  With P writer processes (`write_shards(process_index=p, process_count=P, barrier=...)`),
+  process p writes the shards i = p, p + P, ..., reading only their examples; process 0 merges
+  metadata.json from the manifests after all have finished.
 
 One directory holds one modality (`layout.MODALITIES`), whose latents have the rank the
 trainer's tokenizer of that modality expects:

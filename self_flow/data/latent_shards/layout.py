@@ -1,24 +1,31 @@
 """The latent-shard on-disk format: file names, metadata.json and the per-modality table.
 
 Both the writer and the reader import their constants and checks from here, so the two cannot
-drift apart, and neither depends on the other (the reader needs none of the encoders).
+drift apart, and neither depends on the other (the reader needs none of the encoders). Every
+directory may be local or a Cloud Storage URL (`self_flow.storage`).
 """
 
 from collections.abc import Callable
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
 import numpy as np
 
+from self_flow import storage
 from self_flow.modalities import audio as audio_modality
 from self_flow.modalities import image as image_modality
 
 FORMAT = "self_flow.latent_shards"
-VERSION = 2
+# Version 3: shard i holds the contiguous examples `shard_range(i, n, N)`. Version 2 (still read)
+# put example k in shard k % n (round robin).
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 METADATA_FILE = "metadata.json"
+# Per-shard records of finished shards, `MANIFEST_DIR/{shard name}.json`: what makes a shard
+# count as written, so that a rerun after a preemption writes only the missing ones.
+MANIFEST_DIR = "manifests"
 # group_size:1 puts every record in its own chunk: reading one record decodes only that record.
 WRITER_OPTIONS = "group_size:1"
 
@@ -49,10 +56,21 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}-{index:05d}-of-{num_shards:05d}.array_record"
 
 
+def shard_range(index: int, num_shards: int, num_examples: int) -> range:
+  """The examples of shard `index` of `num_shards` (version 3): a contiguous block, the blocks
+  differing in size by at most one."""
+  return range(index * num_examples // num_shards, (index + 1) * num_examples // num_shards)
+
+
+def manifest_path(directory: str, split: str, index: int, num_shards: int) -> str:
+  """The manifest of shard `index` of `split`, written once the shard is complete."""
+  return storage.join(directory, MANIFEST_DIR, shard_name(split, index, num_shards) + ".json")
+
+
 def shard_files(directory: str, split: str) -> list[str]:
   """Returns the sorted names of all shard files of `split` in `directory`, whatever their n."""
   pattern = re.compile(re.escape(split) + r"-\d{5}-of-\d{5}\.array_record")
-  return sorted(name for name in os.listdir(directory) if pattern.fullmatch(name))
+  return [name for name in storage.list_names(directory) if pattern.fullmatch(name)]
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
@@ -62,21 +80,20 @@ def read_metadata(directory: str) -> dict[str, Any]:
     FileNotFoundError: `directory` or its `metadata.json` does not exist.
     ValueError: the file is not latent-shard metadata of a known version.
   """
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"Latent-shard directory {directory!r} does not exist.")
-  path = os.path.join(directory, METADATA_FILE)
-  if not os.path.exists(path):
+  path = storage.join(directory, METADATA_FILE)
+  if not storage.exists(path):
+    if not storage.is_dir(directory):
+      raise FileNotFoundError(f"Latent-shard directory {directory!r} does not exist.")
     raise FileNotFoundError(
         f"{directory!r} has no {METADATA_FILE}: it is not a latent-shard directory, or its "
         "writer did not finish (the metadata is written last). Rerun write_shards."
     )
-  with open(path) as f:
-    metadata = json.load(f)
-  if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+  metadata = json.loads(storage.read_text(path))
+  if metadata.get("format") != FORMAT or metadata.get("version") not in READABLE_VERSIONS:
     raise ValueError(
         f"{path!r} has format={metadata.get('format')!r}, version={metadata.get('version')!r};"
-        f" this reader knows only format={FORMAT!r}, version={VERSION}. Rewrite the shards with"
-        " python -m self_flow.tools.write_latent_shards."
+        f" this reader knows only format={FORMAT!r}, versions {READABLE_VERSIONS}. Rewrite the "
+        "shards with python -m self_flow.tools.write_latent_shards."
     )
   return metadata
 

@@ -3,10 +3,10 @@
 This is the trainer's side of the format; it needs neither the writer nor the encoders.
 """
 
+import bisect
 from collections.abc import Sequence
 import dataclasses
 import itertools
-import os
 from typing import Any
 
 from absl import logging
@@ -14,6 +14,7 @@ from array_record.python import array_record_data_source
 from flax import serialization
 import numpy as np
 
+from self_flow import storage
 from self_flow.data.latent_shards import layout
 
 
@@ -41,7 +42,8 @@ class BadRecordError(ValueError):
 class LatentShardSource:
   """Random-access source over all shards of one split, for grain.
 
-  Index k is the k-th example written (record k // n of shard k % n). Records decode to
+  Index k is the k-th example written (in version 3 directories the shards hold consecutive
+  blocks of examples; in version 2 ones record k // n of shard k % n). Records decode to
   `{"latent": float32 latent_shape, "text_embedding": float32 (L, D), "text_mask": bool (L,),
   "label": int32 scalar, "caption": str}`, plus `"latent_std"` float32 latent_shape when the
   shards hold a posterior std. The repr names only the split and its shapes and
@@ -80,7 +82,7 @@ class LatentShardSource:
     lengths = info["shard_lengths"]
     if len(lengths) != num_shards or sum(lengths) != info["num_examples"]:
       raise ValueError(
-          f"{os.path.join(directory, layout.METADATA_FILE)!r}: split {split!r} has num_shards="
+          f"{storage.join(directory, layout.METADATA_FILE)!r}: split {split!r} has num_shards="
           f"{num_shards} and num_examples={info['num_examples']} but shard_lengths={lengths}."
       )
     expected = [layout.shard_name(split, i, num_shards) for i in range(num_shards)]
@@ -97,9 +99,10 @@ class LatentShardSource:
     self.skipped_records = 0
     self._shard_names = expected
     self._num_shards = num_shards
+    self._round_robin = self.metadata["version"] == 2
     self._offsets = [0, *itertools.accumulate(lengths)][:-1]
     self._records = array_record_data_source.ArrayRecordDataSource([
-        _ShardInstruction(os.path.join(directory, name), 0, length, length)
+        _ShardInstruction(storage.join(directory, name), 0, length, length)
         for name, length in zip(expected, lengths)
     ])
     fields = self.metadata["fields"]
@@ -122,7 +125,15 @@ class LatentShardSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"Index {index} is out of range for {self!r}.")
-    return self._offsets[index % self._num_shards] + index // self._num_shards
+    if self._round_robin:
+      return self._offsets[index % self._num_shards] + index // self._num_shards
+    return index  # consecutive blocks: the concatenated shards are the written order
+
+  def _location(self, index: int) -> tuple[str, int]:
+    """(shard file name, record number in it) of example `index`."""
+    key = self._key(index)
+    shard = bisect.bisect_right(self._offsets, key) - 1
+    return self._shard_names[shard], key - self._offsets[shard]
 
   def _checked(self, index: int, read) -> dict[str, Any]:
     """Decodes and checks record `index` (raw bytes from `read()`); BadRecordError names it."""
@@ -139,8 +150,8 @@ class LatentShardSource:
           raise ValueError(f"{name} holds non-finite values")
       return record
     except Exception as err:  # pylint: disable=broad-except  (msgpack, I/O, shape: all bad data)
-      shard = self._shard_names[index % self._num_shards]
-      raise BadRecordError(f"latent shard {shard!r} record {index // self._num_shards} "
+      shard, record = self._location(index)
+      raise BadRecordError(f"latent shard {shard!r} record {record} "
                            f"(example {index} of {self!r}) is unreadable: {err}") from err
 
   def _read(self, index: int) -> dict[str, Any]:

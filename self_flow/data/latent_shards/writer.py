@@ -1,15 +1,22 @@
 """Writes latent shards: encodes examples and stores them in the format `layout` defines.
 
 This is the one-off encoding job (CLI `self_flow.tools.write_latent_shards`); the trainer only
-reads, so it never imports this module.
+reads, so it never imports this module. The output directory may be local or a Cloud Storage
+URL. Each shard is written to a local temporary file, uploaded whole when complete, then
+recorded in a per-shard manifest (`layout.MANIFEST_DIR`); a rerun after a preemption skips every
+shard with a manifest of the same job and writes only the missing ones; `metadata.json` is
+merged from the manifests last. Shards of another job (other encoders, scale, sizes) are never
+deleted without `overwrite=True`.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import itertools
-import json
 import math
 import os
 import re
+import socket
+import tempfile
+import time
 from typing import Any
 
 from absl import logging
@@ -17,14 +24,14 @@ from array_record.python import array_record_module
 from flax import serialization
 import numpy as np
 
+from self_flow import storage
 from self_flow.data.latent_shards import encoders, layout
 
 _SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
-_LOG_EVERY = 10_000
 
 
 def write_shards(
-    examples: Iterable[dict[str, Any]],
+    examples: Sequence[dict[str, Any]],
     *,
     output_dir: str,
     split: str,
@@ -40,27 +47,34 @@ def write_shards(
     process_index: int = 0,
     process_count: int = 1,
     barrier: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
   """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
 
-  Other splits already in `output_dir` are kept; their metadata must agree (modality,
-  encoders, latent scale and shift, field shapes). Rewriting an existing split first drops it
-  from the metadata, so an interrupted rewrite leaves it absent rather than inconsistent.
+  Shard i holds examples `layout.shard_range(i, num_shards, len(examples))`, read as
+  `examples[start:stop]`: a sequence whose slices load in parallel (threaded image decoding)
+  speeds the job up, and nothing outside a shard's block is read for it.
 
-  Several processes (e.g. the hosts of a TPU pod, sharing `output_dir`) write one split
-  together: each calls this with its `process_index` and the examples k = process_index,
-  process_index + process_count, ... of the split, in that order, and writes only its own shard
-  files. Process 0 clears the old split before anyone writes and writes the metadata after
-  everyone has finished; `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders
-  these steps.
+  Other splits already in `output_dir` are kept; their metadata must agree (modality,
+  encoders, latent scale and shift, field shapes). A shard whose manifest records this very job
+  (same encoders, scale, shift, example count and shard count) is not written again, so an
+  interrupted job is finished by rerunning it. A manifest of another job stops the job before
+  anything is changed, unless `overwrite` (then the split's old shards, manifests and metadata
+  entry are deleted first).
+
+  Several processes (e.g. the hosts of a TPU pod, all writing `output_dir`) write one split
+  together: each calls this with its `process_index` and the same `examples`, and writes the
+  shards i = process_index, process_index + process_count, ... . Process 0 clears an old split
+  (with `overwrite`) before anyone writes and merges the metadata after everyone has finished;
+  `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders these steps.
 
   Args:
     examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
       `video` uint8 (T, H, W, C) or `waveform` int16 (samples,)), `caption` (str) and
       optionally `label` (int; -1 = none, the default).
-    output_dir: Directory to write; created if missing.
+    output_dir: Directory to write (local or gs://); created if missing.
     split: Split name (letters, digits, underscores).
-    num_shards: Number of shard files; examples go to them round robin.
+    num_shards: Number of shard files (at most the number of examples).
     signal_encoder: (B, *signal shape) float32 in [-1, 1] -> (B, *latent shape) latents, of
       the rank `layout.MODALITIES[modality].latent_axes` names, or a (mean, std) pair of them for a
       Gaussian posterior (stored as `latent` and `latent_std`).
@@ -73,113 +87,214 @@ def write_shards(
     text_encoder_name: Name of `text_encoder`, recorded in the metadata.
     modality: "image", "video" or "audio": what the examples hold (see `layout.MODALITIES`).
     process_index: This process's index in [0, process_count).
-    process_count: Processes writing the split together; must divide `num_shards`.
+    process_count: Processes writing the split together.
     barrier: Blocks until every process has called it with the same name; required when
       `process_count > 1`.
+    overwrite: Replace the split if `output_dir` holds it (or parts of it) from another job.
 
   Returns:
     The metadata written to `output_dir/metadata.json`.
 
   Raises:
-    ValueError: a bad argument or example, or metadata incompatible with the existing splits.
+    ValueError: a bad argument or example, shards of another job without `overwrite`, or
+      metadata incompatible with the existing splits.
   """
   layout.check_modality(modality)
   _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
                     signal_encoder_name, text_encoder_name)
-  _check_process_args(num_shards, process_index, process_count, barrier)
-  encoded = _encode_batches(
-      examples, layout.MODALITIES[modality], signal_encoder, text_encoder, batch_size, latent_scale,
-      latent_shift
-  )
-  # The first batch gives the field shapes, which are checked before the directory is touched.
-  first = next(encoded, None)
-  if first is None:
-    raise ValueError(f"No examples given for split {split!r} (process {process_index} of "
-                     f"{process_count}); nothing written.")
-  header = {
-      "format": layout.FORMAT,
-      "version": layout.VERSION,
-      "modality": modality,
-      "latent_scale": float(latent_scale),
-      "latent_shift": float(latent_shift),
-      "signal_encoder": signal_encoder_name,
-      "text_encoder": text_encoder_name,
-      "fields": first[1],
-  }
+  _check_process_args(process_index, process_count, barrier)
+  if not len(examples):  # pylint: disable=g-explicit-length-test  (a Sequence, maybe no bool)
+    raise ValueError(f"No examples given for split {split!r}; nothing written.")
+  if num_shards > len(examples):
+    raise ValueError(f"num_shards={num_shards} exceeds the {len(examples)} examples of split "
+                     f"{split!r}; use at most one shard per example.")
+  job = {"modality": modality, "latent_scale": float(latent_scale),
+         "latent_shift": float(latent_shift), "signal_encoder": signal_encoder_name,
+         "text_encoder": text_encoder_name, "num_examples": len(examples),
+         "num_shards": num_shards}
   sync = barrier or (lambda name: None)
+  other_splits = _other_splits_header(output_dir, split, job)
   if process_index == 0:
-    metadata = _metadata_for_new_split(output_dir, split, header)
-  sync(f"latent_shards {output_dir} {split}: old shards cleared")
-  # This process's examples are k = process_index + j * process_count; example k goes to shard
-  # k % num_shards, one of this process's shards since process_count divides num_shards.
-  writers = {
-      i: array_record_module.ArrayRecordWriter(
-          os.path.join(output_dir, layout.shard_name(split, i, num_shards)), layout.WRITER_OPTIONS)
-      for i in range(process_index, num_shards, process_count)
-  }
-  try:
-    for count, (record, fields) in enumerate(itertools.chain([first], encoded), start=1):
-      index = process_index + (count - 1) * process_count
-      if fields != header["fields"]:
-        raise ValueError(
-            f"Example {index} of split {split!r} has fields {fields}, but earlier examples "
-            f"have {header['fields']}; all examples must share one shape."
-        )
-      writers[index % num_shards].write(serialization.msgpack_serialize(record))
-      if count % _LOG_EVERY == 0:
-        logging.info("%s: process %d wrote %d examples of split %r.", output_dir, process_index,
-                     count, split)
-  finally:
-    for writer in writers.values():
-      writer.close()
+    _check_or_clear_split(output_dir, split, job, overwrite)
+  sync(f"latent_shards {output_dir} {split}: old shards checked")
+  encode = lambda block, start: _encode_batches(  # noqa: E731
+      block, layout.MODALITIES[modality], signal_encoder, text_encoder, batch_size, latent_scale,
+      latent_shift, start)
+  mine = range(process_index, num_shards, process_count)
+  started, done = time.time(), 0
+  for index in mine:
+    shard = layout.shard_range(index, num_shards, len(examples))
+    if _finished(output_dir, split, index, job):
+      logging.info("%s: shard %d of split %r is already written; skipped.", output_dir, index,
+                   split)
+      continue
+    _write_shard(output_dir, split, index, job, encode(examples[shard.start:shard.stop],
+                                                       shard.start), other_splits)
+    done += 1
+    elapsed = time.time() - started
+    logging.info("%s: process %d wrote shard %d of split %r (%d of its %d; %.1f examples/s).",
+                 output_dir, process_index, index, split, done, len(mine),
+                 len(shard) * done / max(elapsed, 1e-9) if done else 0.0)
   sync(f"latent_shards {output_dir} {split}: shards written")
   if process_index == 0:
-    shard_lengths = _written_shard_lengths(output_dir, split, num_shards)
-    num_examples = sum(shard_lengths)
-    metadata["splits"][split] = {
-        "num_examples": num_examples,
-        "num_shards": num_shards,
-        "shard_lengths": shard_lengths,
-    }
-    _write_metadata(output_dir, metadata)
-    logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split,
-                 num_examples, num_shards)
+    _merge_metadata(output_dir, split, job)
   sync(f"latent_shards {output_dir} {split}: metadata written")
   return layout.read_metadata(output_dir)
 
 
-def _check_process_args(num_shards: int, process_index: int, process_count: int,
+def _finished(output_dir: str, split: str, index: int, job: dict[str, Any]) -> bool:
+  """Whether shard `index` has a manifest of this `job` (checked before anything is written:
+  another job's manifest is an error or was cleared)."""
+  path = layout.manifest_path(output_dir, split, index, job["num_shards"])
+  return storage.exists(path) and storage.read_json(path)["job"] == job
+
+
+# What every split of a directory shares (metadata.json holds it once), fields excepted.
+_SHARED_KEYS = ("modality", "latent_scale", "latent_shift", "signal_encoder", "text_encoder")
+
+
+def _other_splits(output_dir: str, split: str) -> tuple[dict[str, Any] | None, list[str]]:
+  """(metadata, names) of the splits of `output_dir` other than `split`; (None, []) if none."""
+  if not storage.exists(storage.join(output_dir, layout.METADATA_FILE)):
+    return None, []
+  existing = layout.read_metadata(output_dir)
+  others = sorted(set(existing["splits"]) - {split})
+  return (existing, others) if others else (None, [])
+
+
+def _check_joins(output_dir: str, split: str, values: dict[str, Any]) -> None:
+  """Raises ValueError if another split of `output_dir` was written with other `values`."""
+  existing, others = _other_splits(output_dir, split)
+  for key, value in values.items():
+    if existing is not None and existing[key] != value:
+      raise ValueError(
+          f"{output_dir!r} holds splits {others} written with {key}={existing[key]!r}; cannot "
+          f"add split {split!r} with {key}={value!r}. Use another output_dir or matching "
+          "settings.")
+
+
+def _other_splits_header(output_dir: str, split: str, job: dict[str, Any]
+                         ) -> dict[str, Any] | None:
+  """The metadata of the other splits in `output_dir` (None if there are none), after checking
+  that this job may join them; their `fields` are checked against each shard's first batch,
+  before the shard is uploaded."""
+  _check_joins(output_dir, split, {key: job[key] for key in _SHARED_KEYS})
+  existing, _ = _other_splits(output_dir, split)
+  return existing
+
+
+def _write_shard(output_dir: str, split: str, index: int, job: dict[str, Any],
+                 encoded: Iterator[tuple[dict[str, Any], dict[str, Any]]],
+                 other_splits: dict[str, Any] | None) -> None:
+  """Writes one shard through a local temporary file, uploads it, then writes its manifest."""
+  name = layout.shard_name(split, index, job["num_shards"])
+  expected = len(layout.shard_range(index, job["num_shards"], job["num_examples"]))
+  fields = None
+  with tempfile.TemporaryDirectory(prefix="self_flow_shard_") as directory:
+    local = os.path.join(directory, name)
+    writer = array_record_module.ArrayRecordWriter(local, layout.WRITER_OPTIONS)
+    count = 0
+    try:
+      for record, record_fields in encoded:
+        if fields is None:
+          fields = record_fields
+          if other_splits is not None:
+            _check_joins(output_dir, split, {"fields": fields})
+        elif record_fields != fields:
+          raise ValueError(
+              f"Shard {name}: example {count} has fields {record_fields}, but earlier examples "
+              f"have {fields}; all examples must share one shape.")
+        writer.write(serialization.msgpack_serialize(record))
+        count += 1
+    finally:
+      writer.close()
+    if count != expected:
+      raise ValueError(f"Shard {name} got {count} examples from examples[start:stop], not "
+                       f"{expected}: the examples sequence must slice like a list.")
+    storage.upload(local, storage.join(output_dir, name))
+  storage.write_json(layout.manifest_path(output_dir, split, index, job["num_shards"]), {
+      "job": job, "shard": name, "num_records": count, "fields": fields,
+      "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}})
+
+
+def _check_or_clear_split(output_dir: str, split: str, job: dict[str, Any],
+                          overwrite: bool) -> None:
+  """Refuses (or, with `overwrite`, deletes) shards and manifests of `split` from another job.
+
+  Runs on process 0 before anything is written, so a refusal changes nothing."""
+  manifests = [name for name in storage.list_names(storage.join(output_dir, layout.MANIFEST_DIR))
+               if name.startswith(f"{split}-")]
+  others = [name for name in manifests if storage.read_json(storage.join(
+      output_dir, layout.MANIFEST_DIR, name))["job"] != job]
+  recorded = storage.exists(storage.join(output_dir, layout.METADATA_FILE)) and split in (
+      layout.read_metadata(output_dir)["splits"])
+  if recorded and not others:
+    info = layout.read_metadata(output_dir)["splits"][split]
+    if (info["num_examples"], info["num_shards"]) != (job["num_examples"], job["num_shards"]):
+      others = [layout.METADATA_FILE]
+  if not others:
+    return
+  if not overwrite:
+    raise ValueError(
+        f"{output_dir!r} already holds split {split!r} (or part of it) written by another job "
+        f"({others[0]}{' and more' if len(others) > 1 else ''} differs from this one: "
+        f"{_job_text(job)}). Its shards are kept; pass overwrite=True (--overwrite) to replace "
+        "them, or write to another directory.")
+  logging.warning("%s: deleting split %r of another job (overwrite requested).", output_dir, split)
+  if recorded:
+    metadata = layout.read_metadata(output_dir)
+    del metadata["splits"][split]
+    storage.write_json(storage.join(output_dir, layout.METADATA_FILE), metadata)
+  for name in manifests:
+    storage.remove(storage.join(output_dir, layout.MANIFEST_DIR, name))
+  for name in layout.shard_files(output_dir, split):
+    storage.remove(storage.join(output_dir, name))
+
+
+def _job_text(job: dict[str, Any]) -> str:
+  return ", ".join(f"{key}={value!r}" for key, value in job.items())
+
+
+def _merge_metadata(output_dir: str, split: str, job: dict[str, Any]) -> None:
+  """Adds `split`, as its manifests describe it, to metadata.json (written last, atomically)."""
+  num_shards = job["num_shards"]
+  manifests = []
+  for index in range(num_shards):
+    path = layout.manifest_path(output_dir, split, index, num_shards)
+    if not storage.exists(path):
+      raise ValueError(f"{output_dir!r}: shard {index} of split {split!r} has no manifest after "
+                       "every process finished; a writer failed. Rerun the job to write the "
+                       "missing shards.")
+    manifests.append(storage.read_json(path))
+  fields = manifests[0]["fields"]
+  for manifest in manifests:
+    if manifest["job"] != job or manifest["fields"] != fields:
+      raise ValueError(f"{output_dir!r}: shard {manifest['shard']} has fields "
+                       f"{manifest['fields']} from job {manifest['job']}, but shard "
+                       f"{manifests[0]['shard']} has {fields}; all examples must share one "
+                       "shape.")
+  header = {"format": layout.FORMAT, "version": layout.VERSION, "fields": fields,
+            **{key: job[key] for key in _SHARED_KEYS}}
+  _check_joins(output_dir, split, header)
+  existing, others = _other_splits(output_dir, split)
+  metadata = dict(header, splits={name: existing["splits"][name] for name in others})
+  metadata_path = storage.join(output_dir, layout.METADATA_FILE)
+  shard_lengths = [manifest["num_records"] for manifest in manifests]
+  metadata["splits"][split] = {"num_examples": sum(shard_lengths), "num_shards": num_shards,
+                               "shard_lengths": shard_lengths}
+  storage.write_json(metadata_path, metadata)
+  logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split,
+               sum(shard_lengths), num_shards)
+
+
+def _check_process_args(process_index: int, process_count: int,
                         barrier: Callable[[str], None] | None) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
                      "process_count >= 1 and 0 <= process_index < process_count.")
-  if num_shards % process_count:
-    raise ValueError(f"num_shards={num_shards} must be a multiple of process_count="
-                     f"{process_count}: every process writes its own shard files.")
   if process_count > 1 and barrier is None:
     raise ValueError(f"process_count={process_count} needs a barrier (e.g. "
                      "jax.experimental.multihost_utils.sync_global_devices).")
-
-
-def _written_shard_lengths(output_dir: str, split: str, num_shards: int) -> list[int]:
-  """Record counts of the shard files, checked to be a round robin over one example stream.
-
-  Every process has finished writing; a count off the round robin means the processes were not
-  given the examples k = p, p + P, ... of one stream.
-  """
-  lengths = []
-  for i in range(num_shards):
-    reader = array_record_module.ArrayRecordReader(
-        os.path.join(output_dir, layout.shard_name(split, i, num_shards)))
-    lengths.append(reader.num_records())
-    reader.close()
-  total = sum(lengths)
-  expected = [len(range(i, total, num_shards)) for i in range(num_shards)]
-  if lengths != expected:
-    raise ValueError(f"{output_dir!r}: the shards of split {split!r} hold {lengths} records, not "
-                     f"the round robin {expected} of {total} examples; the writer processes "
-                     "were given inconsistent example streams. Split not recorded.")
-  return lengths
 
 
 def _check_write_args(
@@ -207,41 +322,6 @@ def _check_write_args(
       raise ValueError(f"{what}={name!r} must be a non-empty string naming the encoder.")
 
 
-def _metadata_for_new_split(output_dir: str, split: str, header: dict) -> dict[str, Any]:
-  """Returns the metadata to extend with `split`, after clearing any old copy of the split.
-
-  `header` holds everything but the splits; it must match that of the other splits already in
-  `output_dir`, which is checked before anything is changed there.
-  """
-  os.makedirs(output_dir, exist_ok=True)
-  splits = {}
-  if os.path.exists(os.path.join(output_dir, layout.METADATA_FILE)):
-    existing = layout.read_metadata(output_dir)
-    splits = existing["splits"]
-    others = sorted(set(splits) - {split})
-    for key, value in header.items():
-      if others and existing[key] != value:
-        raise ValueError(
-            f"{output_dir!r} holds splits {others} written with {key}={existing[key]!r}; "
-            f"cannot add split {split!r} with {key}={value!r}. Use another output_dir or "
-            "matching settings."
-        )
-    if split in splits:
-      del splits[split]
-      _write_metadata(output_dir, dict(existing, splits=splits))
-  for name in layout.shard_files(output_dir, split):
-    os.remove(os.path.join(output_dir, name))
-  return dict(header, splits=splits)
-
-
-def _write_metadata(output_dir: str, metadata: dict[str, Any]) -> None:
-  """Writes metadata.json atomically, so readers never see a half-written file."""
-  path = os.path.join(output_dir, layout.METADATA_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(metadata, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def _encode_batches(
     examples: Iterable[dict[str, Any]],
     modality: layout.ModalityFormat,
@@ -250,10 +330,11 @@ def _encode_batches(
     batch_size: int,
     latent_scale: float,
     latent_shift: float,
+    start: int = 0,
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-  """Yields (record, field specs) per example, encoding `batch_size` examples per call."""
+  """Yields (record, field specs) per example, encoding `batch_size` examples per call; the
+  first example is example `start` of the split (for error messages)."""
   iterator = iter(examples)
-  start = 0
   while batch := list(itertools.islice(iterator, batch_size)):
     signals, captions, labels = _batch_inputs(batch, start, modality)
     count = len(batch)
