@@ -191,6 +191,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # checkpoint initialises params and EMA where names and shapes match (the rest is initialised
   # fresh, the optimizer and step start over). Used only when --workdir has no checkpoint.
   train.init_from = ""
+  # One live run per workdir: the run holds <workdir>/lease.json and renews it every fifth of this
+  # many seconds; a second run is refused while the lease is younger, and takes it over once it
+  # is older (the holder was preempted or killed). Keep it far above the hosts' clock skew.
+  train.lease_timeout_s = 600.0
+  # Reading a checkpoint on resume: an error that does not prove it damaged (storage unreachable,
+  # a timeout) is retried this many times in all, waiting train.restore_retry_wait_s, then twice
+  # that, ...; then the run stops with every checkpoint left in place.
+  train.restore_attempts = 4
+  train.restore_retry_wait_s = 5.0
 
   # --- Device mesh: sizes of the (data, fsdp, tensor) axes; one may be -1 (fill the rest). ---
   config.mesh = mesh = ml_collections.ConfigDict()

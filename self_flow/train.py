@@ -10,7 +10,6 @@ the interval and at the end.
 
 import contextlib
 import errno
-import os
 import shutil
 import time
 from typing import Any
@@ -20,10 +19,11 @@ import ml_collections
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+import numpy as np
 
 from self_flow import (accelerators, checkpointing, config_resolution, config_validation, flops,
-                       mixture, nonfinite, preemption, reporting, run_compatibility,
-                       train_program, train_state)
+                       mixture, nonfinite, preemption, reporting, run_compatibility, storage,
+                       train_program, train_state, workdir_lease)
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, student, video_evaluator
 from self_flow.modalities import spec as spec_lib
@@ -32,8 +32,10 @@ _EVALUATORS = {"image": evaluator.ImageEvaluator, "video": video_evaluator.Video
                "audio": audio_evaluator.AudioEvaluator}
 
 
-def _open_train_data(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec):
-  """The resumable training iterator of one modality (embedded data or latent shards)."""
+def _open_train_data(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec,
+                     start_batch: int = 0):
+  """The resumable training iterator of one modality (embedded data or latent shards), starting
+  at global batch `start_batch`."""
   data = config.data
   preprocess, transforms = modality_sources.train_processing(config, spec.name)
   return pipeline.make_train_iterator(
@@ -41,7 +43,14 @@ def _open_train_data(config: ml_collections.ConfigDict, spec: spec_lib.ModalityS
       global_batch_size=spec.global_batch_size, seed=data.shuffle_seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size,
-      preprocess=preprocess, transforms=transforms)
+      preprocess=preprocess, transforms=transforms, start_batch=start_batch)
+
+
+def _data_position(config, specs, batches: dict[str, int]) -> checkpointing.DataPosition:
+  """This run's data-reading layout, with the streams at `batches`."""
+  return checkpointing.DataPosition(
+      batches=dict(batches), global_batch_sizes={n: s.global_batch_size for n, s in specs.items()},
+      worker_count=config.data.worker_count, process_count=jax.process_count())
 
 
 def _prepare_data(config: ml_collections.ConfigDict,
@@ -102,8 +111,7 @@ def _prepare_workdir(workdir: str) -> epath.Path:
 
   A read-only mount, a path under a file or a bucket without write access would otherwise
   surface only at the first checkpoint, after the set-up and the first interval of training."""
-  if "://" not in workdir:  # orbax needs absolute local paths
-    workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)  # orbax needs absolute local paths
   path = epath.Path(workdir)
   probe = path / f".write_probe_{jax.process_index()}"
   try:
@@ -135,28 +143,63 @@ def _check_free_space(workdir: epath.Path, abstract_state, keep: int) -> None:
 
 
 def _restore_or_init(config, program: train_program.TrainProgram,
-                     checkpointer: checkpointing.Checkpointer, train_iters, workdir: epath.Path):
-  """(start step, state): the newest readable checkpoint of `workdir` if its arrays fit this
-  config (else an error naming the differing keys, before anything is written), otherwise a
-  fresh state, optionally initialised from another run (`train.init_from`)."""
+                     checkpointer: checkpointing.Checkpointer, workdir: epath.Path,
+                     modality_of: mixture.ModalitySchedule):
+  """(start step, state, training iterators, global batches each has yielded): the newest
+  readable checkpoint of `workdir` if its arrays fit this config (else an error naming the
+  differing keys, before anything is written), otherwise a fresh state, optionally initialised
+  from another run (`train.init_from`), and streams at their start."""
+  specs = program.resolved.specs
 
   def check(step, saved_config, saved_shapes):
     run_compatibility.check_resumable(
         workdir=str(workdir), step=step, saved_config=saved_config, saved_shapes=saved_shapes,
         config_dict=config.to_dict(), abstract_state=program.layout.abstract)
 
-  step, state = checkpointer.restore_latest(program.layout.abstract, train_iters, check=check)
+  step, state, saved_position = checkpointer.restore_latest(program.layout.abstract, check=check)
   if step is not None:
     logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
     if config.train.init_from:
       logging.warning("config.train.init_from=%r is ignored: %s already has a checkpoint.",
                       config.train.init_from, workdir)
-    return step, state
+    # A checkpoint without a saved position: the batches each stream yielded follow from the
+    # step, since the step's modality is a pure function of (seed, step).
+    batches = saved_position.batches if saved_position else {
+        name: modality_of.sequence(0, step).count(name) for name in specs}
+    iterators = checkpointer.restore_iterators(
+        step, saved_position, _data_position(config, specs, batches),
+        lambda name, start: _open_train_data(config, specs[name], start))
+    return step, state, iterators, dict(batches)
   state = train_state.create_train_state(config, program.layout, program.tx, program.resolved)
   if config.train.init_from:
     state, _, _ = run_compatibility.restore_matching(config.train.init_from, state,
                                                      program.layout.abstract)
-  return 0, state
+  return 0, state, {n: _open_train_data(config, s) for n, s in specs.items()}, dict.fromkeys(
+      specs, 0)
+
+
+@contextlib.contextmanager
+def _held_lease(workdir: epath.Path, timeout_s: float):
+  """The workdir's lease (`workdir_lease`), held by process 0 for the whole run; every process
+  raises WorkdirBusyError if another live run holds it. Yields the lease (None off process 0)."""
+  lease, busy = None, ""
+  if jax.process_index() == 0:
+    lease = workdir_lease.WorkdirLease(str(workdir), timeout_s)
+    try:
+      lease.acquire()
+    except workdir_lease.WorkdirBusyError as err:
+      lease, busy = None, str(err)
+  if jax.process_count() > 1:
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(bool(busy))))
+    busy = busy or ("another live run holds the lease of this workdir (see process 0's log)."
+                    if refused else "")
+  if busy:
+    raise workdir_lease.WorkdirBusyError(busy)
+  try:
+    yield lease
+  finally:
+    if lease is not None:
+      lease.release()
 
 
 class _Readback:
@@ -191,6 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if unused_accelerator:
     logging.warning("NO ACCELERATOR IN USE. %s", unused_accelerator)
   workdir = _prepare_workdir(workdir)
+  with _held_lease(workdir, config.train.lease_timeout_s) as lease:
+    return _train_in_workdir(config, resolved, workdir, lease)
+
+
+def _train_in_workdir(config: ml_collections.ConfigDict,
+                      resolved: config_resolution.ResolvedConfig, workdir: epath.Path,
+                      lease: workdir_lease.WorkdirLease | None) -> dict[str, Any]:
+  """The body of `train_and_evaluate`, run while this run holds the workdir's lease."""
   num_steps = config.train.num_steps
 
   program = train_program.build(config, resolved)  # logs the split; refuses replicated FSDP
@@ -199,12 +250,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          config.seed)
   _check_free_space(workdir, program.layout.abstract, config.train.keep_checkpoints)
   _prepare_data(config, specs)
-  train_iters = {name: _open_train_data(config, spec) for name, spec in specs.items()}
 
   checkpointer = checkpointing.Checkpointer(
       str(checkpointing.checkpoints_dir(str(workdir))), save_every=config.train.checkpoint_every,
-      keep=config.train.keep_checkpoints, modalities=tuple(specs))
-  start_step, state = _restore_or_init(config, program, checkpointer, train_iters, workdir)
+      keep=config.train.keep_checkpoints, modalities=tuple(specs),
+      read_attempts=config.train.restore_attempts,
+      retry_wait_s=config.train.restore_retry_wait_s)
+  start_step, state, train_iters, batches_read = _restore_or_init(
+      config, program, checkpointer, workdir, modality_of)
 
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -239,13 +292,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     that went NaN never becomes the latest checkpoint."""
     if force or checkpointer.should_save(step):
       readback.flush()
-      checkpointer.save(step, state, train_iters, config, force=force)
+      checkpointer.save(step, state, train_iters, _data_position(config, specs, batches_read),
+                        config, force=force)
 
   with _sigterm_guard() as guard, _finish_saves_on_error(checkpointer):
     for step in range(start_step, num_steps):
       name = modality_of(step)
+      if lease is not None:
+        lease.check()  # another run took the workdir over: stop before writing anything more
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = pipeline.make_global_batch(next(train_iters[name]), program.batch_sharding)
+        batches_read[name] += 1
         if name not in compiled:
           compile_start = time.time()
           compiled[name] = program.step_fns[name].lower(state, batch, base_rng).compile()

@@ -11,6 +11,7 @@ would give a different loss even though the loss is a mean.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -129,13 +130,25 @@ def test_process_shards_assemble_the_one_process_batch(fashion_mnist_dir):
       np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), value)
 
 
-def test_two_processes_train_preempt_and_resume_like_one(fashion_mnist_dir, tmp_path):
+def test_two_processes_train_preempt_and_resume_like_one(fashion_mnist_dir, tmp_path,
+                                                         monkeypatch, caplog):
   """2 processes: SIGTERM to process 1 during step 2 makes both save the same step k and exit;
   a second launch resumes from k and evaluates. Every loss equals the 1-process run's, and only
   process 0 writes TensorBoard events and samples. The 2-process runs start without prepared
-  data: process 0 builds it while process 1 waits."""
+  data: process 0 builds it while process 1 waits. The same checkpoint resumed by ONE process (a
+  resized slice) rebuilds the data stream at step k: its batches equal the 1-process run's bit
+  for bit, and no checkpoint is set aside."""
+  batches = []
+  assemble = train.pipeline.make_global_batch
+
+  def recording(local_batch, sharding):
+    batches.append({k: np.array(v) for k, v in local_batch.items()})
+    return assemble(local_batch, sharding)
+
+  monkeypatch.setattr(train.pipeline, "make_global_batch", recording)
   reference = train.train_and_evaluate(_config(_overrides(fashion_mnist_dir, tmp_path, True)),
                                        str(tmp_path / "one"))
+  reference_batches = list(batches)
   expected = reference["losses"]
   assert len({round(v, 6) for v in expected.values()}) == _NUM_STEPS  # the losses do move
   workdir, data_dir = tmp_path / "two", str(tmp_path / "tfds")
@@ -153,6 +166,21 @@ def test_two_processes_train_preempt_and_resume_like_one(fashion_mnist_dir, tmp_
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   assert {"ocdbt.process_0", "ocdbt.process_1", "commit_success.txt"} <= set(
       os.listdir(checkpoint / "state"))
+  shutil.copytree(workdir, tmp_path / "resized")
+
+  batches.clear()
+  with caplog.at_level("WARNING"):
+    one = train.train_and_evaluate(_config(_overrides(data_dir, tmp_path, False)),
+                                   str(tmp_path / "resized"))
+  assert "process_count 2 -> 1" in caplog.text and f"rebuilt at global batch {stop}" in caplog.text
+  assert sorted(_losses(one)) == list(range(stop + 1, _NUM_STEPS + 1))
+  assert len(batches) == len(reference_batches[stop:])
+  for got, want in zip(batches, reference_batches[stop:]):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  for step, loss in _losses(one).items():
+    assert loss == pytest.approx(expected[step], rel=1e-5), step
+  assert not [n for n in os.listdir(tmp_path / "resized" / "checkpoints") if "unreadable" in n]
 
   resumed = _launch(_overrides(data_dir, tmp_path, True), workdir, tmp_path, "resumed")
   for results, steps in ((first, range(1, stop + 1)), (resumed, range(stop + 1, _NUM_STEPS + 1))):
