@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The system part of the set-up: the Debian packages of a fresh machine, installed only when
 # missing (two dpkg queries when present): the embedded datasets (dataset-fashion-mnist;
-# espeak-ng, which synthesises the spoken-word audio dataset) and tcmalloc (15-20% faster CPU
-# steps), then LD_PRELOAD of tcmalloc and quiet TensorFlow logs for what the sourcing script
+# espeak-ng, which synthesises the spoken-word audio dataset), tcmalloc (15-20% faster CPU
+# steps) and iproute2 (the Cloud Storage emulator's private network, tests/gcs_emulator.py),
+# then LD_PRELOAD of tcmalloc and quiet TensorFlow logs for what the sourcing script
 # runs. Sourced by setup.sh and test_newest.sh; run once by .ci/run before its two test runs,
 # which must not both call apt-get.
 set -euo pipefail
-DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4 espeak-ng)
+DEBIAN_PACKAGES=(dataset-fashion-mnist libtcmalloc-minimal4 espeak-ng iproute2)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
