@@ -114,9 +114,11 @@ def test_metadata_documents_the_format_and_merges_splits(written):
   assert metadata["fields"]["text_mask"] == {"shape": [_MAX_LENGTH], "dtype": "bool"}
   assert (metadata["latent_scale"], metadata["latent_shift"]) == (_SCALE, _SHIFT)
   assert (metadata["signal_encoder"], metadata["text_encoder"]) == ("avgpool2", "bytes")
-  assert metadata["splits"]["train"] == {
-      "num_examples": 30, "num_shards": 3, "shard_lengths": [10, 10, 10]
+  train = metadata["splits"]["train"]
+  assert {k: train[k] for k in ("num_examples", "num_shards", "shard_lengths", "skipped")} == {
+      "num_examples": 30, "num_shards": 3, "shard_lengths": [10, 10, 10], "skipped": {}
   }
+  assert train["job"]["num_examples"] == 30 and train["job"]["text_encoder"] == "bytes"
   assert metadata["splits"]["test"]["num_examples"] == 5
   assert metadata["splits"]["test"]["shard_lengths"] == [1, 2, 2]  # blocks [0,1) [1,3) [3,5)
   assert len(reader_lib.LatentShardSource(directory, "test")) == 5
@@ -211,9 +213,9 @@ def test_bad_encoder_names_and_arguments_are_refused(tmp_path):
     _write(tmp_path, [])
   with pytest.raises(ValueError, match="num_shards=3 exceeds the 2 examples"):
     _write(tmp_path, _examples(2))
-  with pytest.raises(ValueError, match=r"Example 0: image has dtype float32.*uint8 \(H, W, C\)"):
+  with pytest.raises(ValueError, match=r"Example 0 of shard .*: image has dtype float32.*uint8 \(H, W, C\)"):
     _write(tmp_path, [{"image": np.zeros((2, 2, 1), np.float32), "caption": ""}], num_shards=1)
-  with pytest.raises(ValueError, match=r"Example 0 lacks \['video'\]"):
+  with pytest.raises(ValueError, match=r"Example 0 of shard .* lacks \['video'\]"):
     _write(tmp_path, _examples(2), modality="video", num_shards=1)
   with pytest.raises(ValueError, match=r"Unknown modality 'text'"):
     _write(tmp_path, _examples(2), modality="text", num_shards=1)
@@ -379,6 +381,10 @@ def test_trainer_refuses_shards_of_another_modality_or_shape(tmp_path):
                                        r"in .* have width 256"):
     modality_sources.open_source(config, spec("video"), "train")
   config.text.embedding_dim = 256
+  with pytest.raises(ValueError, match=r"text.max_length=64, but the caption embeddings in .* "
+                                       r"have 16 tokens; set --config.text.max_length=16"):
+    modality_sources.open_source(config, spec("video"), "train")
+  config.text.max_length = 16
   assert len(modality_sources.open_source(config, spec("video"), "train")) == 2
 
 
@@ -418,3 +424,96 @@ def _embedded_config(modality: str, data_dir: str):
   config = multimodal.get_config("local")
   config.video.data_dir = config.audio.data_dir = data_dir
   return config
+
+
+def _unit_kwargs(**overrides):
+  kwargs = dict(inputs={"source": "test", "units": 3}, split="train",
+                signal_encoder=encoders.avgpool2_encoder,
+                text_encoder=encoders.bytes_text_encoder(_MAX_LENGTH), batch_size=2,
+                signal_encoder_name="avgpool2", text_encoder_name="bytes")
+  kwargs.update(overrides)
+  return kwargs
+
+
+def test_units_count_skipped_inputs_per_reason_and_keep_empty_shards_readable(tmp_path):
+  """One shard per unit, holding what the unit yielded; Skipped markers are counted per reason
+  in the manifests and the metadata, and a unit whose inputs were all skipped leaves an empty
+  shard the reader passes over."""
+  examples = _examples(5)
+  units = [
+      lambda: [examples[0], writer.Skipped("a.tar#1", "undecodable_image", "bad JPEG"),
+               examples[1], examples[2]],
+      lambda: [writer.Skipped("b.tar#0", "missing_caption"),
+               writer.Skipped("b.tar#1", "undecodable_image")],
+      lambda: [examples[3], examples[4]],
+  ]
+  metadata = writer.write_units(units, output_dir=str(tmp_path), **_unit_kwargs())
+  train = metadata["splits"]["train"]
+  assert train["shard_lengths"] == [3, 0, 2] and train["num_examples"] == 5
+  assert train["skipped"] == {"missing_caption": 1, "undecodable_image": 2}
+  manifest = json.loads((tmp_path / "manifests" /
+                         "train-00001-of-00003.array_record.json").read_text())
+  assert manifest["num_records"] == 0 and manifest["skipped"] == {
+      "missing_caption": 1, "undecodable_image": 1}
+  source = reader_lib.LatentShardSource(str(tmp_path), "train")
+  assert [source[i]["caption"] for i in range(5)] == [e["caption"] for e in examples]
+  # A rerun on other inputs is another job: refused, nothing changed.
+  with pytest.raises(ValueError, match="written by another job"):
+    writer.write_units(units, output_dir=str(tmp_path),
+                       **_unit_kwargs(inputs={"source": "other", "units": 3}))
+
+
+def test_several_captions_per_example_are_stored_and_drawn_per_epoch(tmp_path):
+  """C captions per example: (C, L, D) embeddings with unused rows masked out, the caption texts,
+  and a per-epoch draw that is a pure function of (seed, position)."""
+  rng = np.random.default_rng(0)
+  examples = [{"image": rng.integers(0, 256, (8, 6, 2), dtype=np.uint8),
+               "captions": [f"cap {i} {j}" for j in range(i % 3 + 1)] + (["x"] * 3 if i == 4
+                                                                         else [])}
+              for i in range(6)]
+  _write(tmp_path, examples, num_shards=2, captions_per_example=3, text_dtype="bfloat16")
+  metadata = layout.read_metadata(str(tmp_path))
+  assert metadata["captions_per_example"] == 3 and metadata["text_dtype"] == "bfloat16"
+  assert metadata["fields"]["text_embedding"] == {"shape": [3, _MAX_LENGTH, 256],
+                                                  "dtype": "bfloat16"}
+  source = reader_lib.LatentShardSource(str(tmp_path), "train")
+  want, want_mask = encoders.bytes_text_encoder(_MAX_LENGTH)(["cap 1 0", "cap 1 1"])
+  record = source[1]
+  assert record["num_captions"] == 2 and record["captions"] == ("cap 1 0", "cap 1 1")
+  np.testing.assert_array_equal(record["text_embedding"][:2], want)  # one-hot: exact in bf16
+  np.testing.assert_array_equal(record["text_mask"][:2], want_mask)
+  assert not record["text_mask"][2].any()  # the unused third row
+  assert source[4]["num_captions"] == 3  # 5 given, the first 3 kept
+  from self_flow.data import pipeline  # pylint: disable=g-import-not-at-top
+  from self_flow.data.latent_shards import caption_draw  # pylint: disable=g-import-not-at-top
+
+  def drawn(seed):
+    iterator = pipeline.make_train_iterator(
+        source, global_batch_size=6, seed=seed, process_index=0, process_count=1,
+        worker_count=0, preprocess=pipeline.preprocess_latents,
+        transforms=(caption_draw.DrawCaption(),))
+    batches = [next(iterator) for _ in range(8)]
+    assert batches[0]["text_embedding"].shape == (6, _MAX_LENGTH, 256)
+    assert "num_captions" not in batches[0]
+    return np.stack([b["text_embedding"] for b in batches])
+
+  first = drawn(seed=0)
+  np.testing.assert_array_equal(first, drawn(seed=0))  # deterministic
+  # Every caption of example 2 (three of them) is drawn in 8 epochs: rows differ across epochs.
+  assert len({row.tobytes() for row in first.reshape(-1, _MAX_LENGTH * 256)}) > 6
+
+
+def test_token_ids_are_stored_for_a_text_encoder_run_in_the_step(tmp_path):
+  def token_encoder(captions):
+    from self_flow.text import tokenizer  # pylint: disable=g-import-not-at-top
+    return tokenizer.tokenize(captions, _MAX_LENGTH)
+
+  examples = _examples(4)
+  _write(tmp_path, examples, num_shards=1, text_encoder=token_encoder)
+  metadata = layout.read_metadata(str(tmp_path))
+  assert metadata["fields"]["text_tokens"] == {"shape": [_MAX_LENGTH], "dtype": "int32"}
+  assert "text_embedding" not in metadata["fields"]
+  record = reader_lib.LatentShardSource(str(tmp_path), "train")[2]
+  tokens, mask = token_encoder([examples[2]["caption"]])
+  np.testing.assert_array_equal(record["text_tokens"], tokens[0])
+  np.testing.assert_array_equal(record["text_mask"], mask[0])

@@ -14,7 +14,7 @@ import numpy as np
 
 from self_flow.data import (captions, motion_captions, moving_sprites, pipeline, sources,
                             spoken_words)
-from self_flow.data.latent_shards import posterior, reader
+from self_flow.data.latent_shards import caption_draw, layout, posterior, reader
 from self_flow.modalities import audio, video
 from self_flow.modalities import spec as spec_lib
 from self_flow.text import embedding_cache, frozen_encoders
@@ -160,12 +160,30 @@ def _open_latent_shards(config: ml_collections.ConfigDict, spec: spec_lib.Modali
                      f"std (field latent_std), but {data_dir!r} holds only latents; set "
                      "--config.data.latent_sampling=mean or re-encode with "
                      "self_flow.tools.encode_latents.")
-  embedding_dim = source.metadata["fields"]["text_embedding"]["shape"][-1]
-  if config.model.conditioning == "text" and embedding_dim != config.text.embedding_dim:
-    raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
-                     f"embeddings in {data_dir!r} have width {embedding_dim}; set "
-                     f"--config.text.embedding_dim={embedding_dim}.")
+  if config.model.conditioning == "text":
+    _check_caption_fields(config, source, data_dir)
   return source
+
+
+def _check_caption_fields(config: ml_collections.ConfigDict, source: reader.LatentShardSource,
+                          data_dir: str) -> None:
+  """Refuses shards whose caption fields (embeddings of another width or length, or token ids)
+  are not what `config.text` makes the model read."""
+  field = source.metadata["fields"][source.text_field]
+  shape = field["shape"][1:] if source.captions_per_example else field["shape"]
+  if source.text_field == "text_tokens":
+    raise ValueError(f"{data_dir!r} holds caption token ids (text_tokens), for a text encoder "
+                     "run in the train step; config.text.encoder="
+                     f"{config.text.encoder!r} reads precomputed embeddings. Re-encode with "
+                     "embeddings (self_flow.tools.encode_captioned --text_output=embedding).")
+  if shape[-1] != config.text.embedding_dim:
+    raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
+                     f"embeddings in {data_dir!r} have width {shape[-1]}; set "
+                     f"--config.text.embedding_dim={shape[-1]}.")
+  if shape[0] != config.text.max_length:
+    raise ValueError(f"config.text.max_length={config.text.max_length}, but the caption "
+                     f"embeddings in {data_dir!r} have {shape[0]} tokens; set "
+                     f"--config.text.max_length={shape[0]}.")
 
 
 def train_processing(config: ml_collections.ConfigDict, modality: str
@@ -176,9 +194,11 @@ def train_processing(config: ml_collections.ConfigDict, modality: str
   exact transcript for speech); latent shards carry precomputed caption embeddings.
   """
   if uses_latent_shards(config, modality):
+    metadata = layout.read_metadata(config[SECTIONS[modality]].data_dir)
+    draw = (caption_draw.DrawCaption(),) if metadata.get("captions_per_example") else ()
     if modality == "image" and config.data.latent_sampling == "posterior":
-      return posterior.preprocess_posterior, (posterior.PosteriorSample(),)
-    return pipeline.preprocess_latents, ()
+      return posterior.preprocess_posterior, (posterior.PosteriorSample(), *draw)
+    return pipeline.preprocess_latents, draw
   text = config.model.conditioning == "text"
   max_length = config.text.max_length
   if modality == "image" and text and config.text.encoder in frozen_encoders.DIMS:

@@ -31,16 +31,24 @@ def preprocess(record: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def preprocess_latents(record: dict[str, Any]) -> dict[str, np.ndarray]:
-  """A latent-shard record as model inputs: latents, caption embedding and mask, label.
+  """A latent-shard record as model inputs: latents, caption embedding (or token ids) and mask,
+  label; with several captions per example, all of them and `num_captions`, for
+  `latent_shards.caption_draw.DrawCaption` to pick one.
 
-  The caption string stays behind (strings cannot become device arrays).
+  The caption strings stay behind (strings cannot become device arrays).
   """
-  return {
+  inputs = {
       "latent": np.asarray(record["latent"], np.float32),
-      "text_embedding": np.asarray(record["text_embedding"], np.float32),
       "text_mask": np.asarray(record["text_mask"], bool),
       "label": np.asarray(record["label"], np.int32),
   }
+  if "text_tokens" in record:
+    inputs["text_tokens"] = np.asarray(record["text_tokens"], np.int32)
+  else:
+    inputs["text_embedding"] = np.asarray(record["text_embedding"], np.float32)
+  if "num_captions" in record:
+    inputs["num_captions"] = np.asarray(record["num_captions"], np.int32)
+  return inputs
 
 
 def make_train_iterator(

@@ -10,6 +10,7 @@ results by index through grain (`reader.LatentShardSource`). The modules of this
 * `writer`: `write_shards`, single- or multi-process.
 * `reader`: `LatentShardSource`, the grain source, and its bad-record policies.
 * `posterior`: grain transforms drawing latents from a stored posterior.
+* `caption_draw`: the grain transform picking one of several stored captions per epoch.
 
 On-disk format (version 3). A directory, local or on Cloud Storage (gs://...), holding:
 
@@ -64,4 +65,18 @@ Each record is `flax.serialization.msgpack_serialize` of a dict of numpy arrays:
   encoder.
 * `caption` utf-8 bytes, kept for sampling prompts and debugging.
 * `label` int32 scalar: the class id, -1 when the dataset has none.
+
+Options recorded in metadata.json (`captions_per_example`, `text_dtype`) and per split (`job`:
+what wrote it; `skipped`: inputs not written, counted by reason):
+
+* `text_dtype` "bfloat16" stores `text_embedding` as bfloat16 (half the bytes of float32, with
+  its range) instead of float16.
+* A text encoder returning token ids gives `text_tokens` int32 (L,) in place of
+  `text_embedding`: the frozen encoder then runs in the train step.
+* `captions_per_example` C > 0 stores up to C captions per example: the text fields gain a
+  leading C axis ((C, L, D), (C, L)), rows beyond the example's own captions masked out;
+  `num_captions` int32 says how many are real and `captions` holds them as a UTF-8 JSON list.
+  Training draws one per example per epoch (`caption_draw.DrawCaption`).
+* Shards written by `writer.write_units` (one per input unit) may hold any number of records,
+  none included; `shard_lengths` says how many.
 """

@@ -7,6 +7,7 @@ import bisect
 from collections.abc import Sequence
 import dataclasses
 import itertools
+import json
 from typing import Any
 
 from absl import logging
@@ -46,7 +47,9 @@ class LatentShardSource:
   blocks of examples; in version 2 ones record k // n of shard k % n). Records decode to
   `{"latent": float32 latent_shape, "text_embedding": float32 (L, D), "text_mask": bool (L,),
   "label": int32 scalar, "caption": str}`, plus `"latent_std"` float32 latent_shape when the
-  shards hold a posterior std. The repr names only the split and its shapes and
+  shards hold a posterior std. Shards of token ids hold `"text_tokens"` int32 (L,) instead of
+  the embedding; shards of several captions per example hold text fields of (C, L, ...) and
+  `"num_captions"` int32 (how many of the C rows are real) and `"captions"` (a tuple of str). The repr names only the split and its shapes and
   encoders (not the directory), so grain's checkpoint check passes when a run resumes from a
   copy of the data elsewhere.
 
@@ -97,22 +100,30 @@ class LatentShardSource:
       raise ValueError(f"bad_records={bad_records!r}; allowed: {BAD_RECORD_POLICIES}.")
     self._bad_records = bad_records
     self.skipped_records = 0
-    self._shard_names = expected
     self._num_shards = num_shards
     self._round_robin = self.metadata["version"] == 2
-    self._offsets = [0, *itertools.accumulate(lengths)][:-1]
+    # Shards left empty (every input of their unit skipped) hold no record to read. (Version 2
+    # directories have none: their n shards held n or more examples round robin.)
+    kept = [(name, length) for name, length in zip(expected, lengths) if length]
+    self._shard_names = [name for name, _ in kept]
+    self._offsets = [0, *itertools.accumulate(length for _, length in kept)][:-1]
     self._records = array_record_data_source.ArrayRecordDataSource([
         _ShardInstruction(storage.join(directory, name), 0, length, length)
-        for name, length in zip(expected, lengths)
+        for name, length in kept
     ])
     fields = self.metadata["fields"]
     self.modality = self.metadata["modality"]
     self.latent_shape = tuple(fields["latent"]["shape"])
+    # "text_embedding" (precomputed caption embeddings) or "text_tokens" (token ids for a text
+    # encoder run in the train step).
+    self.text_field = "text_tokens" if "text_tokens" in fields else "text_embedding"
+    # Captions stored per example: 0 for one caption (text fields (L, ...)), else C (C, L, ...).
+    self.captions_per_example = int(self.metadata.get("captions_per_example", 0))
     self._description = (
         f"LatentShardSource(modality={self.modality!r}, split={split!r}, "
         f"num_examples={info['num_examples']}, num_shards={num_shards}, "
         f"latent_shape={self.latent_shape}, "
-        f"text_embedding_shape={tuple(fields['text_embedding']['shape'])}, "
+        f"{self.text_field}_shape={tuple(fields[self.text_field]['shape'])}, "
         f"signal_encoder={self.metadata['signal_encoder']!r}, "
         f"text_encoder={self.metadata['text_encoder']!r})"
     )
@@ -140,7 +151,7 @@ class LatentShardSource:
     try:
       record = _decode(read())
       for name, spec in self.metadata["fields"].items():
-        if name in ("caption", "label") or name not in record:
+        if name in _SCALAR_FIELDS or name not in record:
           continue
         value = record[name]
         if tuple(value.shape) != tuple(spec["shape"]):
@@ -185,15 +196,25 @@ class LatentShardSource:
     return self._description
 
 
+# Fields without an array shape to check against the metadata.
+_SCALAR_FIELDS = ("caption", "captions", "label", "num_captions")
+
+
 def _decode(raw: bytes) -> dict[str, Any]:
   record = serialization.msgpack_restore(raw)
   decoded = {
       "latent": record["latent"].astype(np.float32),
-      "text_embedding": record["text_embedding"].astype(np.float32),
       "text_mask": record["text_mask"].astype(bool),
       "label": np.asarray(record["label"], np.int32),
       "caption": record["caption"].decode("utf-8"),
   }
+  if "text_tokens" in record:
+    decoded["text_tokens"] = record["text_tokens"].astype(np.int32)
+  else:
+    decoded["text_embedding"] = record["text_embedding"].astype(np.float32)
+  if "num_captions" in record:
+    decoded["num_captions"] = np.asarray(record["num_captions"], np.int32)
+    decoded["captions"] = tuple(json.loads(record["captions"].decode("utf-8")))
   if "latent_std" in record:
     decoded["latent_std"] = record["latent_std"].astype(np.float32)
   return decoded

@@ -7,10 +7,23 @@ recorded in a per-shard manifest (`layout.MANIFEST_DIR`); a rerun after a preemp
 shard with a manifest of the same job and writes only the missing ones; `metadata.json` is
 merged from the manifests last. Shards of another job (other encoders, scale, sizes) are never
 deleted without `overwrite=True`.
+
+Two ways to say what goes into the shards:
+
+* `write_shards(examples, num_shards=n)`: a sequence of examples cut into n contiguous blocks
+  (the built-in datasets, TFDS image folders);
+* `write_units(units)`: one shard per input unit (a webdataset tar, a parquet file, a slice of a
+  TFDS split), each a callable streaming its examples. Bad inputs arrive as `Skipped` markers;
+  they are counted per reason in the shard's manifest and the split's metadata, never written.
+  Host p of P encodes units p, p + P, ..., so no host reads another's input, and each host has
+  one output shard open at a time (memory flat in the dataset size).
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import collections
+import dataclasses
 import itertools
+import json
 import math
 import os
 import re
@@ -22,12 +35,36 @@ from typing import Any
 from absl import logging
 from array_record.python import array_record_module
 from flax import serialization
+import ml_dtypes
 import numpy as np
 
 from self_flow import storage
 from self_flow.data.latent_shards import encoders, layout
 
 _SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+# Storage dtypes of caption embeddings: float16 (finer) or bfloat16 (float32's range).
+TEXT_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+# Seconds between progress lines while a shard is being encoded.
+_PROGRESS_EVERY_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """An input example that was not written, and why (counted per reason in the manifests).
+
+  Attributes:
+    key: Where the example came from (file and member, or split and index), for the log.
+    reason: A short name counted in the manifests, e.g. "undecodable_image".
+    detail: What exactly was wrong, for the log.
+  """
+
+  key: str
+  reason: str
+  detail: str = ""
+
+
+# A callable streaming one unit's examples (dicts as `write_shards` takes, or `Skipped`).
+Unit = Callable[[], Iterable["dict[str, Any] | Skipped"]]
 
 
 def write_shards(
@@ -44,6 +81,8 @@ def write_shards(
     signal_encoder_name: str,
     text_encoder_name: str,
     modality: str = "image",
+    captions_per_example: int = 0,
+    text_dtype: str = "float16",
     process_index: int = 0,
     process_count: int = 1,
     barrier: Callable[[str], None] | None = None,
@@ -70,15 +109,17 @@ def write_shards(
 
   Args:
     examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
-      `video` uint8 (T, H, W, C) or `waveform` int16 (samples,)), `caption` (str) and
-      optionally `label` (int; -1 = none, the default).
+      `video` uint8 (T, H, W, C) or `waveform` int16 (samples,)), `caption` (str) or, with
+      `captions_per_example`, `captions` (a sequence of str), and optionally `label` (int;
+      -1 = none, the default).
     output_dir: Directory to write (local or gs://); created if missing.
     split: Split name (letters, digits, underscores).
     num_shards: Number of shard files (at most the number of examples).
     signal_encoder: (B, *signal shape) float32 in [-1, 1] -> (B, *latent shape) latents, of
       the rank `layout.MODALITIES[modality].latent_axes` names, or a (mean, std) pair of them for a
       Gaussian posterior (stored as `latent` and `latent_std`).
-    text_encoder: list of B captions -> ((B, L, D) embeddings, (B, L) bool mask).
+    text_encoder: list of B captions -> ((B, L, D) float embeddings, stored as
+      `text_embedding`, or (B, L) integer token ids, stored as `text_tokens`; (B, L) bool mask).
     batch_size: Examples per encoder call. The last batch is padded to this size, so a jitted
       encoder compiles once.
     latent_scale: Stored latents are `(signal_encoder(signal) - latent_shift) * latent_scale`.
@@ -86,6 +127,11 @@ def write_shards(
     signal_encoder_name: Name of `signal_encoder`, recorded in the metadata.
     text_encoder_name: Name of `text_encoder`, recorded in the metadata.
     modality: "image", "video" or "audio": what the examples hold (see `layout.MODALITIES`).
+    captions_per_example: 0: one `caption` per example, text fields (L, ...). C > 0: up to C
+      `captions` per example (more are dropped), text fields (C, L, ...) with unused rows
+      masked out, `num_captions` and `captions` (a JSON list) stored; the trainer draws one per
+      example per epoch.
+    text_dtype: Storage dtype of caption embeddings, a key of `TEXT_DTYPES`.
     process_index: This process's index in [0, process_count).
     process_count: Processes writing the split together.
     barrier: Blocks until every process has called it with the same name; required when
@@ -99,47 +145,135 @@ def write_shards(
     ValueError: a bad argument or example, shards of another job without `overwrite`, or
       metadata incompatible with the existing splits.
   """
+  blocks = [layout.shard_range(i, num_shards, len(examples)) for i in range(num_shards)]
+  units = [lambda block=block: examples[block.start:block.stop] for block in blocks]
+  return _write_split(
+      units, [len(block) for block in blocks], {"num_examples": len(examples)},
+      num_shards=num_shards, **_options(locals()))
+
+
+def write_units(
+    units: Sequence[Unit],
+    *,
+    inputs: dict[str, Any],
+    output_dir: str,
+    split: str,
+    signal_encoder: encoders.SignalEncoder,
+    text_encoder: encoders.TextEncoder,
+    batch_size: int,
+    latent_scale: float = 1.0,
+    latent_shift: float = 0.0,
+    signal_encoder_name: str,
+    text_encoder_name: str,
+    modality: str = "image",
+    captions_per_example: int = 0,
+    text_dtype: str = "float16",
+    process_index: int = 0,
+    process_count: int = 1,
+    barrier: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+  """Writes shard i of `split` from `units[i]()`, the examples of one input unit.
+
+  As `write_shards` (same arguments, same resumable, multi-process protocol), except that the
+  shards are the units: `units[i]()` streams the examples of input unit i (a file, a slice) and
+  may yield `Skipped` markers for inputs that could not be used; a shard holds the examples it
+  got, in order, however many. `inputs` (JSON) describes the input units (source, files); it
+  is part of the job, so a rerun on other inputs is refused unless `overwrite`.
+  """
+  return _write_split(units, None, {"inputs": inputs}, num_shards=len(units),
+                      **_options(locals()))
+
+
+# The arguments `write_shards` and `write_units` share, passed on to `_write_split`.
+_SHARED_ARGS = ("output_dir", "split", "signal_encoder", "text_encoder", "batch_size",
+                "latent_scale", "latent_shift", "signal_encoder_name", "text_encoder_name",
+                "modality", "captions_per_example", "text_dtype", "process_index",
+                "process_count", "barrier", "overwrite")
+
+
+def _options(arguments: dict[str, Any]) -> dict[str, Any]:
+  return {name: arguments[name] for name in _SHARED_ARGS}
+
+
+def _write_split(units: Sequence[Unit], lengths: list[int] | None, source: dict[str, Any], *,
+                 output_dir: str, split: str, num_shards: int,
+                 signal_encoder: encoders.SignalEncoder, text_encoder: encoders.TextEncoder,
+                 batch_size: int, latent_scale: float, latent_shift: float,
+                 signal_encoder_name: str, text_encoder_name: str, modality: str,
+                 captions_per_example: int, text_dtype: str, process_index: int,
+                 process_count: int, barrier: Callable[[str], None] | None,
+                 overwrite: bool) -> dict[str, Any]:
+  """Writes the shards `units` describe (`lengths`: each one's example count, when known)."""
   layout.check_modality(modality)
   _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
-                    signal_encoder_name, text_encoder_name)
+                    signal_encoder_name, text_encoder_name, captions_per_example, text_dtype)
   _check_process_args(process_index, process_count, barrier)
-  if not len(examples):  # pylint: disable=g-explicit-length-test  (a Sequence, maybe no bool)
+  if lengths is not None and not sum(lengths):
     raise ValueError(f"No examples given for split {split!r}; nothing written.")
-  if num_shards > len(examples):
-    raise ValueError(f"num_shards={num_shards} exceeds the {len(examples)} examples of split "
+  if lengths is not None and 0 in lengths:
+    raise ValueError(f"num_shards={num_shards} exceeds the {sum(lengths)} examples of split "
                      f"{split!r}; use at most one shard per example.")
   job = {"modality": modality, "latent_scale": float(latent_scale),
          "latent_shift": float(latent_shift), "signal_encoder": signal_encoder_name,
-         "text_encoder": text_encoder_name, "num_examples": len(examples),
-         "num_shards": num_shards}
+         "text_encoder": text_encoder_name, "captions_per_example": captions_per_example,
+         "text_dtype": text_dtype, **source, "num_shards": num_shards}
   sync = barrier or (lambda name: None)
   other_splits = _other_splits_header(output_dir, split, job)
   if process_index == 0:
     _check_or_clear_split(output_dir, split, job, overwrite)
   sync(f"latent_shards {output_dir} {split}: old shards checked")
-  encode = lambda block, start: _encode_batches(  # noqa: E731
-      block, layout.MODALITIES[modality], signal_encoder, text_encoder, batch_size, latent_scale,
-      latent_shift, start)
+  encoding = _Encoding(layout.MODALITIES[modality], signal_encoder, text_encoder, batch_size,
+                       latent_scale, latent_shift, captions_per_example, TEXT_DTYPES[text_dtype])
   mine = range(process_index, num_shards, process_count)
-  started, done = time.time(), 0
+  progress = _Progress(output_dir, split, process_index, len(mine))
   for index in mine:
-    shard = layout.shard_range(index, num_shards, len(examples))
     if _finished(output_dir, split, index, job):
       logging.info("%s: shard %d of split %r is already written; skipped.", output_dir, index,
                    split)
+      progress.shard_done(0)
       continue
-    _write_shard(output_dir, split, index, job, encode(examples[shard.start:shard.stop],
-                                                       shard.start), other_splits)
-    done += 1
-    elapsed = time.time() - started
-    logging.info("%s: process %d wrote shard %d of split %r (%d of its %d; %.1f examples/s).",
-                 output_dir, process_index, index, split, done, len(mine),
-                 len(shard) * done / max(elapsed, 1e-9) if done else 0.0)
+    written = _write_shard(output_dir, split, index, job, encoding, units[index],
+                           None if lengths is None else lengths[index], other_splits, progress)
+    progress.shard_done(written)
   sync(f"latent_shards {output_dir} {split}: shards written")
   if process_index == 0:
     _merge_metadata(output_dir, split, job)
   sync(f"latent_shards {output_dir} {split}: metadata written")
   return layout.read_metadata(output_dir)
+
+
+class _Progress:
+  """The progress lines of one process: examples/s and the time left, from the shards done."""
+
+  def __init__(self, output_dir: str, split: str, process_index: int, num_shards: int):
+    self._where = f"{output_dir} split {split!r} process {process_index}"
+    self._num_shards, self._done_shards = num_shards, 0
+    self._examples, self._encoded_shards = 0, 0
+    self._started = self._last_line = time.time()
+
+  def examples_done(self, shard: int, count: int) -> None:
+    """Called per encoded batch: a line every _PROGRESS_EVERY_S seconds within a long shard."""
+    if time.time() - self._last_line >= _PROGRESS_EVERY_S:
+      self._last_line = time.time()
+      logging.info("%s: shard %d, %d examples so far (%.1f examples/s over this run).",
+                   self._where, shard, count, (self._examples + count) / self._elapsed())
+
+  def _elapsed(self) -> float:
+    return max(time.time() - self._started, 1e-9)
+
+  def shard_done(self, written: int) -> None:
+    """Called per shard (written = 0 when it was already there): rate and ETA of this process."""
+    self._done_shards += 1
+    if written:
+      self._examples += written
+      self._encoded_shards += 1
+    left = self._num_shards - self._done_shards
+    eta = (self._elapsed() / max(self._encoded_shards, 1)) * left
+    self._last_line = time.time()
+    logging.info("%s: %d of %d shards done, %d examples encoded in %.0f s (%.1f examples/s); "
+                 "ETA %.0f s.", self._where, self._done_shards, self._num_shards,
+                 self._examples, self._elapsed(), self._examples / self._elapsed(), eta)
 
 
 def _finished(output_dir: str, split: str, index: int, job: dict[str, Any]) -> bool:
@@ -149,8 +283,11 @@ def _finished(output_dir: str, split: str, index: int, job: dict[str, Any]) -> b
   return storage.exists(path) and storage.read_json(path)["job"] == job
 
 
-# What every split of a directory shares (metadata.json holds it once), fields excepted.
-_SHARED_KEYS = ("modality", "latent_scale", "latent_shift", "signal_encoder", "text_encoder")
+# What every split of a directory shares (metadata.json holds it once), fields excepted, with
+# the values of directories written before a key existed.
+_SHARED_KEYS = {"modality": None, "latent_scale": None, "latent_shift": None,
+                "signal_encoder": None, "text_encoder": None, "captions_per_example": 0,
+                "text_dtype": "float16"}
 
 
 def _other_splits(output_dir: str, split: str) -> tuple[dict[str, Any] | None, list[str]]:
@@ -166,9 +303,10 @@ def _check_joins(output_dir: str, split: str, values: dict[str, Any]) -> None:
   """Raises ValueError if another split of `output_dir` was written with other `values`."""
   existing, others = _other_splits(output_dir, split)
   for key, value in values.items():
-    if existing is not None and existing[key] != value:
+    if existing is not None and existing.get(key, _SHARED_KEYS.get(key)) != value:
       raise ValueError(
-          f"{output_dir!r} holds splits {others} written with {key}={existing[key]!r}; cannot "
+          f"{output_dir!r} holds splits {others} written with {key}="
+          f"{existing.get(key, _SHARED_KEYS.get(key))!r}; cannot "
           f"add split {split!r} with {key}={value!r}. Use another output_dir or matching "
           "settings.")
 
@@ -184,18 +322,19 @@ def _other_splits_header(output_dir: str, split: str, job: dict[str, Any]
 
 
 def _write_shard(output_dir: str, split: str, index: int, job: dict[str, Any],
-                 encoded: Iterator[tuple[dict[str, Any], dict[str, Any]]],
-                 other_splits: dict[str, Any] | None) -> None:
-  """Writes one shard through a local temporary file, uploads it, then writes its manifest."""
+                 encoding: "_Encoding", unit: Unit, expected: int | None,
+                 other_splits: dict[str, Any] | None, progress: _Progress) -> int:
+  """Writes one shard through a local temporary file, uploads it, then writes its manifest;
+  returns its record count."""
   name = layout.shard_name(split, index, job["num_shards"])
-  expected = len(layout.shard_range(index, job["num_shards"], job["num_examples"]))
   fields = None
+  skipped = collections.Counter()
   with tempfile.TemporaryDirectory(prefix="self_flow_shard_") as directory:
     local = os.path.join(directory, name)
     writer = array_record_module.ArrayRecordWriter(local, layout.WRITER_OPTIONS)
     count = 0
     try:
-      for record, record_fields in encoded:
+      for record, record_fields in _encode_batches(unit(), encoding, skipped, name):
         if fields is None:
           fields = record_fields
           if other_splits is not None:
@@ -206,15 +345,32 @@ def _write_shard(output_dir: str, split: str, index: int, job: dict[str, Any],
               f"have {fields}; all examples must share one shape.")
         writer.write(serialization.msgpack_serialize(record))
         count += 1
+        progress.examples_done(index, count)
     finally:
       writer.close()
-    if count != expected:
+    if expected is not None and count != expected:
       raise ValueError(f"Shard {name} got {count} examples from examples[start:stop], not "
                        f"{expected}: the examples sequence must slice like a list.")
     storage.upload(local, storage.join(output_dir, name))
+  if skipped:
+    logging.warning("%s: shard %s kept %d examples and skipped %d (%s).", output_dir, name, count,
+                    sum(skipped.values()), _counts_text(skipped))
   storage.write_json(layout.manifest_path(output_dir, split, index, job["num_shards"]), {
       "job": job, "shard": name, "num_records": count, "fields": fields,
+      "skipped": dict(sorted(skipped.items())),
       "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}})
+  return count
+
+
+def _skipped_total(manifests: list[dict[str, Any]]) -> collections.Counter:
+  total = collections.Counter()
+  for manifest in manifests:
+    total.update(manifest.get("skipped", {}))
+  return total
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+  return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) or "none"
 
 
 def _check_or_clear_split(output_dir: str, split: str, job: dict[str, Any],
@@ -230,7 +386,10 @@ def _check_or_clear_split(output_dir: str, split: str, job: dict[str, Any],
       layout.read_metadata(output_dir)["splits"])
   if recorded and not others:
     info = layout.read_metadata(output_dir)["splits"][split]
-    if (info["num_examples"], info["num_shards"]) != (job["num_examples"], job["num_shards"]):
+    # Splits merged before metadata recorded their job are compared by their sizes.
+    sizes_differ = info["num_shards"] != job["num_shards"] or info["num_examples"] != job.get(
+        "num_examples", info["num_examples"])
+    if info.get("job", job) != job or sizes_differ:
       others = [layout.METADATA_FILE]
   if not others:
     return
@@ -266,12 +425,17 @@ def _merge_metadata(output_dir: str, split: str, job: dict[str, Any]) -> None:
                        "every process finished; a writer failed. Rerun the job to write the "
                        "missing shards.")
     manifests.append(storage.read_json(path))
-  fields = manifests[0]["fields"]
+  filled = [manifest for manifest in manifests if manifest["num_records"]]
+  if not filled:
+    raise ValueError(f"{output_dir!r}: every input of split {split!r} was skipped ("
+                     f"{_counts_text(_skipped_total(manifests))}); nothing to train on. See the "
+                     "warnings above for why.")
+  fields = filled[0]["fields"]
   for manifest in manifests:
-    if manifest["job"] != job or manifest["fields"] != fields:
+    if manifest["job"] != job or manifest["fields"] not in (fields, None):
       raise ValueError(f"{output_dir!r}: shard {manifest['shard']} has fields "
                        f"{manifest['fields']} from job {manifest['job']}, but shard "
-                       f"{manifests[0]['shard']} has {fields}; all examples must share one "
+                       f"{filled[0]['shard']} has {fields}; all examples must share one "
                        "shape.")
   header = {"format": layout.FORMAT, "version": layout.VERSION, "fields": fields,
             **{key: job[key] for key in _SHARED_KEYS}}
@@ -280,11 +444,14 @@ def _merge_metadata(output_dir: str, split: str, job: dict[str, Any]) -> None:
   metadata = dict(header, splits={name: existing["splits"][name] for name in others})
   metadata_path = storage.join(output_dir, layout.METADATA_FILE)
   shard_lengths = [manifest["num_records"] for manifest in manifests]
+  skipped = _skipped_total(manifests)
   metadata["splits"][split] = {"num_examples": sum(shard_lengths), "num_shards": num_shards,
-                               "shard_lengths": shard_lengths}
+                               "shard_lengths": shard_lengths,
+                               "skipped": dict(sorted(skipped.items())), "job": job}
   storage.write_json(metadata_path, metadata)
-  logging.info("%s: split %r done, %d examples in %d shards.", output_dir, split,
-               sum(shard_lengths), num_shards)
+  logging.info("%s: split %r done, %d examples kept in %d shards; skipped %d (%s).", output_dir,
+               split, sum(shard_lengths), num_shards, sum(skipped.values()),
+               _counts_text(skipped))
 
 
 def _check_process_args(process_index: int, process_count: int,
@@ -305,11 +472,19 @@ def _check_write_args(
     latent_shift: float,
     signal_encoder_name: str,
     text_encoder_name: str,
+    captions_per_example: int,
+    text_dtype: str,
 ) -> None:
+  if not isinstance(captions_per_example, int) or captions_per_example < 0:
+    raise ValueError(f"captions_per_example={captions_per_example!r} must be an int >= 0 (0: one "
+                     "`caption` per example).")
+  if text_dtype not in TEXT_DTYPES:
+    raise ValueError(f"text_dtype={text_dtype!r}; allowed: {list(TEXT_DTYPES)}.")
   if not _SPLIT_PATTERN.fullmatch(split):
     raise ValueError(f"split={split!r} must be non-empty letters, digits and underscores.")
   if num_shards < 1:
-    raise ValueError(f"num_shards={num_shards} must be >= 1.")
+    raise ValueError(f"num_shards={num_shards} must be >= 1 (one shard per input unit: no units "
+                     "given?).")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   if not math.isfinite(latent_scale) or latent_scale == 0:
@@ -322,94 +497,144 @@ def _check_write_args(
       raise ValueError(f"{what}={name!r} must be a non-empty string naming the encoder.")
 
 
-def _encode_batches(
-    examples: Iterable[dict[str, Any]],
-    modality: layout.ModalityFormat,
-    signal_encoder: encoders.SignalEncoder,
-    text_encoder: encoders.TextEncoder,
-    batch_size: int,
-    latent_scale: float,
-    latent_shift: float,
-    start: int = 0,
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-  """Yields (record, field specs) per example, encoding `batch_size` examples per call; the
-  first example is example `start` of the split (for error messages)."""
-  iterator = iter(examples)
-  while batch := list(itertools.islice(iterator, batch_size)):
-    signals, captions, labels = _batch_inputs(batch, start, modality)
-    count = len(batch)
-    # Pad to a constant batch size so a jitted encoder is compiled once.
-    signals = np.pad(signals, [(0, batch_size - count)] + [(0, 0)] * (signals.ndim - 1))
-    captions = captions + [""] * (batch_size - count)
-    encoded = signal_encoder(modality.to_float(signals))
-    # A (mean, std) pair is a Gaussian posterior; its std is stored as `latent_std`.
-    latents, stds = encoded if isinstance(encoded, tuple) else (encoded, None)
-    latents = np.asarray(latents, np.float32)
-    embeddings, mask = text_encoder(captions)
-    embeddings = np.asarray(embeddings, np.float32)
-    mask = np.asarray(mask)
-    _check_encoder_outputs(latents, embeddings, mask, batch_size, modality)
-    if stds is not None:
-      stds = np.asarray(stds, np.float32)
-      if stds.shape != latents.shape:
-        raise ValueError(f"signal_encoder returned a posterior std of shape {stds.shape} for "
-                         f"means of shape {latents.shape}; they must match.")
-      stds = _to_float16(stds * abs(latent_scale), "latent_std", start)
-    latents = _to_float16((latents - latent_shift) * latent_scale, "latent", start)
-    embeddings = _to_float16(embeddings, "text_embedding", start)
-    mask = mask.astype(bool)
-    fields = {
-        "latent": {"shape": list(latents.shape[1:]), "dtype": "float16"},
-        "text_embedding": {"shape": list(embeddings.shape[1:]), "dtype": "float16"},
-        "text_mask": {"shape": list(mask.shape[1:]), "dtype": "bool"},
-        "caption": {"shape": [], "dtype": "utf-8 bytes"},
-        "label": {"shape": [], "dtype": "int32"},
+@dataclasses.dataclass(frozen=True)
+class _Encoding:
+  """How examples become records (the encoders and storage settings of one job)."""
+
+  modality: layout.ModalityFormat
+  signal_encoder: encoders.SignalEncoder
+  text_encoder: encoders.TextEncoder
+  batch_size: int
+  latent_scale: float
+  latent_shift: float
+  captions_per_example: int  # 0: one `caption`, text fields (L, ...); C: (C, L, ...)
+  text_dtype: Any  # storage dtype of caption embeddings
+
+
+def _encode_batches(items: Iterable[Any], encoding: _Encoding, skipped: collections.Counter,
+                    shard: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+  """Yields (record, field specs) per example of `items`, encoding `batch_size` examples per
+  call; `Skipped` markers are counted in `skipped` (and logged), not written."""
+  examples = _counting_skips(items, skipped, shard)
+  position = 0
+  while batch := list(itertools.islice(examples, encoding.batch_size)):
+    yield from _encode_batch(batch, encoding, shard, position)
+    position += len(batch)
+
+
+def _counting_skips(items: Iterable[Any], skipped: collections.Counter, shard: str
+                    ) -> Iterator[dict[str, Any]]:
+  for item in items:
+    if isinstance(item, Skipped):
+      skipped[item.reason] += 1
+      logging.warning("%s: skipped %s (%s): %s", shard, item.key, item.reason, item.detail)
+    else:
+      yield item
+
+
+def _encode_batch(batch: list[dict[str, Any]], encoding: _Encoding, shard: str, position: int
+                  ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+  """The records of one batch (padded to `batch_size` for the encoders); its first example is
+  example `position` of `shard` (for error messages)."""
+  size, per_example = encoding.batch_size, max(encoding.captions_per_example, 1)
+  where = f"example {position} of shard {shard}"
+  signals, captions, labels = _batch_inputs(batch, shard, position, encoding)
+  count = len(batch)
+  # Pad to a constant batch size so a jitted encoder is compiled once.
+  signals = np.pad(signals, [(0, size - count)] + [(0, 0)] * (signals.ndim - 1))
+  rows = [list(c[:per_example]) + [""] * (per_example - len(c[:per_example])) for c in captions]
+  rows += [[""] * per_example] * (size - count)
+  encoded = encoding.signal_encoder(encoding.modality.to_float(signals))
+  # A (mean, std) pair is a Gaussian posterior; its std is stored as `latent_std`.
+  latents, stds = encoded if isinstance(encoded, tuple) else (encoded, None)
+  latents = np.asarray(latents, np.float32)
+  text, mask = encoding.text_encoder([caption for row in rows for caption in row])
+  text, mask = np.asarray(text), np.asarray(mask).astype(bool)
+  _check_encoder_outputs(latents, text, mask, size * per_example, size, encoding.modality)
+  text_field = "text_tokens" if text.ndim == 2 else "text_embedding"
+  if text_field == "text_tokens":
+    if text.dtype.kind not in "iu":
+      raise ValueError(f"text_encoder returned (B, L) values of dtype {text.dtype}; token ids "
+                       "must be integers ((B, L, D) for embeddings).")
+    text = text.astype(np.int32)
+  else:
+    text = _to_storage(text.astype(np.float32), encoding.text_dtype, "text_embedding", where)
+  numbers = np.array([min(len(c), per_example) for c in captions] + [0] * (size - count))
+  if encoding.captions_per_example:
+    text = text.reshape(size, per_example, *text.shape[1:])
+    mask = mask.reshape(size, per_example, -1) & (np.arange(per_example)[None, :, None]
+                                                   < numbers[:, None, None])
+  if stds is not None:
+    stds = np.asarray(stds, np.float32)
+    if stds.shape != latents.shape:
+      raise ValueError(f"signal_encoder returned a posterior std of shape {stds.shape} for "
+                       f"means of shape {latents.shape}; they must match.")
+    stds = _to_storage(stds * abs(encoding.latent_scale), np.float16, "latent_std", where)
+  latents = _to_storage((latents - encoding.latent_shift) * encoding.latent_scale, np.float16,
+                        "latent", where)
+  fields = {
+      "latent": {"shape": list(latents.shape[1:]), "dtype": "float16"},
+      text_field: {"shape": list(text.shape[1:]), "dtype": np.dtype(text.dtype).name},
+      "text_mask": {"shape": list(mask.shape[1:]), "dtype": "bool"},
+      "caption": {"shape": [], "dtype": "utf-8 bytes"},
+      "label": {"shape": [], "dtype": "int32"},
+  }
+  if encoding.captions_per_example:
+    fields["num_captions"] = {"shape": [], "dtype": "int32"}
+    fields["captions"] = {"shape": [], "dtype": "utf-8 JSON list"}
+  if stds is not None:
+    fields["latent_std"] = {"shape": list(stds.shape[1:]), "dtype": "float16"}
+  for row in range(count):
+    record = {
+        "latent": latents[row],
+        text_field: text[row],
+        "text_mask": mask[row],
+        "caption": rows[row][0].encode("utf-8"),
+        "label": np.asarray(labels[row], np.int32),
     }
+    if encoding.captions_per_example:
+      record["num_captions"] = np.asarray(numbers[row], np.int32)
+      record["captions"] = json.dumps(rows[row][:numbers[row]]).encode("utf-8")
     if stds is not None:
-      fields["latent_std"] = {"shape": list(stds.shape[1:]), "dtype": "float16"}
-    for row in range(count):
-      record = {
-          "latent": latents[row],
-          "text_embedding": embeddings[row],
-          "text_mask": mask[row],
-          "caption": captions[row].encode("utf-8"),
-          "label": np.asarray(labels[row], np.int32),
-      }
-      if stds is not None:
-        record["latent_std"] = stds[row]
-      yield record, fields
-    start += count
+      record["latent_std"] = stds[row]
+    yield record, fields
 
 
-def _batch_inputs(batch: list[dict[str, Any]], start: int, modality: layout.ModalityFormat
-                  ) -> tuple[np.ndarray, list[str], list]:
+def _batch_inputs(batch: list[dict[str, Any]], shard: str, position: int, encoding: _Encoding
+                  ) -> tuple[np.ndarray, list[tuple[str, ...]], list]:
   """Checks the examples of one batch and returns (raw signals, captions, labels)."""
+  modality = encoding.modality
   key = modality.example_key
+  caption_key = "captions" if encoding.captions_per_example else "caption"
   signals, captions, labels = [], [], []
   for offset, example in enumerate(batch):
-    where = f"Example {start + offset}"
-    missing = {key, "caption"} - set(example)
+    name = f"Example {position + offset} of shard {shard}"
+    missing = {key, caption_key} - set(example)
     if missing:
-      raise ValueError(f"{where} lacks {sorted(missing)}; it has keys {sorted(example)}.")
+      raise ValueError(f"{name} lacks {sorted(missing)}; it has keys {sorted(example)}.")
     signal = np.asarray(example[key])
     if signal.dtype != modality.dtype or signal.ndim != len(modality.axes):
       raise ValueError(
-          f"{where}: {key} has dtype {signal.dtype} and shape {signal.shape}; need "
+          f"{name}: {key} has dtype {signal.dtype} and shape {signal.shape}; need "
           f"{np.dtype(modality.dtype).name} {_axes(modality.axes)}."
       )
     if signals and signal.shape != signals[0].shape:
       raise ValueError(
-          f"{where}: {key} shape {signal.shape} differs from {signals[0].shape}; all examples "
+          f"{name}: {key} shape {signal.shape} differs from {signals[0].shape}; all examples "
           "of a split must share one shape."
       )
-    if not isinstance(example["caption"], str):
-      raise ValueError(f"{where}: caption {example['caption']!r} must be a str.")
+    texts = ((example["caption"],) if caption_key == "caption"
+             else tuple(example["captions"]) if not isinstance(example["captions"], str)
+             else None)
+    if not texts or not all(isinstance(text, str) for text in texts):
+      raise ValueError(f"{name}: {caption_key} {example[caption_key]!r} must be "
+                       f"{'a str' if caption_key == 'caption' else 'a non-empty list of str'}.")
     label = example.get("label", -1)
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not (
         -1 <= label <= np.iinfo(np.int32).max):
-      raise ValueError(f"{where}: label {label!r} must be an int32 >= 0, or -1 for none.")
+      raise ValueError(f"{name}: label {label!r} must be an int32 >= 0, or -1 for none.")
     signals.append(signal)
-    captions.append(example["caption"])
+    captions.append(texts)
     labels.append(int(label))
   return np.stack(signals), captions, labels
 
@@ -419,33 +644,34 @@ def _axes(names: tuple[str, ...]) -> str:
   return "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
 
 
-def _check_encoder_outputs(latents, embeddings, mask, batch_size: int,
+def _check_encoder_outputs(latents, text, mask, num_captions: int, batch_size: int,
                            modality: layout.ModalityFormat) -> None:
   if latents.ndim != 1 + len(modality.latent_axes) or latents.shape[0] != batch_size:
     raise ValueError(
         f"signal_encoder returned shape {latents.shape} for {batch_size} examples of "
         f"{modality.example_key}; need {_axes(('B', *modality.latent_axes))}."
     )
-  if embeddings.ndim != 3 or embeddings.shape[0] != batch_size:
+  if text.ndim not in (2, 3) or text.shape[0] != num_captions:
     raise ValueError(
-        f"text_encoder returned embeddings of shape {embeddings.shape} for {batch_size} "
-        "captions; need (B, L, D)."
+        f"text_encoder returned shape {text.shape} for {num_captions} captions; need (B, L, D) "
+        "embeddings or (B, L) token ids."
     )
-  if mask.shape != embeddings.shape[:2]:
+  if mask.shape != text.shape[:2]:
     raise ValueError(
-        f"text_encoder returned a mask of shape {mask.shape} for embeddings of shape "
-        f"{embeddings.shape}; need (B, L)."
+        f"text_encoder returned a mask of shape {mask.shape} for text of shape {text.shape}; "
+        "need (B, L)."
     )
 
 
-def _to_float16(values: np.ndarray, field: str, start: int) -> np.ndarray:
-  """Casts to float16, refusing values it cannot hold (they would silently become inf)."""
+def _to_storage(values: np.ndarray, dtype, field: str, where: str) -> np.ndarray:
+  """Casts to the storage dtype, refusing values it cannot hold (they would silently become
+  inf)."""
   with np.errstate(over="ignore"):  # Overflow is reported below, with the field and the fix.
-    stored = values.astype(np.float16)
-  if not np.isfinite(stored).all():
+    stored = values.astype(dtype)
+  if not np.isfinite(stored.astype(np.float32)).all():
     raise ValueError(
-        f"{field} of the batch starting at example {start} has values beyond float16 "
-        f"(max |x| = {np.abs(values).max()}, float16 holds up to 65504); rescale with "
-        "latent_scale or fix the encoder."
+        f"{field} of the batch starting at {where} has values beyond {np.dtype(dtype).name} "
+        f"(max |x| = {np.abs(values).max()}, largest finite: {float(np.finfo(dtype).max)}); "
+        "rescale with latent_scale or fix the encoder."
     )
   return stored
