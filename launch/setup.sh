@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine, sourced by run_local.sh and test.sh:
 #   - the Debian packages of the embedded datasets and tcmalloc, preloaded (setup_system.sh);
-#   - a virtual environment in .venv holding self_flow (editable) with its dev extra, at the exact
+#   - a virtual environment in .venv holding self_flow (editable) with its dev extra (and those in
+#     SELF_FLOW_MORE_EXTRAS), at the exact
 #     versions of requirements-lock.txt, plus the tpu or cuda12 extra on a host with a TPU or an
 #     NVIDIA GPU (self_flow/accelerators.py decides; SELF_FLOW_EXTRA=tpu|cuda12|none overrides);
 #     reinstalled only when pyproject.toml, requirements*.txt or the extra change;
@@ -21,7 +22,9 @@ fi
 VENV="$REPO_ROOT/.venv"
 STAMP="$VENV/.install.sha256"
 EXTRA="${SELF_FLOW_EXTRA:-$("$PYTHON" self_flow/accelerators.py)}"
-EXTRAS="dev${EXTRA:+,$EXTRA}"
+# SELF_FLOW_MORE_EXTRAS: extras beyond dev, e.g. reference (the PyTorch parity references that
+# launch/test.sh asks for).
+EXTRAS="dev${SELF_FLOW_MORE_EXTRAS:+,$SELF_FLOW_MORE_EXTRAS}${EXTRA:+,$EXTRA}"
 EXTRAS="${EXTRAS%,none}"
 want="$(cat pyproject.toml requirements.txt requirements-lock.txt <(echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates requirements-lock.txt: the newest releases that requirements.txt and the extras
-# dev and tpu admit on Python 3.11 (PYTHON), resolved in a fresh virtual environment and frozen.
+# dev, notebooks, tpu and reference admit on Python 3.11 (PYTHON), resolved in a fresh virtual
+# environment and frozen.
 # CI and launch/setup.sh install with it as constraints, so every run gets the same versions;
 # commit the new lock only after `bash launch/test.sh` passes with it.
 set -euo pipefail
@@ -10,7 +11,11 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$PYTHON" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q --disable-pip-version-check -U pip
-"$work/venv/bin/pip" install -q --disable-pip-version-check "$REPO_ROOT[dev,notebooks,tpu]"
+# torch's CPU build first (the reference extra's; its CUDA build brings triton, which crashes
+# after TensorFlow), from TORCH_INDEX_URL.
+"$work/venv/bin/pip" install -q --disable-pip-version-check torch \
+  --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+"$work/venv/bin/pip" install -q --disable-pip-version-check "$REPO_ROOT[dev,notebooks,tpu,reference]"
 {
   echo "# Exact versions of every package CI installs (pip install -c requirements-lock.txt ...):"
   echo "# $("$work/venv/bin/python" --version), $(date -u +%Y-%m-%d). Regenerate: bash launch/update_lock.sh"
