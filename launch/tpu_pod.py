@@ -13,8 +13,15 @@ on a laptop without jax.
   python launch/tpu_pod.py install --name=sf-v5p --zone=us-east5-a
   python launch/tpu_pod.py run     --name=sf-v5p --zone=us-east5-a --workdir=gs://BUCKET/t2i \
       [--config=configs/t2i.py] [--libtpu_preset=v5p_fsdp] [--detach] [--config.KEY=VALUE ...]
+  python launch/tpu_pod.py encode  --name=sf-v5p --zone=us-east5-a [--detach] --source=webdataset \
+      --inputs='gs://BUCKET/raw/{00000..01999}.tar' --output_dir=gs://BUCKET/shards \
+      --vae_path=gs://BUCKET/sd-vae-ft-ema --text_encoder_path=gs://BUCKET/t5-v1_1-xxl [...]
   python launch/tpu_pod.py stop    --name=sf-v5p --zone=us-east5-a
   python launch/tpu_pod.py delete  --name=sf-v5p --zone=us-east5-a [--queued]
+
+`encode` runs the captioned-data encoder (`python -m self_flow.tools.encode_captioned --distributed
+...`, its flags passed on as given) on every host: each host encodes its own input files on its
+own chips, and a rerun after a preemption writes only the missing shards.
 
 `run` starts the same command on every host: `python -m self_flow.main --config=... --workdir=gs://
 ... --distributed`, where `jax.distributed.initialize()` finds the other hosts by itself. Rerunning
@@ -36,6 +43,7 @@ DRY_RUN_PREFIX = "[dry run] "
 REMOTE_DIR = "~/self_flow"  # Left unquoted in remote commands so that the worker's shell expands ~.
 REMOTE_ARCHIVE = "/tmp/self_flow.tar.gz"
 REMOTE_LOG = f"{REMOTE_DIR}/train.log"
+REMOTE_ENCODE_LOG = f"{REMOTE_DIR}/encode.log"
 # self_flow needs Python 3.11 or newer (jax >= 0.10); the TPU runtimes ship Ubuntu 22.04, whose
 # python3 is 3.10, so the workers get 3.11 (the locked set's Python) from the deadsnakes archive.
 REMOTE_PYTHON = "python3.11"
@@ -264,12 +272,22 @@ def remote_run(args: argparse.Namespace) -> str:
   """The training command every worker runs, with the preset's LIBTPU_INIT_ARGS exported."""
   main = [".venv/bin/python", "-m", "self_flow.main", f"--config={args.config}",
           f"--workdir={args.workdir}", "--distributed", *args.overrides]
-  steps = [f"cd {REMOTE_DIR}"]
   flags = LIBTPU_PRESETS[args.libtpu_preset]
-  if flags:
-    steps.append(f"export LIBTPU_INIT_ARGS={shlex.quote(' '.join(flags))}")
-  if args.detach:  # Survives the ssh session: a run of days must not hang on a laptop's link.
-    steps.append(f"{{ setsid nohup {shlex.join(main)} > {REMOTE_LOG} 2>&1 < /dev/null & }}")
+  exports = [f"export LIBTPU_INIT_ARGS={shlex.quote(' '.join(flags))}"] if flags else []
+  return _remote_command(main, exports, args.detach, REMOTE_LOG)
+
+
+def remote_encode(args: argparse.Namespace) -> str:
+  """The encoding command every worker runs (the encoder's own flags passed on)."""
+  main = [".venv/bin/python", "-m", "self_flow.tools.encode_captioned", "--distributed",
+          *args.overrides]
+  return _remote_command(main, [], args.detach, REMOTE_ENCODE_LOG)
+
+
+def _remote_command(main: list[str], exports: list[str], detach: bool, log: str) -> str:
+  steps = [f"cd {REMOTE_DIR}", *exports]
+  if detach:  # Survives the ssh session: a run of days must not hang on a laptop's link.
+    steps.append(f"{{ setsid nohup {shlex.join(main)} > {log} 2>&1 < /dev/null & }}")
   else:
     steps.append(shlex.join(main))
   return " && ".join(steps)
@@ -347,6 +365,14 @@ def run(runner: Runner, args: argparse.Namespace) -> None:
                 f"--worker=0 --command='tail -f {REMOTE_LOG}'")
 
 
+def encode(runner: Runner, args: argparse.Namespace) -> None:
+  """Encodes captioned data into latent shards on every worker."""
+  runner.run(ssh_command(args, remote_encode(args)))
+  if args.detach:
+    runner.note(f"follow the log: gcloud compute tpus tpu-vm ssh {args.name} --zone={args.zone} "
+                f"--worker=0 --command='tail -f {REMOTE_ENCODE_LOG}'")
+
+
 def stop(runner: Runner, args: argparse.Namespace) -> None:
   """Stops a run on every worker and waits until it has saved its checkpoint and exited."""
   runner.run(ssh_command(args, REMOTE_STOP))
@@ -412,15 +438,34 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
                       help=f"Run in the background on the workers, logging to {REMOTE_LOG}.")
 
 
+def _add_detach(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--detach", action="store_true",
+                      help=f"Run in the background on the workers, logging to {REMOTE_ENCODE_LOG}.")
+
+
+# What each subcommand passes on to the program it starts: nothing, --config.KEY=VALUE
+# overrides (self_flow.main), or every --flag[=value] (the encoder's own flags).
+_PASSED_ON = {
+    None: None,
+    "overrides": re.compile(r"--config\.[A-Za-z_][\w.]*=.*", re.S),
+    "flags": re.compile(r"--[A-Za-z_]\w*(=.*)?", re.S),
+}
+_ALLOWED_TEXT = {
+    None: "this subcommand's options",
+    "overrides": "this subcommand's options and --config.KEY=VALUE overrides (with '=')",
+    "flags": "this subcommand's options and encode_captioned's flags (--name=value)",
+}
+
 SUBCOMMANDS = {
-    # name: (function, argument groups, accepts --config.KEY=VALUE overrides)
-    "create": (create, (_add_queued, _add_create), False),
-    "wait": (wait, (_add_queued,), False),
-    "install": (install, (), False),
-    "run": (run, (_add_run,), True),
-    "stop": (stop, (), False),
-    "delete": (delete, (_add_queued,), False),
-    "up": (up, (_add_queued, _add_create, _add_run), True),
+    # name: (function, argument groups, what is passed on to the program: see _PASSED_ON)
+    "create": (create, (_add_queued, _add_create), None),
+    "wait": (wait, (_add_queued,), None),
+    "install": (install, (), None),
+    "encode": (encode, (_add_detach,), "flags"),
+    "run": (run, (_add_run,), "overrides"),
+    "stop": (stop, (), None),
+    "delete": (delete, (_add_queued,), None),
+    "up": (up, (_add_queued, _add_create, _add_run), "overrides"),
 }
 
 
@@ -443,12 +488,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser, subparsers = build_parser()
   args, extra = parser.parse_known_args(argv)
   error = subparsers[args.subcommand].error
-  function, _, takes_overrides = SUBCOMMANDS[args.subcommand]
-  for argument in extra:  # Unknown arguments go to self_flow.main: only config overrides.
-    if not (takes_overrides and re.fullmatch(r"--config\.[A-Za-z_][\w.]*=.*", argument, re.S)):
-      allowed = ("this subcommand's options and --config.KEY=VALUE overrides (with '=')"
-                 if takes_overrides else "this subcommand's options")
-      error(f"unrecognized argument {argument!r}: allowed are {allowed}")
+  function, _, passed_on = SUBCOMMANDS[args.subcommand]
+  for argument in extra:  # Unknown arguments go to the program the subcommand starts.
+    if passed_on is None or not _PASSED_ON[passed_on].fullmatch(argument):
+      error(f"unrecognized argument {argument!r}: allowed are {_ALLOWED_TEXT[passed_on]}")
   args.overrides = extra
   if getattr(args, "valid_until", None) and not args.queued:
     error(f"--valid_until={args.valid_until} only applies to queued resources: add --queued or "

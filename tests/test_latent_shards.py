@@ -11,7 +11,7 @@ import pytest
 
 from configs import multimodal, t2v
 from self_flow import config_resolution
-from self_flow.data import modality_sources, motion_captions, sources, spoken_words
+from self_flow.data import captioned, modality_sources, motion_captions, sources, spoken_words
 from self_flow.data.latent_shards import encoders, layout, writer
 from self_flow.data.latent_shards import reader as reader_lib
 from self_flow.modalities import audio
@@ -441,10 +441,10 @@ def test_units_count_skipped_inputs_per_reason_and_keep_empty_shards_readable(tm
   shard the reader passes over."""
   examples = _examples(5)
   units = [
-      lambda: [examples[0], writer.Skipped("a.tar#1", "undecodable_image", "bad JPEG"),
+      lambda: [examples[0], captioned.Skipped("a.tar#1", "undecodable_image", "bad JPEG"),
                examples[1], examples[2]],
-      lambda: [writer.Skipped("b.tar#0", "missing_caption"),
-               writer.Skipped("b.tar#1", "undecodable_image")],
+      lambda: [captioned.Skipped("b.tar#0", "missing_caption", ""),
+               captioned.Skipped("b.tar#1", "undecodable_image", "")],
       lambda: [examples[3], examples[4]],
   ]
   metadata = writer.write_units(units, output_dir=str(tmp_path), **_unit_kwargs())

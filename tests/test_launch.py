@@ -91,6 +91,24 @@ def test_run_detached_default_preset(tmp_path):
       " > ~/self_flow/train.log 2>&1 < /dev/null & }")
 
 
+def test_encode_passes_the_encoder_flags_on_to_every_worker(tmp_path):
+  """encode runs encode_captioned with --distributed and the given flags on all workers; other
+  arguments (a config override, a positional) are refused, naming what is allowed."""
+  [command] = dry_run(tmp_path, "encode", *SLICE, "--detach", "--source=webdataset",
+                      "--inputs=gs://b/raw/{00000..00009}.tar", "--output_dir=gs://b/shards",
+                      "--upscale_small")
+  assert command[:7] == TPU_VM + ["ssh", "sf-v5p", "--worker=all"]
+  assert command[-2] == (
+      "--command=cd ~/self_flow && { setsid nohup .venv/bin/python -m "
+      "self_flow.tools.encode_captioned --distributed --source=webdataset "
+      "'--inputs=gs://b/raw/{00000..00009}.tar' --output_dir=gs://b/shards --upscale_small"
+      " > ~/self_flow/encode.log 2>&1 < /dev/null & }")
+  for bad in ("--config.seed=1x", "positional"):
+    process = launch(tmp_path, "encode", *SLICE, "--dry_run", bad)
+    assert process.returncode == 2
+    assert "encode_captioned's flags (--name=value)" in process.stderr
+
+
 def test_stop_and_delete(tmp_path):
   assert dry_run(tmp_path, "stop", *SLICE) == [
       TPU_VM + ["ssh", "sf-v5p", "--worker=all",

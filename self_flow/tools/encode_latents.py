@@ -50,6 +50,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from self_flow import distributed, storage
+from self_flow.data.captioned.prepare import center_crop
 from self_flow.data.latent_shards import encoders, writer
 from self_flow.models import autoencoder_kl
 
@@ -101,24 +102,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "stops.", **fv)
   distributed.define_flags(flag_values)
   flags.mark_flags_as_required(["output_dir", "vae_path"], flag_values=flag_values)
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """ADM's center crop (guided-diffusion): (size, size, 3) uint8.
-
-  Halves the image with a BOX filter while its short side is at least 2 * size, resizes it with
-  BICUBIC so the short side is `size`, then takes the central size x size square. Images of any
-  mode (greyscale, CMYK, palette) are converted to RGB first.
-  """
-  image = image.convert("RGB")
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(side * scale) for side in image.size),
-                       resample=Image.BICUBIC)
-  array = np.asarray(image)
-  top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-  return array[top:top + size, left:left + size]
 
 
 def _load_file(path: str, label: int) -> tuple[Image.Image, int]:
@@ -236,11 +219,11 @@ class CroppedExamples(Sequence):
       start, stop, step = index.indices(len(self))
       if step != 1:
         raise ValueError("CroppedExamples slices must be contiguous.")
-      return _ordered_parallel_map(self._load, self._items(start, stop), self._num_workers)
+      return ordered_parallel_map(self._load, self._items(start, stop), self._num_workers)
     return next(iter(self[index:index + 1]))
 
 
-def _ordered_parallel_map(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
+def ordered_parallel_map(fn: Callable, items: Iterable, num_workers: int) -> Iterator:
   """fn over items in `num_workers` threads (PIL decodes and resizes without the GIL), in order,
   with at most 4 * num_workers items in flight."""
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:

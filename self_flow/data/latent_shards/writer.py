@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from self_flow import storage
+from self_flow.data.captioned import Skipped
 from self_flow.data.latent_shards import encoders, layout
 
 _SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]+")
@@ -48,23 +49,8 @@ TEXT_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _PROGRESS_EVERY_S = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-  """An input example that was not written, and why (counted per reason in the manifests).
-
-  Attributes:
-    key: Where the example came from (file and member, or split and index), for the log.
-    reason: A short name counted in the manifests, e.g. "undecodable_image".
-    detail: What exactly was wrong, for the log.
-  """
-
-  key: str
-  reason: str
-  detail: str = ""
-
-
 # A callable streaming one unit's examples (dicts as `write_shards` takes, or `Skipped`).
-Unit = Callable[[], Iterable["dict[str, Any] | Skipped"]]
+Unit = Callable[[], Iterable[dict[str, Any] | Skipped]]
 
 
 def write_shards(
