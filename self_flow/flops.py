@@ -14,7 +14,8 @@ below is the usual MFU convention instead:
   * Self-Flow's teacher is a forward only, stopped at its layer, with one conditioning row per
     example (all its tokens share tau_min); baselines with gamma = 0 have no teacher and no
     projector head (XLA removes the unused head);
-  * these are model FLOPs: rematerialisation recomputes forwards, which MFU does not credit.
+  * these are model FLOPs: rematerialisation recomputes forwards, which MFU does not credit;
+  * a frozen T5 run in the step (text.encoder="t5") is a forward on every caption, full length.
 
 On the cpu_reference Self-Flow step this gives 362.95 GFLOP; the matmuls XLA actually ran there
 (profiler trace counts x HLO dot shapes) came to 362.92 GFLOP.
@@ -30,7 +31,7 @@ from typing import NamedTuple
 import ml_collections
 
 from self_flow import config_resolution
-from self_flow.text import frozen_encoders
+from self_flow.text import frozen_encoders, in_step_encoder, t5_encoder
 
 TIMESTEP_FREQ_DIM = 256  # layers.TimestepEmbedder: sinusoidal features before its MLP.
 BYTE_ENCODER_MLP_RATIO = 4  # byte_encoder.EncoderBlock uses an MLP of 4x its width.
@@ -85,6 +86,18 @@ def single_block(tokens: int, width: int, mlp_dim: int) -> int:
   """Fused block: linear1 -> (qkv, SwiGLU in), attention, linear2 on (attention, MLP)."""
   return (dense(tokens, width, 3 * width + 2 * mlp_dim) + attention(tokens, tokens, width)
           + dense(tokens, width + mlp_dim, width))
+
+
+def t5_encoder_forward(length: int, encoder: t5_encoder.T5Config) -> int:
+  """A frozen T5 encoder on one caption of `length` tokens: per layer the q, k, v, o
+  projections, attention over all `length` keys, and the MLP (2 input matrices when gated)."""
+  inner = encoder.num_heads * encoder.d_kv
+  mlp_inputs = 2 if encoder.feed_forward_proj.startswith("gated") else 1
+  layer = (dense(length, encoder.d_model, 3 * inner) + dense(length, inner, encoder.d_model)
+           + attention(length, length, inner)
+           + dense(length, encoder.d_model, mlp_inputs * encoder.d_ff)
+           + dense(length, encoder.d_ff, encoder.d_model))
+  return encoder.num_layers * layer
 
 
 def byte_encoder(length: int, width: int, depth: int) -> int:
@@ -188,10 +201,12 @@ class StepFlops(NamedTuple):
   student_forward: float
   student_backward: float
   teacher_forward: float
+  text_encoder_forward: float = 0.0  # the frozen T5 of text.encoder="t5", in the step
 
   @property
   def total(self) -> float:
-    return self.student_forward + self.student_backward + self.teacher_forward
+    return (self.student_forward + self.student_backward + self.teacher_forward
+            + self.text_encoder_forward)
 
 
 def train_step_flops(config: ml_collections.ConfigDict,
@@ -209,4 +224,7 @@ def train_step_flops(config: ml_collections.ConfigDict,
   self_flow = config.objective.rep_loss_weight > 0
   student = batch * forward(shape, rows, student=True, head=self_flow)
   teacher = batch * forward(shape, 1, student=False) if self_flow else 0
-  return StepFlops(float(student), float(2 * student), float(teacher))
+  text = (batch * t5_encoder_forward(config.text.max_length,
+                                     in_step_encoder.encoder_config(config))
+          if in_step_encoder.used(config) else 0)
+  return StepFlops(float(student), float(2 * student), float(teacher), float(text))

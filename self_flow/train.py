@@ -27,6 +27,7 @@ from self_flow import (accelerators, checkpointing, config_resolution, config_va
 from self_flow.data import modality_sources, pipeline
 from self_flow.evaluation import audio_evaluator, evaluator, student, video_evaluator
 from self_flow.modalities import spec as spec_lib
+from self_flow.text import in_step_encoder
 
 _EVALUATORS = {"image": evaluator.ImageEvaluator, "video": video_evaluator.VideoEvaluator,
                "audio": audio_evaluator.AudioEvaluator}
@@ -258,6 +259,9 @@ def _train_in_workdir(config: ml_collections.ConfigDict,
       retry_wait_s=config.train.restore_retry_wait_s)
   start_step, state, train_iters, batches_read = _restore_or_init(
       config, program, checkpointer, workdir, modality_of)
+  # The frozen in-step text encoder's weights (text.encoder="t5"): an extra step argument.
+  text_params = (() if program.text_encoder is None
+                 else (in_step_encoder.load_params(config, program.text_encoder),))
 
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -305,14 +309,16 @@ def _train_in_workdir(config: ml_collections.ConfigDict,
         batches_read[name] += 1
         if name not in compiled:
           compile_start = time.time()
-          compiled[name] = program.step_fns[name].lower(state, batch, base_rng).compile()
+          compiled[name] = program.step_fns[name].lower(state, batch, base_rng,
+                                                        *text_params).compile()
           window.exclude(time.time() - compile_start)
           logging.info("Compiled the %s train step: %.4g model FLOPs per step per device.", name,
                        step_flops[name])
         balance = None
         if name in program.balance_fns and (step + 1) % balance_every == 0:
-          balance = program.balance_fns[name](state, batch, base_rng)  # before `state` is donated
-        state, metrics = compiled[name](state, batch, base_rng)
+          balance = program.balance_fns[name](state, batch, base_rng,  # before `state` is donated
+                                              *text_params)
+        state, metrics = compiled[name](state, batch, base_rng, *text_params)
       if balance is not None:
         prefix = f"train/{name}/" if len(specs) > 1 else "train/"
         writer.write_scalars(step + 1, {prefix + k: float(v)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from self_flow import config_resolution, optim, sharding, train_state, train_step
 from self_flow.data import modality_sources
 from self_flow.modalities import spec as spec_lib
+from self_flow.text import in_step_encoder
 
 
 class TrainProgram(NamedTuple):
@@ -28,10 +29,14 @@ class TrainProgram(NamedTuple):
   layout: train_state.StateLayout
   batch_sharding: NamedSharding
   replicated: NamedSharding  # The step rng and the metrics.
-  step_fns: dict[str, Any]  # modality -> jitted (state, batch, base_rng) -> (state, metrics)
-  # modality -> jitted (state, batch, base_rng) -> gradient-balance metrics; empty when
-  # train.gradient_balance_every is 0 or the objective has no representation loss.
+  # modality -> jitted (state, batch, base_rng, *text_params) -> (state, metrics)
+  step_fns: dict[str, Any]
+  # modality -> jitted (state, batch, base_rng, *text_params) -> gradient-balance metrics;
+  # empty when train.gradient_balance_every is 0 or the objective has no representation loss.
   balance_fns: dict[str, Any]
+  # The frozen text encoder the steps run on caption token ids (text.encoder="t5"): its
+  # parameters are the steps' last argument. None: the steps take no such argument.
+  text_encoder: in_step_encoder.TextEncoderLayout | None
 
   @property
   def specs(self) -> dict[str, spec_lib.ModalitySpec]:
@@ -53,24 +58,40 @@ def build(config: ml_collections.ConfigDict, resolved: config_resolution.Resolve
   train_state.check_replication(config, layout)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
+  text_encoder = (in_step_encoder.layout(config, mesh, rules) if in_step_encoder.used(config)
+                  else None)
+  inputs = (layout.shardings, batch_sharding, replicated)
+  if text_encoder is not None:
+    inputs += (text_encoder.shardings,)
+
+  def compiled(fn, **kwargs):
+    """`fn` jitted over `inputs`, embedding the captions first when the encoder is in-step."""
+    if text_encoder is not None:
+      fn = _embedding_captions(fn, text_encoder)
+    return jax.jit(sharding.activation_sharding(mesh, rules)(fn), in_shardings=inputs, **kwargs)
+
   step_fns = {
-      name: jax.jit(
-          sharding.activation_sharding(mesh, rules)(
-              train_step.make_train_step(config, layout.graphdef, tx, schedule, spec)),
-          in_shardings=(layout.shardings, batch_sharding, replicated),
-          out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+      name: compiled(train_step.make_train_step(config, layout.graphdef, tx, schedule, spec),
+                     out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
       for name, spec in specs.items()}
   balance_fns = {}
   if config.train.gradient_balance_every and config.objective.rep_loss_weight > 0:
     balance_fns = {
-        name: jax.jit(
-            sharding.activation_sharding(mesh, rules)(
-                train_step.make_gradient_balance_fn(config, layout.graphdef, spec)),
-            in_shardings=(layout.shardings, batch_sharding, replicated),
-            out_shardings=replicated)
+        name: compiled(train_step.make_gradient_balance_fn(config, layout.graphdef, spec),
+                       out_shardings=replicated)
         for name, spec in specs.items()}
   return TrainProgram(resolved, mesh, tx, schedule, layout, batch_sharding, replicated, step_fns,
-                      balance_fns)
+                      balance_fns, text_encoder)
+
+
+def _embedding_captions(fn, text_encoder: in_step_encoder.TextEncoderLayout):
+  """(state, batch, rng) -> ... as (state, batch, rng, text_params) -> ..., the batch's caption
+  token ids embedded by the frozen encoder first."""
+  def with_text_params(state, batch, base_rng, text_params):
+    return fn(state, in_step_encoder.embed_batch(text_encoder.graphdef, text_params, batch),
+              base_rng)
+
+  return with_text_params
 
 
 def abstract_batch(config: ml_collections.ConfigDict, program: TrainProgram, modality: str
@@ -90,7 +111,9 @@ def abstract_rng(program: TrainProgram) -> jax.ShapeDtypeStruct:
 
 
 def lower(config: ml_collections.ConfigDict, program: TrainProgram, modality: str):
-  """`modality`'s step lowered for abstract state, batch and rng (for AOT compilation)."""
+  """`modality`'s step lowered for abstract state, batch and rng (and text encoder parameters)
+  (for AOT compilation)."""
+  text = () if program.text_encoder is None else (program.text_encoder.abstract,)
   return program.step_fns[modality].lower(program.layout.abstract,
                                           abstract_batch(config, program, modality),
-                                          abstract_rng(program))
+                                          abstract_rng(program), *text)

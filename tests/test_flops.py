@@ -187,3 +187,43 @@ def test_bench_breakdown_smoke(make_config):
   times = bench.breakdown(make_config(), warmup=1, repeats=1)
   assert len(times) == 4 and all(wall > 0 and cpu > 0 for wall, cpu in times.values())
   assert "| + backward |" in bench.format_breakdown(times)
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_t5_encoder_forward_matches_xla_up_to_elementwise_ops(feed_forward):
+  """The in-step T5's count against XLA's on the jitted encoder (its blocks are a Python loop,
+  so XLA sees every one); XLA's count is higher only by the elementwise ops the convention leaves
+  out (norms, softmax, activations)."""
+  from self_flow.text import t5_encoder  # pylint: disable=g-import-not-at-top
+  encoder = t5_encoder.T5Config(
+      vocab_size=64, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      feed_forward_proj=feed_forward, layer_norm_epsilon=1e-6, model_type="t5")
+  model = t5_encoder.T5Encoder(encoder, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  length, batch = 32, 2
+  tokens, mask = jnp.ones((batch, length), jnp.int32), jnp.ones((batch, length), bool)
+  xla = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m)).lower(
+      params, tokens, mask).compile().cost_analysis()["flops"]
+  ours = batch * flops.t5_encoder_forward(length, encoder)
+  assert ours <= xla <= 1.05 * ours, (ours, xla)
+
+
+def test_in_step_t5_counts_in_the_step():
+  """text.encoder="t5": the step's total adds a forward of the preset T5 on every caption."""
+  config = t2i.get_config()
+  config.text.update(encoder="t5", t5_config="t5-v1_1-xxl", max_length=128)
+  resolved = config_resolution.resolve(config)
+  step = flops.train_step_flops(config, resolved)
+  from self_flow.text import t5_encoder  # pylint: disable=g-import-not-at-top
+  xxl = t5_encoder.T5Config(**t5_encoder.PRESETS["t5-v1_1-xxl"])
+  assert step.text_encoder_forward == 256 * flops.t5_encoder_forward(128, xxl)
+  assert step.total == sum(step)
+  # 24 layers of 4 x 4096^2 attention and 3 x 4096 x 10240 MLP weights (4.63B, the embedding
+  # table is a lookup): 2 FLOPs each per token, plus 4 L^2 x 4096 per layer of attention.
+  matmul_weights = 24 * (4 * 4096**2 + 3 * 4096 * 10240)
+  assert flops.t5_encoder_forward(128, xxl) == 2 * matmul_weights * 128 + 24 * 4 * 128**2 * 4096
+  config.text.embedding_dim = 1024
+  with pytest.raises(ValueError, match=r"embedding_dim=1024, but the T5 encoder 't5-v1_1-xxl' "
+                                       r"outputs width 4096"):
+    flops.train_step_flops(config, resolved)

@@ -17,7 +17,7 @@ from self_flow.data import (captions, motion_captions, moving_sprites, pipeline,
 from self_flow.data.latent_shards import caption_draw, layout, posterior, reader
 from self_flow.modalities import audio, video
 from self_flow.modalities import spec as spec_lib
-from self_flow.text import embedding_cache, frozen_encoders
+from self_flow.text import embedding_cache, frozen_encoders, in_step_encoder
 
 # modality -> its data section of the config.
 SECTIONS = {"image": "data", "video": "video", "audio": "audio"}
@@ -87,8 +87,10 @@ def _check_text_source(config: ml_collections.ConfigDict, modalities: Sequence[s
                        f"of the embedded data; {others} captions are not enumerated for it. Use "
                        "text.encoder='bytes', or latent shards written with this encoder.")
     return
-  if config.text.encoder != want:
-    carried = ("latent shards carry precomputed caption embeddings" if want == "precomputed"
+  if config.text.encoder != want and not (want == "precomputed"
+                                          and in_step_encoder.used(config)):
+    carried = ("latent shards carry precomputed caption embeddings (or token ids for "
+               "text.encoder='t5')" if want == "precomputed"
                else "embedded datasets carry byte tokens (or a frozen encoder's embeddings)")
     raise ValueError(f"config.text.encoder={config.text.encoder!r} does not match the data: "
                      f"{carried}, so set text.encoder={want!r}.")
@@ -103,8 +105,9 @@ def batch_shapes(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
   length = config.text.max_length
   frozen = config.text.encoder in frozen_encoders.DIMS
   if uses_latent_shards(config, spec.name):
-    return {"latent": signal, "label": ((), np.int32),
-            "text_embedding": ((length, config.text.embedding_dim), np.float32),
+    text = (("text_tokens", ((length,), np.int32)) if in_step_encoder.used(config)
+            else ("text_embedding", ((length, config.text.embedding_dim), np.float32)))
+    return {"latent": signal, "label": ((), np.int32), text[0]: text[1],
             "text_mask": ((length,), np.bool_)}
   shapes = {spec.signal_key: signal, "label": ((), np.int32)}
   if config.model.conditioning == "text" and frozen:  # one pooled token per caption
@@ -171,11 +174,17 @@ def _check_caption_fields(config: ml_collections.ConfigDict, source: reader.Late
   are not what `config.text` makes the model read."""
   field = source.metadata["fields"][source.text_field]
   shape = field["shape"][1:] if source.captions_per_example else field["shape"]
-  if source.text_field == "text_tokens":
-    raise ValueError(f"{data_dir!r} holds caption token ids (text_tokens), for a text encoder "
-                     "run in the train step; config.text.encoder="
-                     f"{config.text.encoder!r} reads precomputed embeddings. Re-encode with "
-                     "embeddings (self_flow.tools.encode_captioned --text_output=embedding).")
+  tokens = source.text_field == "text_tokens"
+  if tokens != in_step_encoder.used(config):
+    holds = ("caption token ids (text_tokens), for a text encoder run in the train step" if tokens
+             else "precomputed caption embeddings")
+    fix = ("--config.text.encoder=t5 with --config.text.t5_path=<the encoder that tokenized "
+           "them>" if tokens else "--config.text.encoder=precomputed, or re-encode with "
+           "self_flow.tools.encode_captioned --text_output=tokens")
+    raise ValueError(f"{data_dir!r} holds {holds}; config.text.encoder={config.text.encoder!r} "
+                     f"does not read them: use {fix}.")
+  if tokens:
+    shape = [*shape, config.text.embedding_dim]  # ids of (L,): the width is the encoder's
   if shape[-1] != config.text.embedding_dim:
     raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
                      f"embeddings in {data_dir!r} have width {shape[-1]}; set "

@@ -12,9 +12,10 @@ from self_flow.text import frozen_encoders
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHITECTURES = ("dit", "mmdit")
-# text.encoder: the trainable byte encoder, embeddings stored with latent shards, or a frozen
-# pretrained encoder looked up by the data pipeline.
-TEXT_ENCODERS = ("bytes", "precomputed", *frozen_encoders.DIMS)
+# text.encoder: the trainable byte encoder, embeddings stored with latent shards, a frozen
+# pretrained encoder looked up by the data pipeline, or a frozen T5 run in the train step on
+# token ids stored with latent shards (self_flow.text.in_step_encoder).
+TEXT_ENCODERS = ("bytes", "precomputed", *frozen_encoders.DIMS, "t5")
 # model.position_embedding_order -> the image position-id axes whose sin-cos halves fill the
 # width, in order: rows first (ours) or columns first (the official SiT/MAE table).
 POSITION_ORDERS = {"height_width": image.POSITION_AXES, "width_height": image.POSITION_AXES[::-1]}
@@ -63,6 +64,11 @@ def check_config(config: ml_collections.ConfigDict,
   if text.encoder not in TEXT_ENCODERS:
     raise ValueError(f"config.text.encoder={text.encoder!r} is not allowed; choose one of "
                      f"{list(TEXT_ENCODERS)}.")
+  if text.encoder == "t5":
+    parse_dtype(text.t5_dtype, "config.text.t5_dtype")
+    if not (text.t5_path or text.t5_config):
+      raise ValueError("config.text.encoder='t5' needs config.text.t5_path (the Hugging Face "
+                       "T5 encoder directory) or, for shapes only, config.text.t5_config.")
   if text.encoder == "bytes" and text.width % text.num_heads:
     raise ValueError(f"config.text.width={text.width} must be divisible by "
                      f"config.text.num_heads={text.num_heads}.")

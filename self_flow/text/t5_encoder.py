@@ -114,6 +114,33 @@ class T5Config:
                                          for key, value in defaults.items()})
 
 
+# Released encoders by name, for programs that need only their shapes (ahead-of-time
+# compilation, FLOP counts) and no weights: the config.json values of google/t5-v1_1-xxl (the
+# text encoder of FLUX, SD3 and PixArt) and google/umt5-xxl (Wan).
+PRESETS = {
+    "t5-v1_1-xxl": dict(model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+                        num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                        layer_norm_epsilon=1e-6),
+    "umt5-xxl": dict(model_type="umt5", vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240,
+                     num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                     relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                     layer_norm_epsilon=1e-6),
+}
+
+
+def read_config(path: str) -> T5Config:
+  """The config of the encoder at `path` (a directory or a weights file beside config.json), or
+  of a `PRESETS` name."""
+  if path in PRESETS:
+    return T5Config(**PRESETS[path])
+  config_path, _ = _locate(path)
+  try:
+    return T5Config.from_huggingface(storage.read_json(config_path))
+  except ValueError as error:
+    raise ValueError(f"{config_path}: {error}") from None
+
+
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
   """(length, length) int32 bucket of key position - query position, bidirectional.
 
@@ -415,11 +442,8 @@ def load_t5_encoder(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) ->
     ValueError: an unsupported config.json, or weights that do not fit it (every bad tensor
       named).
   """
-  config_path, weights = _locate(path)
-  try:
-    config = T5Config.from_huggingface(storage.read_json(config_path))
-  except ValueError as error:
-    raise ValueError(f"{config_path}: {error}") from None
+  config = read_config(path)
+  _, weights = _locate(path)
   # Built abstractly: every parameter is replaced by the file's, so random init would be waste.
   model = nnx.eval_shape(lambda: T5Encoder(config, dtype=dtype, param_dtype=param_dtype,
                                            rngs=nnx.Rngs(0)))
