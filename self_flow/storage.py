@@ -72,6 +72,17 @@ def read_json(path: str | os.PathLike) -> Any:
   return json.loads(read_text(path))
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# The mode a file created by open() gets (0666 less the umask), read once at import (os.umask
+# can only be read by setting it).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def local_output(path: str | os.PathLike) -> Iterator[str]:
   """A local file name to write `path` through, for writers that only take local files or
@@ -92,6 +103,7 @@ def local_output(path: str | os.PathLike) -> Iterator[str]:
   os.close(fd)
   try:
     yield local
+    os.chmod(local, _FILE_MODE)  # mkstemp's 0600 -> what open() would have created
     os.replace(local, path)
   finally:
     if os.path.exists(local):

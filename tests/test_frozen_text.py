@@ -133,6 +133,9 @@ def test_captioned_grid_writes_each_prompt_under_its_column():
   assert inked[1] > inked[0]  # the longer prompt takes more ink
   with pytest.raises(ValueError, match="does not split into 4 columns"):
     captioned_grid.captioned_grid(grid, ["a", "b", "c", "d"])
+  colour = image.make_grid(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8), 2)
+  labelled = captioned_grid.captioned_grid(colour, ["red", "blue"], scale=2)
+  np.testing.assert_array_equal(labelled[:colour.shape[0] * 2:2, ::2], colour)  # colours kept
 
 
 def test_frozen_encoder_is_refused_for_captions_it_does_not_enumerate():

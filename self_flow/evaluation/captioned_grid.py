@@ -31,13 +31,16 @@ def captioned_grid(grid: np.ndarray, prompts: Sequence[str], scale: int = 4) -> 
   chars = max(4, int(column_width / (font.getlength("abcdefghij") / 10)) - 1)
   wrapped = [textwrap.wrap(p, chars) or [""] for p in prompts]
   band_height = max(map(len, wrapped)) * LINE_HEIGHT + 4
-  canvas = Image.new("L", (big.shape[1], big.shape[0] + band_height), 0)
-  canvas.paste(Image.fromarray(big.mean(-1).astype(np.uint8) if big.shape[-1] > 1
-                               else big[..., 0]), (0, 0))
+  colour = grid.shape[-1] == 3
+  canvas = Image.new("RGB" if colour else "L", (big.shape[1], big.shape[0] + band_height), 0)
+  canvas.paste(Image.fromarray(big if colour else big.mean(-1).astype(np.uint8)), (0, 0))
   draw = ImageDraw.Draw(canvas)
   for column, lines in enumerate(wrapped):
     for row, line in enumerate(lines):
       x = column * column_width + (column_width - font.getlength(line)) / 2
-      draw.text((x, big.shape[0] + 2 + row * LINE_HEIGHT), line, fill=255, font=font)
+      draw.text((x, big.shape[0] + 2 + row * LINE_HEIGHT), line, fill=(255,) * len(
+          canvas.getbands()), font=font)
+  if colour:
+    return np.asarray(canvas)
   out = np.asarray(canvas)[..., None]
-  return np.repeat(out, grid.shape[-1], axis=-1) if grid.shape[-1] > 1 else out
+  return np.repeat(out, grid.shape[-1], axis=-1)
