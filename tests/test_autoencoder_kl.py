@@ -1,7 +1,7 @@
 """Tests for the Flax SD-VAE, its diffusers weight loader, the latent encoding tool, posterior
 sampling in the trainer's shard pipeline, and the ImageNet-256 config training on encoded shards.
 
-The diffusers layout is spelled out independently here (`_diffusers_shapes`) and the layers are
+The diffusers layout is spelled out independently here (`diffusers_shapes`) and the layers are
 checked against plain numpy written from the PyTorch definitions, so a naming or layout slip in
 the loader cannot cancel out.
 """
@@ -25,6 +25,8 @@ from self_flow.data.latent_shards import encoders, reader, writer
 from self_flow.modalities import spec
 from self_flow.models import autoencoder_kl, presets
 from self_flow.tools import encode_latents
+from tiny_hf_dirs import (diffusers_shapes, random_tensors, write_diffusers_dir,
+                           write_safetensors)
 from conftest import tiny
 
 # Two levels (one downsample), one resnet per encoder level: 16x16 images -> 8x8x4 latents.
@@ -33,120 +35,6 @@ _TINY = autoencoder_kl.AutoencoderConfig(block_out_channels=(8, 16), layers_per_
 # Four levels like SD-VAE (factor 8): 64x64 images -> 8x8x4 latents.
 _TOOL_VAE = autoencoder_kl.AutoencoderConfig(block_out_channels=(8, 8, 16, 16),
                                              layers_per_block=1, norm_num_groups=4)
-
-
-# --- The diffusers state dict, written independently of the loader. ---
-
-
-def _diffusers_shapes(config, legacy_attention: frozenset = frozenset()) -> dict:
-  """name -> PyTorch shape of every tensor of diffusers' AutoencoderKL with `config`.
-
-  Mid-block attention of the parts in `legacy_attention` ("encoder", "decoder") uses the names
-  and 1x1-conv shapes of older checkpoints (diffusers AttentionBlock).
-  """
-  shapes = {}
-  latent, image = config.latent_channels, config.image_channels
-
-  def conv(name, cin, cout, k):
-    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
-
-  def norm(name, c):
-    shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
-
-  def resnet(name, cin, cout):
-    norm(f"{name}.norm1", cin)
-    conv(f"{name}.conv1", cin, cout, 3)
-    norm(f"{name}.norm2", cout)
-    conv(f"{name}.conv2", cout, cout, 3)
-    if cin != cout:
-      conv(f"{name}.conv_shortcut", cin, cout, 1)
-
-  def mid(part, c):
-    name = f"{part}.mid_block"
-    resnet(f"{name}.resnets.0", c, c)
-    norm(f"{name}.attentions.0.group_norm", c)
-    legacy = part in legacy_attention
-    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
-                     ("to_out.0", "proj_attn")):
-      shapes[f"{name}.attentions.0.{old if legacy else new}.weight"] = (
-          (c, c, 1, 1) if legacy else (c, c))
-      shapes[f"{name}.attentions.0.{old if legacy else new}.bias"] = (c,)
-    resnet(f"{name}.resnets.1", c, c)
-
-  channels = config.block_out_channels
-  conv("encoder.conv_in", image, channels[0], 3)
-  previous = channels[0]
-  for i, c in enumerate(channels):
-    for j in range(config.layers_per_block):
-      resnet(f"encoder.down_blocks.{i}.resnets.{j}", previous if j == 0 else c, c)
-    if i < len(channels) - 1:
-      conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
-    previous = c
-  mid("encoder", channels[-1])
-  norm("encoder.conv_norm_out", channels[-1])
-  conv("encoder.conv_out", channels[-1], 2 * latent, 3)
-  conv("quant_conv", 2 * latent, 2 * latent, 1)
-  conv("post_quant_conv", latent, latent, 1)
-  reversed_channels = channels[::-1]
-  conv("decoder.conv_in", latent, reversed_channels[0], 3)
-  mid("decoder", reversed_channels[0])
-  previous = reversed_channels[0]
-  for i, c in enumerate(reversed_channels):
-    for j in range(config.layers_per_block + 1):
-      resnet(f"decoder.up_blocks.{i}.resnets.{j}", previous if j == 0 else c, c)
-    if i < len(channels) - 1:
-      conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
-    previous = c
-  norm("decoder.conv_norm_out", channels[0])
-  conv("decoder.conv_out", channels[0], image, 3)
-  return shapes
-
-
-def _random_tensors(shapes: dict, seed: int = 0) -> dict:
-  """Random float32 tensors of `shapes`: fan-in scaled weights, norm scales near 1."""
-  rng = np.random.default_rng(seed)
-  tensors = {}
-  for name, shape in shapes.items():
-    if len(shape) > 1:
-      value = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
-    elif "norm" in name and name.endswith(".weight"):
-      value = 1.0 + 0.2 * rng.normal(size=shape)
-    else:
-      value = 0.2 * rng.normal(size=shape)
-    tensors[name] = value.astype(np.float32)
-  return tensors
-
-
-def _write_safetensors(path, tensors: dict, dtypes: dict | None = None) -> None:
-  """Writes a safetensors file; `dtypes` maps names to F16 or BF16 (default F32)."""
-  numpy_dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-  header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
-  for name, value in tensors.items():
-    kind = (dtypes or {}).get(name, "F32")
-    raw = np.ascontiguousarray(value.astype(numpy_dtypes[kind])).tobytes()
-    header[name] = {"dtype": kind, "shape": list(value.shape),
-                    "data_offsets": [offset, offset + len(raw)]}
-    chunks.append(raw)
-    offset += len(raw)
-  encoded = json.dumps(header).encode()
-  with open(path, "wb") as f:
-    f.write(len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))
-
-
-def _write_diffusers_dir(directory, config, seed: int = 0) -> dict:
-  """A diffusers VAE directory (config.json + safetensors) with random weights."""
-  os.makedirs(directory, exist_ok=True)
-  tensors = _random_tensors(_diffusers_shapes(config), seed)
-  _write_safetensors(os.path.join(directory, autoencoder_kl.WEIGHTS_FILE), tensors)
-  with open(os.path.join(directory, autoencoder_kl.CONFIG_FILE), "w") as f:
-    json.dump({"_class_name": "AutoencoderKL", "act_fn": "silu",
-               "block_out_channels": list(config.block_out_channels),
-               "down_block_types": ["DownEncoderBlock2D"] * len(config.block_out_channels),
-               "up_block_types": ["UpDecoderBlock2D"] * len(config.block_out_channels),
-               "in_channels": 3, "out_channels": 3, "latent_channels": config.latent_channels,
-               "layers_per_block": config.layers_per_block,
-               "norm_num_groups": config.norm_num_groups, "scaling_factor": 0.18215}, f)
-  return tensors
 
 
 # --- Plain numpy layers from the PyTorch definitions (NHWC activations, PyTorch weights). ---
@@ -211,7 +99,7 @@ _encode = jax.jit(lambda model, images: model.encode(images))
 def test_tiny_vae_encodes_and_decodes_with_diffusers_shapes_and_ranges(tmp_path):
   # Random weights from numpy: Flax's random init compiles one PRNG program per parameter shape
   # (about 18 s for this tiny model on the test machine), loading them takes a second.
-  np.savez(tmp_path / "vae.npz", **_random_tensors(_diffusers_shapes(_TINY)))
+  np.savez(tmp_path / "vae.npz", **random_tensors(diffusers_shapes(_TINY)))
   model = autoencoder_kl.load_autoencoder(str(tmp_path / "vae.npz"), _TINY)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   mean, std = _encode(model, images)
@@ -231,11 +119,11 @@ def test_tiny_vae_encodes_and_decodes_with_diffusers_shapes_and_ranges(tmp_path)
 
 def test_loader_puts_diffusers_weights_where_the_layers_use_them(tmp_path):
   # Encoder attention in the older names as 1x1 convs, decoder attention as linears.
-  shapes = _diffusers_shapes(_TINY, legacy_attention=frozenset({"encoder"}))
-  tensors = _random_tensors(shapes)
+  shapes = diffusers_shapes(_TINY, legacy_attention=frozenset({"encoder"}))
+  tensors = random_tensors(shapes)
   low_precision = {"encoder.conv_in.bias": "F16", "post_quant_conv.weight": "BF16"}
   path = str(tmp_path / "vae.safetensors")
-  _write_safetensors(path, tensors, low_precision)
+  write_safetensors(path, tensors, low_precision)
   model = autoencoder_kl.load_autoencoder(path, _TINY)
   groups = _TINY.norm_num_groups
   rng = np.random.default_rng(1)
@@ -283,7 +171,7 @@ def test_loader_puts_diffusers_weights_where_the_layers_use_them(tmp_path):
 
 
 def test_loader_reads_a_diffusers_directory_with_its_config(tmp_path):
-  _write_diffusers_dir(tmp_path / "vae", _TOOL_VAE)
+  write_diffusers_dir(tmp_path / "vae", _TOOL_VAE)
   model = autoencoder_kl.load_autoencoder(str(tmp_path / "vae"))
   assert model.config == _TOOL_VAE and model.config.downsampling_factor == 8
   mean, _ = jax.eval_shape(model.encode, jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
@@ -295,12 +183,12 @@ def test_loader_reads_a_diffusers_directory_with_its_config(tmp_path):
 
 
 def test_loader_errors_name_every_bad_key(tmp_path):
-  tensors = _random_tensors(_diffusers_shapes(_TINY))
+  tensors = random_tensors(diffusers_shapes(_TINY))
   del tensors["decoder.conv_out.bias"]
   tensors["encoder.extra.weight"] = np.zeros(3, np.float32)
   tensors["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
   path = str(tmp_path / "bad.safetensors")
-  _write_safetensors(path, tensors)
+  write_safetensors(path, tensors)
   with pytest.raises(ValueError) as error:
     autoencoder_kl.load_autoencoder(path, _TINY)
   message = str(error.value)
@@ -498,7 +386,7 @@ def test_posterior_sampling_is_fixed_by_seed_example_and_epoch(tmp_path):
 
 def test_encode_tool_writes_shards_the_imagenet_config_trains_on(tmp_path):
   files = _image_folder(tmp_path / "images", {"cat": [(64, 64)] * 3, "dog": [(64, 80)] * 3})
-  _write_diffusers_dir(tmp_path / "tiny-vae", _TOOL_VAE)
+  write_diffusers_dir(tmp_path / "tiny-vae", _TOOL_VAE)
   output_dir = str(tmp_path / "latents")
   options = flags.FlagValues()
   encode_latents.define_flags(options)
