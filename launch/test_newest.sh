@@ -38,7 +38,8 @@ print(f"test_newest: Python {platform.python_version()}, "
 PY
 
 # Model, objective, train step, end-to-end runs with checkpoint resume (also across worker
-# counts), every Cloud Storage client against the emulator, and the Colab install.
+# counts), every Cloud Storage client against the emulator, the readers of captioned data
+# (pyarrow, tarfile, tfds), and the Colab install.
 exec "$VENV/bin/python" -m pytest -q tests/test_model.py tests/test_objectives.py \
   tests/test_train_step.py tests/test_train.py tests/test_resume.py tests/test_gcs_emulator.py \
-  tests/test_colab_install.py "$@"
+  tests/test_captioned_sources.py tests/test_colab_install.py "$@"
