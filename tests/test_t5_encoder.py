@@ -258,6 +258,13 @@ def test_text_encoder_matches_transformers_pipeline(v1_1, tmp_path):
   expected = _hf_hidden(hf, tokens["input_ids"], mask)
   assert_equivalent(embeddings[mask], expected[mask], bound=BOUND)
   assert encoder([])[0].shape == (0, 8, D_MODEL)
+  # Split over a host's devices (8 CPU devices here), the batches give the same embeddings.
+  split = t5_encoder.T5TextEncoder(directory, max_length=8, batch_size=8,
+                                   devices=jax.local_devices())
+  assert len(jax.local_devices()) == 8
+  assert_equivalent(split(CAPTIONS)[0][mask], expected[mask], bound=BOUND)
+  with pytest.raises(ValueError, match="batch_size=4 must be a multiple of the 8 devices"):
+    t5_encoder.T5TextEncoder(directory, max_length=8, batch_size=4, devices=jax.local_devices())
 
 
 # --- Bad input. ---

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from self_flow import sharding, storage, weight_files
 from self_flow.models import layers
@@ -457,12 +458,13 @@ class T5TextEncoder:
 
   The model runs jitted, once compiled per batch shape; with `batch_size`, captions run in
   batches of exactly that many (the last filled with padding rows), so one compilation serves
-  any number of captions.
+  any number of captions. With `devices` (e.g. a host's `jax.local_devices()`), each batch is
+  split over them and the weights replicated: every chip of the host encodes.
   """
 
   def __init__(self, path: str, max_length: int, *, dtype=jnp.float32,
                param_dtype=jnp.float32, batch_size: int | None = None,
-               tokenizer_path: str | None = None):
+               tokenizer_path: str | None = None, devices: Sequence[jax.Device] = ()):
     """Loads the encoder at `path` (see `load_t5_encoder`) and the tokenizer.json of
     `tokenizer_path`, default the encoder's directory (diffusers pipelines keep it apart:
     FLUX's text_encoder_2/ goes with tokenizer_2/)."""
@@ -470,6 +472,9 @@ class T5TextEncoder:
       raise ValueError(f"max_length={max_length!r} must be an integer >= 1.")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
       raise ValueError(f"batch_size={batch_size!r} must be None or an integer >= 1.")
+    if devices and (batch_size is None or batch_size % len(devices)):
+      raise ValueError(f"batch_size={batch_size!r} must be a multiple of the {len(devices)} "
+                       "devices the batches are split over.")
     model = load_t5_encoder(path, dtype=dtype, param_dtype=param_dtype)
     directory = path if storage.is_dir(path) else os.fspath(epath.Path(path).parent)
     self.tokenizer = t5_tokenizer.T5Tokenizer.from_directory(tokenizer_path or directory)
@@ -479,6 +484,13 @@ class T5TextEncoder:
     self.batch_size = batch_size
     graphdef, self._state = nnx.split(model)
     self._encode = jax.jit(functools.partial(encode, graphdef))
+    if devices:
+      mesh = Mesh(np.array(devices), ("batch",))
+      whole = NamedSharding(mesh, PartitionSpec())
+      rows = NamedSharding(mesh, PartitionSpec("batch"))
+      self._state = jax.device_put(self._state, whole)
+      self._encode = jax.jit(functools.partial(encode, graphdef),
+                             in_shardings=(whole, rows, rows), out_shardings=rows)
 
   def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Captions -> (ids int32 (B, max_length), mask bool (B, max_length)), as transformers'

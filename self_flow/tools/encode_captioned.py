@@ -214,7 +214,8 @@ def text_stage(options: flags.FlagValues):
   path = storage.resolve(options.text_encoder_path)
   dtype = COMPUTE_DTYPES[options.compute_dtype]
   encoder = t5_encoder.T5TextEncoder(path, options.text_max_length, dtype=dtype,
-                                     batch_size=options.batch_size * options.captions_per_example)
+                                     batch_size=options.batch_size * options.captions_per_example,
+                                     devices=jax.local_devices())
   encode = encoder if options.text_output == "embedding" else encoder.tokenize
   return encode, f"t5:{path}", encoder.dim
 

@@ -173,16 +173,16 @@ class TfdsSource:
     return self._length
 
   def loaders(self, start: int, stop: int) -> Iterator[Loader]:
-    """Loaders of examples start, ..., stop - 1 (TFRecord files: read from the split's start)."""
+    """Loaders of examples start, ..., stop - 1 (TFRecord files: only those holding them)."""
     if self._builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
       source = self._builder.as_data_source(split=self._split)
       for index in range(start, stop):
         yield functools.partial(_load_record, source, index)
       return
-    dataset = self._builder.as_dataset(
-        split=self._split, shuffle_files=False,
+    dataset = self._builder.as_dataset(  # a split slice: TFDS opens only the files it spans
+        split=f"{self._split}[{start}:{stop}]", shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()})  # JPEG bytes: decoded by our threads
-    for record in tfds.as_numpy(dataset.skip(start).take(stop - start)):
+    for record in tfds.as_numpy(dataset):
       yield functools.partial(_load_bytes, record["image"], int(record["label"]))
 
 

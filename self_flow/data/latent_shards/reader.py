@@ -49,9 +49,9 @@ class LatentShardSource:
   "label": int32 scalar, "caption": str}`, plus `"latent_std"` float32 latent_shape when the
   shards hold a posterior std. Shards of token ids hold `"text_tokens"` int32 (L,) instead of
   the embedding; shards of several captions per example hold text fields of (C, L, ...) and
-  `"num_captions"` int32 (how many of the C rows are real) and `"captions"` (a tuple of str). The repr names only the split and its shapes and
-  encoders (not the directory), so grain's checkpoint check passes when a run resumes from a
-  copy of the data elsewhere.
+  `"num_captions"` int32 (how many of the C rows are real) and `"captions"` (a tuple of str).
+  The repr names only the split and its shapes and encoders (not the directory), so grain's
+  checkpoint check passes when a run resumes from a copy of the data elsewhere.
 
   Attributes:
     metadata: The directory's parsed metadata.json.
