@@ -2,7 +2,7 @@
 host, for a tiny and an SD-VAE-sized autoencoder, measured end to end in one process:
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
-    python benchmarks/encode_throughput.py --images=32 --repeats=3
+    python benchmarks/encode_throughput.py --images=16 --per_tar=8 --batch_size=8 --repeats=3 --aot
 
 Each setting encodes the same webdataset tars of random 256x256 JPEGs (1 to 4 captions each)
 with random weights in the Hugging Face file formats (written by tests/tiny_hf_dirs.py): a
@@ -12,6 +12,11 @@ host's devices, ArrayRecord shards, manifests, metadata). A job's fixed cost (lo
 compiling) is paid once per job, not per image: so each repeat times a job of `--images` and
 one of twice as many, and the rate is the extra images over the extra seconds. The median of
 `--repeats` is printed per setting, with the ratio of the two settings measured in one run.
+
+With `--aot`, it then compiles the t2i default with the frozen T5-XXL run in the step
+(text.encoder=t5, no stored embeddings) for its documented slice, v5e:4x4, with the real TPU
+compiler (`python -m self_flow.aot` in the TPU environment, `launch/setup_tpu_aot.sh`; a few
+minutes) and prints its row of benchmarks/TPU_AOT.md: the other way to pay for the captions.
 
 Settings (XLA's cost analysis of the jitted VAE encoder on one 256x256 image: 269 GFLOP for
 SD-VAE's, 4.9 for the tiny one; both give 32x32x4 latents):
@@ -25,6 +30,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,8 +40,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
 import tiny_hf_dirs  # noqa: E402  (tests/: the Hugging Face file writers)
 from self_flow.models import autoencoder_kl  # noqa: E402
 from self_flow.tools import encode_captioned  # noqa: E402
@@ -92,6 +98,10 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=8, help="Images per encoder call.")
   parser.add_argument("--repeats", type=int, default=3, help="Timed runs per setting.")
   parser.add_argument("--settings", default="tiny,sd_vae")
+  parser.add_argument("--aot", action="store_true",
+                      help="Also compile t2i with T5-XXL in the step for v5e:4x4; print its row.")
+  parser.add_argument("--tpu_python", default=os.path.join(REPO, ".venv-tpu", "bin", "python"),
+                      help="A Python with the tpu extra (for --aot).")
   args = parser.parse_args()
   names = args.settings.split(",")
   flags.FLAGS.mark_as_parsed()
@@ -123,6 +133,21 @@ def main() -> None:
     if len(rates) == 2:
       first, second = names
       print(f"ratio {first}/{second}: {rates[first] / rates[second]:.1f}x")
+  if args.aot:
+    print(in_step_t5_row(args.tpu_python), flush=True)
+
+
+def in_step_t5_row(tpu_python: str) -> str:
+  """The AOT table row of the t2i default with T5-XXL in the step, on v5e:4x4."""
+  command = [tpu_python, "-m", "self_flow.aot", "--config=configs/t2i.py", "--topology=v5e:4x4",
+             "--markdown", "--config.text.encoder=t5", "--config.text.t5_config=t5-v1_1-xxl"]
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, check=False)
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| configs/")]
+  if result.returncode or not rows:
+    raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n"
+                     f"{(result.stdout + result.stderr)[-3000:]}")
+  return rows[0]
 
 
 if __name__ == "__main__":
