@@ -170,6 +170,18 @@ def _wait_for(condition, what: str) -> None:
     time.sleep(0.1)
 
 
+def test_a_command_without_its_encoders_is_refused_before_reading_anything(tmp_path):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from self_flow.tools import encode_captioned  # pylint: disable=g-import-not-at-top
+  options = flags.FlagValues()
+  encode_captioned.define_flags(options)
+  options(["encode_captioned", "--source=webdataset", f"--inputs={tmp_path}/none-*.tar",
+           f"--output_dir={tmp_path}/shards"])
+  with pytest.raises(app.UsageError, match="missing --vae_path, --text_encoder_path"):
+    encode_captioned.run(options)
+  assert not os.path.exists(f"{tmp_path}/shards")
+
+
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory, fashion_mnist_dir):
   """The inputs, the tiny encoders and the webdataset shards, written as steps 1-2 describe."""

@@ -43,20 +43,18 @@ from typing import Any
 from absl import app, flags, logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 
 from self_flow import distributed, storage
 from self_flow.data import captioned
 from self_flow.data.captioned import prepare, sources
 from self_flow.data.latent_shards import layout, writer
-from self_flow.models import autoencoder_kl
+from self_flow.models import autoencoder_kl, factory
 from self_flow.text import t5_encoder
 from self_flow.tools import encode_latents
 
 TEXT_OUTPUTS = ("embedding", "tokens")
 BAD_INPUT = ("skip", "error")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Where process 0 records the input units of a split, for the other hosts and for reruns.
 INPUTS_FILE = "{split}.inputs.json"
 
@@ -98,7 +96,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "caption embeddings.", **fv)
   flags.DEFINE_integer("captions_per_example", 1, "Captions kept per image (more are dropped); "
                        "training draws one per epoch.", lower_bound=1, **fv)
-  flags.DEFINE_enum("compute_dtype", "float32", list(COMPUTE_DTYPES), "Compute dtype of the VAE "
+  flags.DEFINE_enum("compute_dtype", "float32", list(factory.DTYPES), "Compute dtype of the VAE "
                     "and the text encoder.", **fv)
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call on each host; a multiple of "
                        "its local device count.", lower_bound=1, **fv)
@@ -120,8 +118,6 @@ def _check_flags(options: flags.FlagValues) -> None:
              if not options[name].value]
   if missing:
     raise app.UsageError(f"missing {', '.join('--' + m for m in missing)}.")
-  if options.bad_input not in BAD_INPUT:
-    raise app.UsageError(f"--bad_input={options.bad_input!r}; allowed: {BAD_INPUT}.")
 
 
 def open_source(options: flags.FlagValues):
@@ -212,7 +208,7 @@ def _prepared(source, unit: str, options: flags.FlagValues) -> Iterator[Any]:
 def text_stage(options: flags.FlagValues):
   """(callable captions -> stored text fields, the encoder's name, its width)."""
   path = storage.resolve(options.text_encoder_path)
-  dtype = COMPUTE_DTYPES[options.compute_dtype]
+  dtype = factory.DTYPES[options.compute_dtype]
   encoder = t5_encoder.T5TextEncoder(path, options.text_max_length, dtype=dtype,
                                      batch_size=options.batch_size * options.captions_per_example,
                                      devices=jax.local_devices())
@@ -228,7 +224,7 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
   source = open_source(options)
   units = planned_units(source, options.output_dir, options.split, process_index, barrier)
   vae = autoencoder_kl.load_autoencoder(options.vae_path,
-                                        dtype=COMPUTE_DTYPES[options.compute_dtype])
+                                        dtype=factory.DTYPES[options.compute_dtype])
   factor = vae.config.downsampling_factor
   if options.image_size % factor:
     raise app.UsageError(f"--image_size={options.image_size} must be a multiple of the VAE's "
