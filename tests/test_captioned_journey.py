@@ -227,7 +227,9 @@ def test_a_killed_two_process_encode_reruns_only_the_missing_shard(journey, webd
   scratch, examples = journey
   shards, logs = webdataset_shards
   assert logs.count("is already written; skipped") == 3
-  assert "storage: " in logs and "per example" in logs
+  # 8x8x4 float16 mean and std + 3 captions x 8 x 32 bfloat16 + mask; counted from tar 0.
+  assert ("storage: 2.5 KiB per example (latent 512.0 B, latent_std 512.0 B, text 1.5 KiB, "
+          "text_mask 24.0 B); 64 examples (estimated: 16 in the first of 4 input units)") in logs
   metadata = layout.read_metadata(shards)
   train = metadata["splits"]["train"]
   assert train["num_examples"] == _IMAGES and train["num_shards"] == _TARS
@@ -259,7 +261,9 @@ def token_shards(journey):
 
 def test_parquet_caption_columns_are_encoded_together_as_token_ids(journey, token_shards):
   """Parquet, several caption columns, stored as T5 token ids (for the in-step encoder)."""
-  _, examples = journey
+  scratch, examples = journey
+  # Parquet footers count the rows: 3 x 8 int32 ids and the mask per image.
+  assert "text 96.0 B, text_mask 24.0 B); 64 examples (counted)" in _log(f"{scratch}/parquet.log")
   source = reader_lib.LatentShardSource(token_shards, "train")
   assert len(source) == _IMAGES and source.text_field == "text_tokens"
   assert [source[i]["captions"] for i in (0, 2, 40)] == [tuple(examples[i][1])

@@ -171,6 +171,7 @@ def test_parquet_columns_row_groups_and_hf_images(tmp_path, monkeypatch):
   original = pq.ParquetFile.read_row_group
   monkeypatch.setattr(pq.ParquetFile, "read_row_group",
                       lambda self, i, **kw: read_groups.append(i) or original(self, i, **kw))
+  assert source.num_records() == 7 and not read_groups  # 5 + 2 rows, from the footers
   rows = read_all(source, a)
   assert read_groups == [0, 1, 2]  # One row group at a time.
   assert [item.key for item in rows] == [f"{a}#{i}" for i in range(5)]
@@ -237,6 +238,7 @@ def test_folder_class_folders_sidecars_and_units(tmp_path, monkeypatch):
   assert [[item[0] for item in json.loads(unit)] for unit in units] == [
       ["cats/a.jpg", "cats/b.PNG"], ["cats/c.jpg", "dogs/d.webp"], ["dogs/e.png"]]
   assert source.describe()["class_names"] == ["cats", "dogs"]
+  assert source.num_records() == 5  # counted from the listing
 
   # A fresh source (another host) reads a unit from the unit string alone: no listing.
   reader = sources.open_source("folder", str(root), examples_per_unit=2)
@@ -315,6 +317,7 @@ def test_tfds_slices_features_and_encoded_images(tmp_path, file_format):
   source = sources.open_source("tfds", "captioned_tiny", data_dir=data_dir, examples_per_unit=2)
   assert source.describe()["file_format"] == file_format
   assert source.units() == ["train[0:2]", "train[2:4]", "train[4:5]"]
+  assert source.num_records() == 5
   assert source.describe()["caption_features"] == ["title", "captions/text"]
   records = [r for unit in reversed(source.units()) for r in source.read(unit)]
   assert [r.key for r in records] == ["train[4]", "train[2]", "train[3]", "train[0]", "train[1]"]

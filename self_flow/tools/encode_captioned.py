@@ -174,17 +174,25 @@ def _size(num_bytes: float) -> str:
   raise AssertionError("unreachable")
 
 
-def storage_estimate(per_example: dict[str, int], num_examples: int | None, num_units: int,
+def count_records(source, units: Sequence[str]) -> tuple[int, str]:
+  """(records of the dataset, how it was counted): exactly where the source can count without
+  reading the data, else about the first unit's records times the number of units (a tar has
+  no index: counting all would read them all)."""
+  if hasattr(source, "num_records"):
+    return source.num_records(), "counted"
+  first = sum(1 for _ in source.read(units[0]))
+  return first * len(units), f"estimated: {first} in the first of {len(units)} input units"
+
+
+def storage_estimate(per_example: dict[str, int], num_examples: int, how: str,
                      global_batch_size: int = 256) -> str:
   """The plan a user needs before paying for the job: bytes per example, for the dataset and
   per training step."""
   each = sum(per_example.values())
   parts = ", ".join(f"{name} {_size(n)}" for name, n in per_example.items())
-  total = (f"{num_examples} examples: {_size(each * num_examples)}" if num_examples is not None
-           else f"{num_units} input units of unknown length: {_size(each * 1_000_000)} per "
-                "million examples")
-  return (f"storage: {_size(each)} per example ({parts}); {total}; a global batch of "
-          f"{global_batch_size} reads {_size(each * global_batch_size)} per step.")
+  return (f"storage: {_size(each)} per example ({parts}); {num_examples} examples ({how}): "
+          f"{_size(each * num_examples)}; a global batch of {global_batch_size} reads "
+          f"{_size(each * global_batch_size)} per step.")
 
 
 def _prepared(source, unit: str, options: flags.FlagValues) -> Iterator[Any]:
@@ -235,9 +243,9 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
       (side, side, vae.config.latent_channels),
       (options.captions_per_example, options.text_max_length, text_dim), options.text_output,
       options.text_dtype)
-  num_examples = getattr(source, "num_examples", lambda: None)()
-  logging.info("encode_captioned: %d input units of %s; %s", len(units), source,
-               storage_estimate(per_example, num_examples, len(units)))
+  if process_index == 0:  # one host counts (a tar has to be read to be counted)
+    logging.info("encode_captioned: %d input units of %s; %s", len(units), source,
+                 storage_estimate(per_example, *count_records(source, units)))
   if options.dry_run:
     return {}
   latent_scale = (autoencoder_kl.SD_VAE_SCALE if options.latent_scale is None

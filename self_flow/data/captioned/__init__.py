@@ -9,7 +9,9 @@ shards it lacks. Every source here therefore offers:
 * `units() -> list[str]`: the input units, in an order that is the same on every host;
 * `read(unit) -> Iterator[RawExample | Skipped]`: that unit's records, streamed in order, with
   memory flat in the unit's size;
-* `describe() -> dict`: a JSON-able description for the job's manifest; and a stable `repr`.
+* `describe() -> dict`: a JSON-able description for the job's manifest; and a stable `repr`;
+* `num_records() -> int`, where counting needs no pass over the data (parquet footers, TFDS
+  info, a folder listing; not webdataset tars).
 
 The modules, one job each:
 

@@ -62,6 +62,10 @@ class FolderSource:
                      for start in range(0, len(items), size)]
     return list(self._units)
 
+  def num_records(self) -> int:
+    """Images of the folder, from its listing."""
+    return sum(len(json.loads(unit)) for unit in self.units())
+
   def describe(self) -> dict[str, Any]:
     units = self.units()
     return {"kind": self.kind, "inputs": self._directory, "num_units": len(units),

@@ -88,6 +88,10 @@ class TfdsSource:
     """Slices of the split, `"<split>[start:stop]"`, in order."""
     return list(self._units)
 
+  def num_records(self) -> int:
+    """Examples of the split, from the dataset's info."""
+    return self._num_examples
+
   def describe(self) -> dict[str, Any]:
     return {"kind": self.kind, "name": self._name, "data_dir": self._data_dir,
             "split": self._split, "num_examples": self._num_examples,
