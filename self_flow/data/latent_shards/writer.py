@@ -56,23 +56,8 @@ Unit = Callable[[], Iterable[dict[str, Any] | Skipped]]
 def write_shards(
     examples: Sequence[dict[str, Any]],
     *,
-    output_dir: str,
-    split: str,
     num_shards: int,
-    signal_encoder: encoders.SignalEncoder,
-    text_encoder: encoders.TextEncoder,
-    batch_size: int,
-    latent_scale: float = 1.0,
-    latent_shift: float = 0.0,
-    signal_encoder_name: str,
-    text_encoder_name: str,
-    modality: str = "image",
-    captions_per_example: int = 0,
-    text_dtype: str = "float16",
-    process_index: int = 0,
-    process_count: int = 1,
-    barrier: Callable[[str], None] | None = None,
-    overwrite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
   """Encodes `examples` and writes them as `split` of the latent-shard directory `output_dir`.
 
@@ -93,14 +78,14 @@ def write_shards(
   (with `overwrite`) before anyone writes and merges the metadata after everyone has finished;
   `barrier(name)` (e.g. `multihost_utils.sync_global_devices`) orders these steps.
 
-  Args:
+  Args (the keyword arguments besides `num_shards` are `options`, the same for `write_units`):
     examples: Dicts with the signal of `modality` (one shape for all: `image` uint8 (H, W, C),
       `video` uint8 (T, H, W, C) or `waveform` int16 (samples,)), `caption` (str) or, with
       `captions_per_example`, `captions` (a sequence of str), and optionally `label` (int;
       -1 = none, the default).
+    num_shards: Number of shard files (at most the number of examples).
     output_dir: Directory to write (local or gs://); created if missing.
     split: Split name (letters, digits, underscores).
-    num_shards: Number of shard files (at most the number of examples).
     signal_encoder: (B, *signal shape) float32 in [-1, 1] -> (B, *latent shape) latents, of
       the rank `layout.MODALITIES[modality].latent_axes` names, or a (mean, std) pair of them for a
       Gaussian posterior (stored as `latent` and `latent_std`).
@@ -108,18 +93,20 @@ def write_shards(
       `text_embedding`, or (B, L) integer token ids, stored as `text_tokens`; (B, L) bool mask).
     batch_size: Examples per encoder call. The last batch is padded to this size, so a jitted
       encoder compiles once.
-    latent_scale: Stored latents are `(signal_encoder(signal) - latent_shift) * latent_scale`.
-    latent_shift: See `latent_scale`.
+    latent_scale: Stored latents are `(signal_encoder(signal) - latent_shift) * latent_scale`
+      (default 1).
+    latent_shift: See `latent_scale` (default 0).
     signal_encoder_name: Name of `signal_encoder`, recorded in the metadata.
     text_encoder_name: Name of `text_encoder`, recorded in the metadata.
-    modality: "image", "video" or "audio": what the examples hold (see `layout.MODALITIES`).
+    modality: "image" (default), "video" or "audio": what the examples hold (see
+      `layout.MODALITIES`).
     captions_per_example: 0: one `caption` per example, text fields (L, ...). C > 0: up to C
       `captions` per example (more are dropped), text fields (C, L, ...) with unused rows
       masked out, `num_captions` and `captions` (a JSON list) stored; the trainer draws one per
       example per epoch.
-    text_dtype: Storage dtype of caption embeddings, a key of `TEXT_DTYPES`.
-    process_index: This process's index in [0, process_count).
-    process_count: Processes writing the split together.
+    text_dtype: Storage dtype of caption embeddings, a key of `TEXT_DTYPES` (default float16).
+    process_index: This process's index in [0, process_count) (default 0).
+    process_count: Processes writing the split together (default 1).
     barrier: Blocks until every process has called it with the same name; required when
       `process_count > 1`.
     overwrite: Replace the split if `output_dir` holds it (or parts of it) from another job.
@@ -133,64 +120,38 @@ def write_shards(
   """
   blocks = [layout.shard_range(i, num_shards, len(examples)) for i in range(num_shards)]
   units = [lambda block=block: examples[block.start:block.stop] for block in blocks]
-  return _write_split(
-      units, [len(block) for block in blocks], {"num_examples": len(examples)},
-      num_shards=num_shards, **_options(locals()))
+  return _write_split(units, [len(block) for block in blocks], {"num_examples": len(examples)},
+                      num_shards=num_shards, **options)
 
 
 def write_units(
     units: Sequence[Unit],
     *,
     inputs: dict[str, Any],
-    output_dir: str,
-    split: str,
-    signal_encoder: encoders.SignalEncoder,
-    text_encoder: encoders.TextEncoder,
-    batch_size: int,
-    latent_scale: float = 1.0,
-    latent_shift: float = 0.0,
-    signal_encoder_name: str,
-    text_encoder_name: str,
-    modality: str = "image",
-    captions_per_example: int = 0,
-    text_dtype: str = "float16",
-    process_index: int = 0,
-    process_count: int = 1,
-    barrier: Callable[[str], None] | None = None,
-    overwrite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
   """Writes shard i of `split` from `units[i]()`, the examples of one input unit.
 
-  As `write_shards` (same arguments, same resumable, multi-process protocol), except that the
+  As `write_shards` (same `options`, same resumable, multi-process protocol), except that the
   shards are the units: `units[i]()` streams the examples of input unit i (a file, a slice) and
   may yield `Skipped` markers for inputs that could not be used; a shard holds the examples it
   got, in order, however many. `inputs` (JSON) describes the input units (source, files); it
   is part of the job, so a rerun on other inputs is refused unless `overwrite`.
   """
-  return _write_split(units, None, {"inputs": inputs}, num_shards=len(units),
-                      **_options(locals()))
-
-
-# The arguments `write_shards` and `write_units` share, passed on to `_write_split`.
-_SHARED_ARGS = ("output_dir", "split", "signal_encoder", "text_encoder", "batch_size",
-                "latent_scale", "latent_shift", "signal_encoder_name", "text_encoder_name",
-                "modality", "captions_per_example", "text_dtype", "process_index",
-                "process_count", "barrier", "overwrite")
-
-
-def _options(arguments: dict[str, Any]) -> dict[str, Any]:
-  return {name: arguments[name] for name in _SHARED_ARGS}
+  return _write_split(units, None, {"inputs": inputs}, num_shards=len(units), **options)
 
 
 def _write_split(units: Sequence[Unit], lengths: list[int] | None, source: dict[str, Any], *,
-                 output_dir: str, split: str, num_shards: int,
+                 num_shards: int, output_dir: str, split: str,
                  signal_encoder: encoders.SignalEncoder, text_encoder: encoders.TextEncoder,
-                 batch_size: int, latent_scale: float, latent_shift: float,
-                 signal_encoder_name: str, text_encoder_name: str, modality: str,
-                 captions_per_example: int, text_dtype: str, process_index: int,
-                 process_count: int, barrier: Callable[[str], None] | None,
-                 overwrite: bool) -> dict[str, Any]:
-  """Writes the shards `units` describe (`lengths`: each one's example count, when known)."""
+                 batch_size: int, signal_encoder_name: str, text_encoder_name: str,
+                 latent_scale: float = 1.0, latent_shift: float = 0.0, modality: str = "image",
+                 captions_per_example: int = 0, text_dtype: str = "float16",
+                 process_index: int = 0, process_count: int = 1,
+                 barrier: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+  """Writes the shards `units` describe (`lengths`: each one's example count, when known); the
+  keyword arguments are `write_shards`'."""
   layout.check_modality(modality)
   _check_write_args(split, num_shards, batch_size, latent_scale, latent_shift,
                     signal_encoder_name, text_encoder_name, captions_per_example, text_dtype)
