@@ -315,7 +315,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "(InceptionV3 needs 3).", **fv)
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; "
                     "JAX detects TPU pods, SLURM, ...).", **fv)
-  # The guidance of a converted checkpoint (whose config has none) or of a run's config.
+  define_guidance_flags(flag_values)
+
+
+def define_guidance_flags(flag_values: flags.FlagValues) -> None:
+  """--cfg_scale, --guidance_low and --guidance_high on `flag_values`: the guidance of a
+  converted checkpoint (whose config has none) or of a run's config, as `with_guidance` reads
+  them (every sampling tool takes them)."""
+  fv = dict(flag_values=flag_values)
   flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (default: the config's "
                      "sampling.cfg_scale; 1 = none, as the paper's metrics).", **fv)
   flags.DEFINE_float("guidance_low", None, "Guidance applies for paper-convention t in "

@@ -448,12 +448,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "(seed, i, j).", lower_bound=0, upper_bound=2**31 - 1, **fv)
   flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the config's "
                        "sampling.num_steps).", lower_bound=1, **fv)
-  flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (default: the config's "
-                     "sampling.cfg_scale; 1 = none).", **fv)
-  flags.DEFINE_float("guidance_low", None, "Guidance applies for paper-convention t in "
-                     "[guidance_low, guidance_high] (default: the config's).", **fv)
-  flags.DEFINE_float("guidance_high", None, "Upper end of the guidance interval (default: the "
-                     "config's).", **fv)
+  sample_npz.define_guidance_flags(flag_values)
   flags.DEFINE_enum("modality", None, list(spec_lib.MODALITIES), "What to sample (default: the "
                     "run's first modality).", **fv)
   flags.DEFINE_string("output", "prompt_samples", "Output directory, local or gs://....", **fv)
