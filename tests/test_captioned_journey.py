@@ -182,6 +182,40 @@ def test_a_command_without_its_encoders_is_refused_before_reading_anything(tmp_p
   assert not os.path.exists(f"{tmp_path}/shards")
 
 
+class _ListedSource:
+  """A source whose listing can grow between runs, as a bucket does."""
+
+  def __init__(self, inputs: str, files: list[str]):
+    self.inputs, self.files = inputs, files
+
+  def units(self) -> list[str]:
+    return list(self.files)
+
+  def describe(self) -> dict:
+    return {"inputs": self.inputs, "num_units": len(self.files)}
+
+  def __repr__(self) -> str:
+    return f"_ListedSource({self.inputs!r})"
+
+
+def test_a_rerun_finishes_the_recorded_inputs_and_refuses_other_ones(tmp_path):
+  """The first run records the listing; a rerun reads it back even if the bucket grew; other
+  source settings are refused with the recorded plan untouched; --overwrite lists afresh."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from self_flow.tools import encode_captioned  # pylint: disable=g-import-not-at-top
+  plan = lambda source, overwrite=False: encode_captioned.planned_units(  # noqa: E731
+      source, str(tmp_path), "train", 0, None, overwrite)
+  first = plan(_ListedSource("gs://b/*.tar", ["a.tar", "b.tar"]))
+  assert first["units"] == ["a.tar", "b.tar"] and first["source"]["num_units"] == 2
+  assert plan(_ListedSource("gs://b/*.tar", ["a.tar", "b.tar", "c.tar"])) == first
+  with pytest.raises(app.UsageError, match=r"records the inputs of this split's job as "
+                                           r"_ListedSource\('gs://b/\*.tar'\), not "
+                                           r"_ListedSource\('gs://c/\*.tar'\)"):
+    plan(_ListedSource("gs://c/*.tar", ["x.tar"]))
+  assert plan(_ListedSource("gs://b/*.tar", ["a.tar"])) == first
+  assert plan(_ListedSource("gs://c/*.tar", ["x.tar"]), overwrite=True)["units"] == ["x.tar"]
+
+
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory, fashion_mnist_dir):
   """The inputs, the tiny encoders and the webdataset shards, written as steps 1-2 describe."""

@@ -140,18 +140,28 @@ def open_source(options: flags.FlagValues):
 
 
 def planned_units(source, output_dir: str, split: str, process_index: int,
-                  barrier: Callable[[str], None] | None) -> list[str]:
-  """The input units of the split: listed by process 0 (once: listing a bucket or folder tree
-  is slow) into `manifests/<split>.inputs.json`, read back by every other process."""
+                  barrier: Callable[[str], None] | None, overwrite: bool) -> dict[str, Any]:
+  """The job's inputs, {"spec": repr(source), "source": its description, "units": [...]}.
+
+  Process 0 lists the units once (listing a bucket or a folder tree is slow) into
+  `manifests/<split>.inputs.json`, which every process reads. A rerun (after a preemption)
+  reads the recorded plan back, so files added to the bucket meanwhile do not change the job
+  it finishes; `overwrite` lists afresh. A rerun with other source settings is refused before
+  anything is written."""
   path = storage.join(output_dir, layout.MANIFEST_DIR, INPUTS_FILE.format(split=split))
   if process_index == 0:
-    units = source.units()
-    storage.write_json(path, {"source": source.describe(), "units": units})
+    recorded = None if overwrite or not storage.exists(path) else storage.read_json(path)
+    if recorded is None:
+      storage.write_json(path, {"spec": repr(source), "source": source.describe(),
+                                "units": source.units()})
+    elif recorded["spec"] != repr(source):
+      raise app.UsageError(
+          f"{path} records the inputs of this split's job as {recorded['spec']}, not "
+          f"{source!r}; its shards are kept. Rerun with the recorded inputs, pass --overwrite "
+          "to replace the split, or write to another --output_dir.")
   if barrier:
     barrier(f"encode_captioned {output_dir} {split}: inputs listed")
-  if process_index != 0:
-    units = storage.read_json(path)["units"]
-  return units
+  return storage.read_json(path)
 
 
 def example_bytes(latent_shape: Sequence[int], text_shape: Sequence[int], text_output: str,
@@ -230,7 +240,9 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
   process_index, process_count = jax.process_index(), jax.process_count()
   barrier = multihost_utils.sync_global_devices if process_count > 1 else None
   source = open_source(options)
-  units = planned_units(source, options.output_dir, options.split, process_index, barrier)
+  plan = planned_units(source, options.output_dir, options.split, process_index, barrier,
+                       options.overwrite)
+  units = plan["units"]
   vae = autoencoder_kl.load_autoencoder(options.vae_path,
                                         dtype=factory.DTYPES[options.compute_dtype])
   factor = vae.config.downsampling_factor
@@ -252,7 +264,7 @@ def run(options: flags.FlagValues) -> dict[str, Any]:
                   else options.latent_scale)
   metadata = writer.write_units(
       [lambda unit=unit: _prepared(source, unit, options) for unit in units],
-      inputs={"source": source.describe(), "num_units": len(units),
+      inputs={"source": plan["source"], "num_units": len(units),
               "units_sha256": hashlib.sha256(json.dumps(units).encode()).hexdigest(),
               "image_size": options.image_size, "upscale_small": options.upscale_small},
       output_dir=options.output_dir,
