@@ -216,6 +216,34 @@ def test_a_rerun_finishes_the_recorded_inputs_and_refuses_other_ones(tmp_path):
   assert plan(_ListedSource("gs://c/*.tar", ["x.tar"]), overwrite=True)["units"] == ["x.tar"]
 
 
+def test_bad_records_are_passed_on_or_stop_the_job_with_bad_input_error():
+  """--bad_input=skip: a reader's Skipped and a record prepare cannot use reach the writer as
+  Skipped, good ones as examples; --bad_input=error: the first bad record stops the job."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from self_flow.data import captioned  # pylint: disable=g-import-not-at-top
+  from self_flow.tools import encode_captioned  # pylint: disable=g-import-not-at-top
+
+  class Source:
+    def read(self, unit):
+      assert unit == "u"
+      return [captioned.Skipped("u#0", "unreadable_record", "bad json"),
+              captioned.RawExample("u#1", b"not an image", ("a caption",)),
+              captioned.RawExample("u#2", _png(np.zeros((16, 16, 1), np.uint8)), ("a bag",), 3)]
+
+  options = flags.FlagValues()
+  encode_captioned.define_flags(options)
+  options(["encode_captioned", "--image_size=8", "--num_workers=2"])
+  prepared = encode_captioned._prepared  # pylint: disable=protected-access
+  skipped_0, skipped_1, example = prepared(Source(), "u", options)
+  assert (skipped_0.reason, skipped_1.reason) == ("unreadable_record", "undecodable_image")
+  assert example["image"].shape == (8, 8, 3) and example["captions"] == ("a bag",)
+  assert example["label"] == 3
+  options.bad_input = "error"
+  with pytest.raises(ValueError, match=r"Record 'u#0' cannot be used \(unreadable_record\): "
+                                       r"bad json"):
+    list(prepared(Source(), "u", options))
+
+
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory, fashion_mnist_dir):
   """The inputs, the tiny encoders and the webdataset shards, written as steps 1-2 describe."""

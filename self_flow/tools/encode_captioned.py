@@ -35,6 +35,7 @@ unless --overwrite.
 """
 
 from collections.abc import Callable, Iterator, Sequence
+import functools
 import hashlib
 import json
 import math
@@ -207,20 +208,13 @@ def storage_estimate(per_example: dict[str, int], num_examples: int, how: str,
 
 def _prepared(source, unit: str, options: flags.FlagValues) -> Iterator[Any]:
   """The unit's records decoded and cropped in threads, in order; `Skipped` markers pass on
-  (or stop the job with --bad_input=error)."""
-  def one(item):
-    if isinstance(item, captioned.Skipped):
-      return item
-    return prepare.prepare(item, image_size=options.image_size, bad_input=options.bad_input,
-                           upscale_small=options.upscale_small)
-
-  for item in encode_latents.ordered_parallel_map(one, source.read(unit), options.num_workers):
-    if isinstance(item, captioned.Skipped):
-      if options.bad_input == "error":
-        raise ValueError(f"--bad_input=error: {item.key}: {item.reason}: {item.detail}")
-      yield item
-    else:
-      yield {"image": item["image"], "captions": item["captions"], "label": item["label"]}
+  (or stop the job with --bad_input=error: `prepare` raises for them)."""
+  prepared = functools.partial(prepare.prepare, image_size=options.image_size,
+                               bad_input=options.bad_input, upscale_small=options.upscale_small)
+  for item in encode_latents.ordered_parallel_map(prepared, source.read(unit),
+                                                  options.num_workers):
+    yield item if isinstance(item, captioned.Skipped) else {
+        "image": item["image"], "captions": item["captions"], "label": item["label"]}
 
 
 def text_stage(options: flags.FlagValues):
