@@ -183,9 +183,8 @@ def _check_caption_fields(config: ml_collections.ConfigDict, source: reader.Late
            "self_flow.tools.encode_captioned --text_output=tokens")
     raise ValueError(f"{data_dir!r} holds {holds}; config.text.encoder={config.text.encoder!r} "
                      f"does not read them: use {fix}.")
-  if tokens:
-    shape = [*shape, config.text.embedding_dim]  # ids of (L,): the width is the encoder's
-  if shape[-1] != config.text.embedding_dim:
+  # Token ids (L,) have no width: the in-step encoder's is checked against it when it is built.
+  if not tokens and shape[-1] != config.text.embedding_dim:
     raise ValueError(f"config.text.embedding_dim={config.text.embedding_dim}, but the caption "
                      f"embeddings in {data_dir!r} have width {shape[-1]}; set "
                      f"--config.text.embedding_dim={shape[-1]}.")
