@@ -111,12 +111,18 @@ def write_png(workdir: str, name: str, pixels: np.ndarray, prompts: list[str] | 
   if jax.process_index() != 0:
     return
   directory = samples_dir(workdir)
+  if prompts:
+    (directory / f"{name}.txt").write_text(
+        "".join(f"{prompt_axis} {i}: {p}\n" for i, p in enumerate(prompts)))
+  (directory / f"{name}.png").write_bytes(png_bytes(pixels, prompts))
+
+
+def png_bytes(pixels: np.ndarray, prompts: list[str] | None) -> bytes:
+  """A PNG of uint8 (H, W, C) pixels with the prompts (if any) in its `prompts` text chunk."""
   info = PngImagePlugin.PngInfo()
   if prompts:
     info.add_text("prompts", "\n".join(prompts))
-    (directory / f"{name}.txt").write_text(
-        "".join(f"{prompt_axis} {i}: {p}\n" for i, p in enumerate(prompts)))
   buffer = io.BytesIO()
   Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(
       buffer, "PNG", pnginfo=info)
-  (directory / f"{name}.png").write_bytes(buffer.getvalue())
+  return buffer.getvalue()

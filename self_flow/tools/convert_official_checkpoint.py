@@ -301,16 +301,22 @@ def save_converted(directory: str, config: ml_collections.ConfigDict, params) ->
     checkpointer.wait_until_finished()
 
 
+def load_converted_config(directory: str) -> ml_collections.ConfigDict:
+  """The config written by `save_converted`, without reading the weights."""
+  config_path = storage.join(storage.resolve(directory), CONFIG_FILE)
+  if not storage.exists(config_path):
+    raise ValueError(f"{storage.resolve(directory)} holds no {CONFIG_FILE}; is it an output of "
+                     "convert_official_checkpoint?")
+  config = base_config.get_base_config()
+  config.update(storage.read_json(config_path))  # Typed by the base config (tuples stay tuples).
+  return config
+
+
 def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, params) written by `save_converted`; params are host numpy arrays in the tree of
   `train_state.model_graphdef(config)` (merge them, or device_put them to shardings)."""
   directory = storage.resolve(directory)
-  config_path = storage.join(directory, CONFIG_FILE)
-  if not storage.exists(config_path):
-    raise ValueError(f"{directory} holds no {CONFIG_FILE}; is it an output of "
-                     "convert_official_checkpoint?")
-  config = base_config.get_base_config()
-  config.update(storage.read_json(config_path))  # Typed by the base config (tuples stay tuples).
+  config = load_converted_config(directory)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           train_state.abstract_params(config))
   with ocp.StandardCheckpointer() as checkpointer:

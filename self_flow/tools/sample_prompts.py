@@ -49,9 +49,9 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from self_flow import base_config, config_resolution, sharding, storage, train_state
+from self_flow import config_resolution, sharding, storage, train_state
 from self_flow.data import modality_sources
 from self_flow.data.latent_shards import encoders, layout, writer
 from self_flow.evaluation import captioned_grid, chunking, generation
@@ -369,16 +369,6 @@ def _captioned(cells: np.ndarray, prompts: list[str]) -> np.ndarray:
   return captioned_grid.captioned_grid(grid, prompts, scale=max(1, MIN_COLUMN_PIXELS // w))
 
 
-def _png(pixels: np.ndarray, prompts: list[str]) -> bytes:
-  """PNG of uint8 (H, W, C) pixels, the prompts in its text chunk."""
-  info = PngImagePlugin.PngInfo()
-  info.add_text("prompts", "\n".join(prompts))
-  buffer = io.BytesIO()
-  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-      buffer, "PNG", pnginfo=info)
-  return buffer.getvalue()
-
-
 def _gif(frames: np.ndarray) -> bytes:
   """Looping animated GIF of uint8 frames (T, H, W, C)."""
   pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
@@ -396,7 +386,7 @@ def write_outputs(output: str, modality: str, prompts: list[str],
   files = {"prompts.txt": "".join(f"{p}\n" for p in prompts).encode("utf-8")}
   if modality == "image":
     cells = image.to_uint8(samples).swapaxes(0, 1)  # (K, P, H, W, C): a column per prompt
-    files["grid.png"] = _png(_captioned(cells, prompts), prompts)
+    files["grid.png"] = generation.png_bytes(_captioned(cells, prompts), prompts)
   elif modality == "video":
     clips = image.to_uint8(samples)  # (P, K, T, H, W, C)
     for i, prompt_clips in enumerate(clips):
@@ -405,7 +395,7 @@ def write_outputs(output: str, modality: str, prompts: list[str],
                 for t in range(prompt_clips.shape[1])]
       files[f"prompt_{i}.gif"] = _gif(_enlarged(np.stack(frames), prompt_clips.shape[-2]))
     strips = np.stack([video.to_strips(c) for c in clips])  # a row of frames per sample
-    files["strips.png"] = _png(_captioned(strips[None], prompts), prompts)
+    files["strips.png"] = generation.png_bytes(_captioned(strips[None], prompts), prompts)
   else:
     num_prompts, num_per_prompt = samples.shape[:2]
     waveforms = audio.mel_to_waveform(samples)
@@ -416,7 +406,7 @@ def write_outputs(output: str, modality: str, prompts: list[str],
         files[f"prompt_{i}_{j}.wav"] = buffer.getvalue()
     # (K, P, mels, frames, 1): time to the right, low mel bins at the bottom.
     cells = image.to_uint8(samples.swapaxes(-1, -2)[..., ::-1, :, None]).swapaxes(0, 1)
-    files["spectrograms.png"] = _png(_captioned(cells, prompts), prompts)
+    files["spectrograms.png"] = generation.png_bytes(_captioned(cells, prompts), prompts)
   written = []
   for name, data in files.items():
     path = storage.join(output, name)
@@ -463,14 +453,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "the local device count).", lower_bound=1, **fv)
 
 
-def _converted_config(directory: str) -> ml_collections.ConfigDict:
-  """The config of a converted checkpoint, read without its weights (as `load_converted`)."""
-  config = base_config.get_base_config()
-  config.update(storage.read_json(storage.join(
-      storage.resolve(directory), convert_official_checkpoint.CONFIG_FILE)))
-  return config
-
-
 def run(options: flags.FlagValues) -> list[str]:
   """Checks everything it can, then embeds the prompts, loads the model, samples and writes;
   returns the paths written."""
@@ -479,7 +461,8 @@ def run(options: flags.FlagValues) -> list[str]:
   if not options.converted and not (options.config and options.workdir):
     raise app.UsageError("pass --config and --workdir (a training run), or --converted=DIR.")
   prompts = read_prompts(options.prompt, options.prompts_file)
-  config = _converted_config(options.converted) if options.converted else options.config
+  config = (convert_official_checkpoint.load_converted_config(options.converted)
+            if options.converted else options.config)
   modality = choose_modality(config, options.modality)
   config = sample_npz.with_guidance(config, options)
   if options.num_steps is not None:
