@@ -87,6 +87,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   objective.noising = "dual_timestep"
   objective.mask_ratio = 0.25  # R_M (images): per-token P(taking the second timestep).
   objective.rep_loss_weight = 0.8  # gamma in L = L_gen + gamma * L_rep; 0 skips the teacher.
+  # The teacher's timestep tau_min: min_ts = min(t, s) per sample, as the paper (Fig. 3), also
+  # when the mask drew no token or every token; realised = the minimum over the timesteps the
+  # tokens took (t for an empty mask). See objectives.teacher_timestep.
+  objective.teacher_time = "min_ts"
   objective.time_distribution = "uniform"  # p(t): uniform or logit_normal.
   objective.logit_normal_mean = 0.0  # mu of the logit-normal p(t) before the shift.
   objective.logit_normal_std = 1.0  # sigma of the logit-normal p(t).

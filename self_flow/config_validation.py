@@ -26,6 +26,7 @@ CHOICES = {
     "model.param_dtype": tuple(factory.DTYPES),
     "objective.noising": objectives.NOISING_POLICIES,
     "objective.time_distribution": objectives.TIME_DISTRIBUTIONS,
+    "objective.teacher_time": objectives.TEACHER_TIMES,
     "optim.schedule": optim.SCHEDULES,
     "optim.moment_dtype": tuple(optim.MOMENT_DTYPES),
     "sampling.method": sampling.METHODS,

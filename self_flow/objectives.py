@@ -1,7 +1,10 @@
 """Flow-matching objective with Self-Flow's Dual-Timestep Scheduling and representation loss.
 
 Convention (paper §3.1): x_t = (1 - t) x0 + t x1, t = 1 is pure noise, velocity target x1 - x0.
-Under this convention the *cleaner* timestep is the minimum, so the teacher sees tau_min.
+Under this convention the *cleaner* timestep is the minimum, so the teacher sees tau_min:
+min(t, s) per sample (paper Fig. 3, `teacher_time="min_ts"`), also when the mask happens to put
+every token at t or every token at s, or the minimum of the timesteps the tokens actually took
+(`"realised"`, this project's rule before issue 31; it differs only for those samples).
 
 Every noising policy is the same per-token function (`noise_token`, vmapped over tokens and
 batch) fed by a different draw of (t, s, mask); the policies only differ in `draw_timesteps`:
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 NOISING_POLICIES = ("single", "dual_timestep", "full_masking", "diffusion_forcing")
+TEACHER_TIMES = ("min_ts", "realised")
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 
 
@@ -96,15 +100,27 @@ def noise_token(x0, x1, t, s, masked):
 noise_tokens = jax.vmap(jax.vmap(noise_token))
 
 
-def teacher_view(x0, x1, tau):
-  """The teacher's input: every token at tau_min = min over the *realised* per-token tau.
+def teacher_timestep(draw: TimestepDraw, tau, rule: str):
+  """tau_min (B,), the timestep of the teacher's view, under `rule` (objective.teacher_time).
 
-  Returns (x_tau_min (B, N, C), tau_min (B,)). With an empty mask tau_min = t (not min(t, s)).
+  min_ts: the minimum over tokens of min(t, s), i.e. min(t, s) of the sample for dual-timestep
+  noising whatever its mask drew (paper Fig. 3: "the teacher input is noised with tau_min =
+  min{t, s}"); t for single-timestep and full masking; the smallest per-token t for diffusion
+  forcing. realised: the minimum over the per-token tau (B, N) the student saw, which is t, not
+  min(t, s), for a sample whose mask chose no token (and s when it chose every token).
   """
-  tau_min = tau.min(axis=1)
-  tau_tok = jnp.broadcast_to(tau_min[:, None], tau.shape)
-  x_min, _ = noise_tokens(x0, x1, tau_tok, tau_tok, jnp.zeros(tau.shape, bool))
-  return x_min, tau_min
+  if rule == "min_ts":
+    return jnp.minimum(draw.t, draw.s).min(axis=1)
+  if rule == "realised":
+    return tau.min(axis=1)
+  raise ValueError(f"objective.teacher_time={rule!r}; allowed: {TEACHER_TIMES}.")
+
+
+def teacher_view(x0, x1, tau_min):
+  """The teacher's input (B, N, C): every token of the sample noised to its tau_min (B,)."""
+  tau_tok = jnp.broadcast_to(tau_min[:, None], x0.shape[:2])
+  x_min, _ = noise_tokens(x0, x1, tau_tok, tau_tok, jnp.zeros(tau_tok.shape, bool))
+  return x_min
 
 
 def flow_loss(velocity, x0, x1):

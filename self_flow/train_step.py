@@ -67,7 +67,7 @@ def _make_draw_fn(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
   return draw
 
 
-def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+def make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                         spec: spec_lib.ModalitySpec) -> Callable:
   """loss(params, teacher_params, examples) -> (loss, aux): the deterministic part of the loss
   (method doc §1.13 steps 3-6); every term is a mean over the examples given."""
@@ -89,7 +89,8 @@ def _make_examples_loss(config: ml_collections.ConfigDict, graphdef: nnx.GraphDe
     if not use_teacher:
       return spec.loss_weight * loss_gen, aux
 
-    x_min, tau_min = objectives.teacher_view(x0, x1, tau)
+    tau_min = objectives.teacher_timestep(draw, tau, obj.teacher_time)
+    x_min = objectives.teacher_view(x0, x1, tau_min)
     teacher = train_state.merge(graphdef, teacher_params)
     target = teacher.teacher_features(x_min, pos_ids, tau_min[:, None],
                                       jnp.zeros((b, n), jnp.int32), cond, modality=spec.name)
@@ -112,7 +113,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   """loss_fn(params, teacher_params, batch, rng) -> (loss, aux metrics) for `spec`'s batches,
   on the whole batch at once."""
   draw = _make_draw_fn(config, spec)
-  examples_loss = _make_examples_loss(config, graphdef, spec)
+  examples_loss = make_examples_loss(config, graphdef, spec)
 
   def loss_fn(params, teacher_params, batch, rng):
     return examples_loss(params, teacher_params, draw(batch, rng))
@@ -166,7 +167,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   """grad_fn(params, teacher_params, batch, rng) -> ((loss, aux), grads w.r.t. params) of the global
   batch, as the mean over `train.microbatches` slices: the gradient the train step applies."""
   draw = _make_draw_fn(config, spec)
-  value_and_grad = jax.value_and_grad(_make_examples_loss(config, graphdef, spec), has_aux=True)
+  value_and_grad = jax.value_and_grad(make_examples_loss(config, graphdef, spec), has_aux=True)
   microbatches = config.train.microbatches
 
   def grad_fn(params, teacher_params, batch, rng):
@@ -201,7 +202,7 @@ def make_gradient_balance_fn(config: ml_collections.ConfigDict, graphdef: nnx.Gr
   step's randomness, outside the train step so the update itself is unchanged.
   """
   draw = _make_draw_fn(config, spec)
-  examples_loss = _make_examples_loss(config, graphdef, spec)
+  examples_loss = make_examples_loss(config, graphdef, spec)
   gamma = config.objective.rep_loss_weight
   microbatches = config.train.microbatches
 

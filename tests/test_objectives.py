@@ -4,8 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from self_flow import objectives
+from configs import t2v
+from conftest import random_params, tiny
+from self_flow import config_resolution, objectives, train_state, train_step
+from self_flow.models import factory
 
 UNIFORM = dict(distribution="uniform")
 
@@ -65,21 +69,69 @@ def test_teacher_sees_the_cleaner_timestep():
   draw = _draw("dual_timestep", batch=512, tokens=64)
   x = jnp.zeros((512, 64, 2))
   _, tau = objectives.noise_tokens(x, x, draw.t, draw.s, draw.mask)
-  _, tau_min = objectives.teacher_view(x, x, tau)
   t, s = draw.table[:, 0], draw.table[:, 1]
   has_mask = np.asarray(draw.mask).any(1)
-  np.testing.assert_allclose(np.asarray(tau_min)[has_mask],
-                             np.minimum(t, s)[has_mask])
-  # Empty mask: the realised minimum is t, not min(t, s).
-  empty = jnp.zeros((512, 64), bool)
-  _, tau_e = objectives.noise_tokens(x, x, draw.t, draw.s, empty)
-  np.testing.assert_allclose(objectives.teacher_view(x, x, tau_e)[1], t)
+  for rule in objectives.TEACHER_TIMES:  # both rules agree where the mask chose some tokens
+    tau_min = objectives.teacher_timestep(draw, tau, rule)
+    np.testing.assert_array_equal(np.asarray(tau_min)[has_mask], np.minimum(t, s)[has_mask])
   # Paper convention: smaller t is cleaner, i.e. closer to x0.
   x0, x1 = jnp.zeros((1, 4, 1)), jnp.ones((1, 4, 1))
-  tau_one = jnp.array([[0.9, 0.2, 0.9, 0.9]])
-  x_min, tmin = objectives.teacher_view(x0, x1, tau_one)
-  np.testing.assert_allclose(x_min, 0.2)
-  assert float(tmin[0]) == pytest.approx(0.2)
+  np.testing.assert_allclose(objectives.teacher_view(x0, x1, jnp.array([0.2])), 0.2)
+
+
+def _all_t_and_all_s_draw(num_tokens: int) -> objectives.TimestepDraw:
+  """Sample 0: t = 0.8, s = 0.3, no token masked (every token at t); sample 1: t = 0.2, s = 0.7,
+  every token masked (every token at s)."""
+  t, s = jnp.array([0.8, 0.2]), jnp.array([0.3, 0.7])
+  mask = jnp.stack([jnp.zeros(num_tokens, bool), jnp.ones(num_tokens, bool)])
+  shape = (2, num_tokens)
+  return objectives.TimestepDraw(jnp.broadcast_to(t[:, None], shape),
+                                 jnp.broadcast_to(s[:, None], shape), mask,
+                                 jnp.stack([t, s], -1), mask.astype(jnp.int32))
+
+
+def test_teacher_time_rules_for_all_t_and_all_s_samples():
+  draw = _all_t_and_all_s_draw(16)
+  x = jnp.zeros((2, 16, 1))
+  _, tau = objectives.noise_tokens(x, x, draw.t, draw.s, draw.mask)
+  np.testing.assert_allclose(objectives.teacher_timestep(draw, tau, "min_ts"), [0.3, 0.2])
+  np.testing.assert_allclose(objectives.teacher_timestep(draw, tau, "realised"), [0.8, 0.7])
+  with pytest.raises(ValueError, match="teacher_time='max'.*min_ts"):
+    objectives.teacher_timestep(draw, tau, "max")
+
+
+@pytest.mark.parametrize("rule, expected", [(None, (0.3, 0.2)), ("realised", (0.8, 0.7))])
+def test_video_step_teacher_sees_min_t_s_for_all_t_and_all_s_clips(rule, expected):
+  """A tiny text-to-video config's loss: the teacher's view of a clip whose mask chose no token,
+  and of one whose mask chose every token, is at min(t, s) by default (paper Fig. 3) and at the
+  realised minimum with objective.teacher_time="realised"; the teacher's input follows."""
+  config = tiny(t2v.get_config("local"))
+  if rule:
+    config.objective.teacher_time = rule
+  resolved = config_resolution.resolve(config)
+  spec = resolved.spec("video")
+  graphdef, params = random_params(factory.create_model(config, nnx.Rngs(0), resolved), 0.02)
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(rng.standard_normal((2, spec.num_tokens, spec.token_dim)), jnp.float32)
+  x1 = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+  cond = {"tokens": jnp.zeros((2, config.text.max_length), jnp.int32),
+          "mask": jnp.ones((2, config.text.max_length), bool)}
+  examples = train_step.Examples(x0, x1, cond, _all_t_and_all_s_draw(spec.num_tokens))
+  loss = train_step.make_examples_loss(config, graphdef, spec)
+  _, aux = loss(params, params, examples)
+  assert float(aux["tau_min_mean"]) == pytest.approx(np.mean(expected), abs=1e-6)
+  # The teacher's features are those of the clips at the expected timesteps.
+  model = train_state.merge(graphdef, params)
+  pos = jnp.broadcast_to(jnp.asarray(spec.position_ids), (2, spec.num_tokens, 3))
+  tau_min = jnp.asarray(expected, jnp.float32)
+  target = model.teacher_features(objectives.teacher_view(x0, x1, tau_min), pos, tau_min[:, None],
+                                  jnp.zeros((2, spec.num_tokens), jnp.int32), cond,
+                                  modality="video")
+  _, student_features = model(
+      objectives.noise_tokens(x0, x1, examples.draw.t, examples.draw.s, examples.draw.mask)[0],
+      pos, examples.draw.table, examples.draw.index, cond, modality="video")
+  cosine = objectives.cosine_similarity(student_features, target).mean()
+  assert float(aux["teacher_cosine"]) == pytest.approx(float(cosine), rel=1e-5)
 
 
 def test_policies():

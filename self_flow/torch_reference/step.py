@@ -3,7 +3,7 @@
 The loss is ours term for term (self_flow/train_step.py, objectives.py): tokens patchified as
 (p, q, c); labels dropped to the null class with the CFG probability; t, s ~ U[0, 1) per example,
 unsorted, mask ~ Bernoulli(R_M) per token, one noise draw x1; x_tau per token, teacher input at
-tau_min = min over the realised tau; L_gen = mean (v - (x1 - x0))^2; L_rep = 1 - mean per-token
+tau_min = min(t, s) (the paper's rule, objective.teacher_time="min_ts"); L_gen = mean (v - (x1 - x0))^2; L_rep = 1 - mean per-token
 cosine (norm product clamped at 1e-6) between the projected student layer and the raw teacher
 layer; L = w (L_gen + gamma L_rep). The update is optax's clip_by_global_norm (scale by
 max_norm / norm above the bound, no epsilon) then AdamW, then the EMA
@@ -61,7 +61,7 @@ def losses(student: model_lib.DiT, teacher: model_lib.DiT, setting: torch_refere
   shape = setting.shape
   tau = torch.where(mask, s.unsqueeze(1), t.unsqueeze(1))  # (B, N)
   x_tau = (1.0 - tau.unsqueeze(-1)) * x0 + tau.unsqueeze(-1) * x1
-  tau_min = tau.amin(dim=1)  # (B,)
+  tau_min = torch.minimum(t, s)  # (B,), also for a mask that chose no token or every token
   x_min = (1.0 - tau_min[:, None, None]) * x0 + tau_min[:, None, None] * x1
   if math == "equal":  # distinct rows: (t, s) per example, index = mask; teacher one row
     student_rows, student_index = torch.stack([t, s], dim=-1), mask.long()
