@@ -272,7 +272,7 @@ eval_every = 0  # @param {{type:"integer"}}
 # Runs and results page.
 output = "workdirs/ablation_notebook"  # @param {{type:"string"}}
 # Settings of every run: evaluation sizes, the linear probe and the stratified loss.
-overrides = {{"eval.num_samples": 400, "eval.batch_size": 128, "eval.probe_steps": 500, "eval.probe_examples": 1000, "eval.loss_bins": 10}}  # @param {{type:"raw"}}
+overrides = {{"eval.num_samples": 400, "eval.batch_size": 128, "eval.probe_examples": 1000, "eval.loss_bins": 10}}  # @param {{type:"raw"}}
 {REPO_URL_PARAM}
 '''),
     ("markdown", SETUP_NOTE),
@@ -310,9 +310,10 @@ for run in results["runs"]:
     ("markdown", '''
 ## Results
 
-The table and the noise sentences from `output/results.md`, then its plots: metrics against the
-training step (line: mean over seeds, band: min to max), the linear-probe accuracy per block,
-and the held-out flow loss per timestep bin.
+`output/results.md` up to its plots (each variant's paired differences from the first, seed by
+seed, with intervals and what they show; the convergence speed; the final values per variant),
+then the plots: metrics against the training step (line: mean over seeds, band: min to max), the
+linear-probe accuracy per block, and the held-out flow loss per timestep bin.
 '''),
     ("code", '''
 from IPython.display import Image, Markdown, display

@@ -50,7 +50,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # more than one device the step must be traced under jax.set_mesh(mesh)) or auto (cudnn on GPU
   # where dtype and head dim allow, splash on TPU where it can run, else xla).
   model.attention = "xla"
-  model.conditioning = "class"  # class (labels + null class) or text (captions, see config.text).
+  # class (labels + null class), text (captions, see config.text) or none (unconditional: the
+  # dit backbone with no classes, its one label row the null; the data's labels are not read).
+  model.conditioning = "class"
   # Backbone: dit (SiT/DiT blocks, class conditioning) or mmdit (FLUX.2-style double-stream then
   # single-stream blocks with joint text attention).
   model.architecture = "dit"
@@ -261,13 +263,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.classifier_batch_size = 128  # Batch size of the evaluation classifier.
   ev.classifier_learning_rate = 1e-3  # Learning rate of the evaluation classifier.
   ev.cache_dir = "./data/eval_cache"  # Where the trained classifier is cached.
-  # Linear probe of the EMA model's pooled hidden states, one linear classifier per block, top-1
-  # on the test split as eval/image/probe_layer<k> (evaluation/linear_probe.py; paper Fig. 4b).
-  ev.probe_steps = 0  # Full-batch Adam steps of each layer's classifier; 0 = no probe.
+  # Linear probe of the EMA model's pooled hidden states, one closed-form ridge classifier per
+  # block and noise level, top-1 on the test split as eval/image/probe_t<t>_layer<k>, and the
+  # student tap's fit to the evaluation classifier's features as eval/image/reference_cosine_t<t>
+  # (evaluation/linear_probe.py; paper Fig. 4b).
+  ev.probe_examples = 0  # Train-split images the probe fits on, and test images it scores; 0 = off.
   ev.probe_layers = ()  # 1-based blocks probed (hidden state after the block); () = every block.
-  ev.probe_t = 0.0  # Noise level of the probe input (paper convention: 0 = clean, 1 = noise).
-  ev.probe_examples = 2000  # Train-split images the probe fits on, and test images it scores.
-  ev.probe_learning_rate = 1e-2  # Adam learning rate of the probe (features are standardised).
+  ev.probe_timesteps = (0.0,)  # Noise levels of the probe input (paper convention: 0 = clean).
+  ev.probe_ridge = 1e-3  # Ridge penalty, relative to the standardised features' unit variance.
+  # False: only the final evaluation probes (it costs more than the rest of an evaluation at
+  # 10k examples); True: every evaluation (train.eval_every) does.
+  ev.probe_every_evaluation = False
+  # Added to the seeds of every evaluation draw (sampling, probe and held-out loss noise): 0 for
+  # runs that are compared; re-evaluating one checkpoint under other offsets measures the
+  # evaluation's own noise (self_flow.ablate.reevaluate).
+  ev.seed_offset = 0
   # Held-out flow loss of the EMA model in this many equal bins of t, same noise and timesteps for
   # every run, as eval/image/loss_t<lo>-<hi> and their mean eval/image/loss
   # (evaluation/stratified_loss.py); 0 = off.

@@ -99,10 +99,9 @@ RANGES = {
     "eval.classifier_steps": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "eval.classifier_learning_rate": (lambda v: v > 0, "a float > 0"),
-    "eval.probe_steps": (lambda v: v >= 0, "an integer >= 0 (0 = no linear probe)"),
-    "eval.probe_t": (lambda v: 0 <= v <= 1, "a float in [0, 1] (0 = clean input)"),
-    "eval.probe_examples": (lambda v: v >= 2, "an integer >= 2"),
-    "eval.probe_learning_rate": (lambda v: v > 0, "a float > 0"),
+    "eval.probe_examples": (lambda v: v == 0 or v >= 2, "0 (no probe) or an integer >= 2"),
+    "eval.probe_ridge": (lambda v: v > 0, "a float > 0"),
+    "eval.seed_offset": (lambda v: v >= 0, "an integer >= 0"),
     "eval.loss_bins": (lambda v: v >= 0, "an integer >= 0 (0 = no stratified loss)"),
     **{f"{section}.{key}": (lambda v: v >= 1, "an integer >= 1")
        for section, keys in (("video", ("num_frames", "image_size", "num_channels", "patch_time",
@@ -183,6 +182,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None
       raise ValueError(f"config.{key}={value!r} is not allowed; it must be {allowed}.")
   resolved = config_resolution.resolve(config)  # sizes, layers, patches, mixture
   linear_probe.resolve_layers(config.eval.probe_layers, resolved.dims.depth)
+  linear_probe.check_timesteps(config.eval.probe_timesteps)
   factory.check_config(config, resolved)
   modality_sources.check_config(config, tuple(resolved.specs))
   if config.sampling.guidance_low > config.sampling.guidance_high:

@@ -68,7 +68,7 @@ def _prepare_data(config: ml_collections.ConfigDict,
   multihost_utils.sync_global_devices("self_flow: training data prepared")
 
 
-def _create_evaluators(config, resolved: config_resolution.ResolvedConfig, graphdef,
+def create_evaluators(config, resolved: config_resolution.ResolvedConfig, graphdef,
                        workdir: str, mesh) -> dict[str, Any]:
   """One evaluator per modality on embedded data (latent shards have no decoder here)."""
   if not config.eval.enabled:
@@ -77,15 +77,17 @@ def _create_evaluators(config, resolved: config_resolution.ResolvedConfig, graph
           for name in config.modalities if not modality_sources.uses_latent_shards(config, name)}
 
 
-def _evaluate(evaluators, state, step: int, writer, with_student: bool) -> dict[str, float]:
+def _evaluate(evaluators, state, step: int, writer, with_student: bool,
+              final: bool) -> dict[str, float]:
   """Every modality's metrics of the EMA weights and, `with_student`, of the live params too
-  (`student.student_metrics`)."""
+  (`student.student_metrics`); `final` (the run's last evaluation) adds the metrics an
+  evaluator computes only then (the image probe, unless eval.probe_every_evaluation)."""
   results = {}
   for name, modality_evaluator in evaluators.items():
-    results.update(modality_evaluator.evaluate(state["ema_params"], step, writer))
+    results.update(modality_evaluator.evaluate(state["ema_params"], step, writer, final))
     if with_student:
       student_results = student.student_metrics(
-          modality_evaluator.metrics(state["params"]), name)
+          modality_evaluator.metrics(state["params"], final), name)
       writer.write_scalars(step, student_results)
       results.update(student_results)
     logging.info("Evaluation of %s at step %d: %s", name, step, " ".join(
@@ -266,12 +268,15 @@ def _train_in_workdir(config: ml_collections.ConfigDict,
   writer = reporting.create_writer(str(workdir))
   writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in run_compatibility.flatten_config(config.to_dict()).items()})
-  evaluators = _create_evaluators(config, resolved, program.layout.graphdef, str(workdir), mesh)
+  evaluators = create_evaluators(config, resolved, program.layout.graphdef, str(workdir), mesh)
   base_rng = jax.device_put(jax.random.PRNGKey(config.seed), program.replicated)
   balance_every = config.train.gradient_balance_every
   # Analytic model FLOPs per step per device of each modality's step.
   step_flops = {name: flops.train_step_flops(config, resolved, name).total / jax.device_count()
                 for name in specs}
+  # The same for all devices together, logged once: what an ablation converts steps into.
+  writer.write_scalars(start_step, {f"perf/model_flops_per_step/{name}": f * jax.device_count()
+                                    for name, f in step_flops.items()})
   window = reporting.MetricWindow(
       writer, modalities=tuple(specs), step_flops=step_flops,
       peak_tflops=reporting.peak_tflops_per_device(config.train.peak_tflops_per_device),
@@ -337,13 +342,13 @@ def _train_in_workdir(config: ml_collections.ConfigDict,
       save(step + 1)
       every = config.train.eval_every
       if evaluators and every and (step + 1) % every == 0 and step + 1 < num_steps:
-        _evaluate(evaluators, state, step + 1, writer, config.eval.student)
+        _evaluate(evaluators, state, step + 1, writer, config.eval.student, final=False)
     readback.flush()
     if checkpointer.latest_step() != num_steps:
       save(num_steps, force=True)
     checkpointer.wait()
 
-  final = (_evaluate(evaluators, state, num_steps, writer, config.eval.student)
+  final = (_evaluate(evaluators, state, num_steps, writer, config.eval.student, final=True)
            if evaluators else None)
   writer.flush()
   checkpointer.close()

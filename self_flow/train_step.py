@@ -48,7 +48,7 @@ def _make_draw_fn(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
   """draw(batch, rng) -> Examples: tokenises the batch and draws its dropout, timesteps and noise
   (method doc §1.13 steps 1-2)."""
   obj = config.objective
-  null_class = config.data.num_classes
+  null_class = conditioning.model_classes(config)
   kind = config.model.conditioning
   time_kwargs = dict(distribution=obj.time_distribution, shift=spec.train_shift,
                      logit_mean=obj.logit_normal_mean, logit_std=obj.logit_normal_std)

@@ -49,9 +49,9 @@ def _pattern_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _features(graphdef, params, spec, images, labels, layers, t=0.0):
   """(layers, n, D) pooled features conditioned on `labels`."""
   tokens = spec.tokenize(jnp.asarray(images))
-  fn = jax.jit(linear_probe.make_features_fn(graphdef, spec, layers, t))
+  fn = jax.jit(linear_probe.make_features_fn(graphdef, spec, layers))
   noise = linear_probe.probe_noise(len(images), spec)
-  return np.asarray(fn(params, tokens, noise, jnp.asarray(labels))).transpose(1, 0, 2)
+  return np.asarray(fn(params, tokens, noise, jnp.asarray(labels), t)).transpose(1, 0, 2)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -79,11 +79,30 @@ def test_probe_sees_which_layer_is_linearly_separable():
   separable = noise[1] + class_means[labels]
   features = np.stack([noise[0], separable]).astype(np.float32)  # layer 0 random, layer 1 not
   accuracy = linear_probe.fit_and_score(features[:, :n], labels[:n], features[:, n:], labels[n:],
-                                        num_classes=NUM_CLASSES, num_steps=200,
-                                        learning_rate=1e-2)
+                                        num_classes=NUM_CLASSES, ridge=1e-3)
   assert accuracy.shape == (2,)
   assert accuracy[1] > 0.95
   assert accuracy[0] < 0.2  # chance is 0.1
+  # Closed form: the same features give the same accuracy, with nothing to tune.
+  np.testing.assert_array_equal(accuracy, linear_probe.fit_and_score(
+      features[:, :n], labels[:n], features[:, n:], labels[n:], num_classes=NUM_CLASSES,
+      ridge=1e-3))
+
+
+def test_ridge_is_the_least_squares_solution():
+  """With a vanishing penalty the ridge map recovers an exact linear target (intercept
+  included), and the reference cosine of features that determine the reference is 1."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(200, 5))
+  weights, intercept = rng.normal(size=(5, 3)), rng.normal(size=3)
+  y = x @ weights + intercept
+  np.testing.assert_allclose(linear_probe.ridge_predict(x, y, x[:7], 1e-12), y[:7], atol=1e-8)
+  cosine = linear_probe.reference_cosine(x[None, :150], y[:150], x[None, 150:], y[150:],
+                                         ridge=1e-12)
+  assert cosine.shape == (1,) and cosine[0] == pytest.approx(1.0, abs=1e-9)
+  unrelated = linear_probe.reference_cosine(x[None, :150], y[:150], x[None, 150:],
+                                            rng.normal(size=(50, 3)), ridge=1e-3)
+  assert abs(unrelated[0]) < 0.5
 
 
 def test_probe_rejects_bad_inputs():
@@ -91,13 +110,19 @@ def test_probe_rejects_bad_inputs():
   labels = np.zeros(8, np.int64)
   with pytest.raises(ValueError, match=r"agree in layers and dim"):
     linear_probe.fit_and_score(features, labels, features[:1], labels, num_classes=2,
-                               num_steps=1, learning_rate=1e-2)
+                               ridge=1e-3)
   with pytest.raises(ValueError, match=r"train labels .* in \[0, 2\)"):
     linear_probe.fit_and_score(features, labels + 5, features, labels, num_classes=2,
-                               num_steps=1, learning_rate=1e-2)
-  with pytest.raises(ValueError, match="num_steps=0"):
-    linear_probe.fit_and_score(features, labels, features, labels, num_classes=2, num_steps=0,
-                               learning_rate=1e-2)
+                               ridge=1e-3)
+  with pytest.raises(ValueError, match="ridge=0"):
+    linear_probe.fit_and_score(features, labels, features, labels, num_classes=2, ridge=0)
+  with pytest.raises(ValueError, match="one row per example"):
+    linear_probe.reference_cosine(features, np.zeros((3, 2)), features, np.zeros((8, 2)),
+                                  ridge=1e-3)
+  for bad in ((), (0.5, 0.5), (1.5,), ("0.5",)):
+    with pytest.raises(ValueError, match="probe_timesteps=.*distinct noise levels in"):
+      linear_probe.check_timesteps(bad)
+  linear_probe.check_timesteps((0, 0.25, 1.0))
 
 
 def test_resolve_layers():
@@ -142,8 +167,8 @@ def test_mmdit_features_are_the_pooled_block_outputs():
   images, _ = _pattern_images(3, seed=2)
   tokens = spec.tokenize(jnp.asarray(images))
   null_text = {"tokens": np.zeros((3, 6), np.int32), "mask": np.zeros((3, 6), bool)}
-  fn = jax.jit(linear_probe.make_features_fn(graphdef, spec, (1, 2, 3), 0.0))
-  features = np.asarray(fn(params, tokens, np.zeros_like(tokens), null_text))
+  fn = jax.jit(linear_probe.make_features_fn(graphdef, spec, (1, 2, 3)))
+  features = np.asarray(fn(params, tokens, np.zeros_like(tokens), null_text, 0.0))
   teacher = _teacher_features(graphdef, params, spec, tokens, 0.0, null_text)
   # Block 2 is a single-stream block: the image part of [text, image].
   assert nnx.merge(graphdef, params).teacher_layer == 2
@@ -163,11 +188,37 @@ def test_probe_on_a_tiny_model_tells_real_labels_from_shuffled(make_config):
 
   def probe(targets):
     return linear_probe.fit_and_score(features[:, :450], targets[:450], features[:, 450:],
-                                      targets[450:], num_classes=NUM_CLASSES, num_steps=200,
-                                      learning_rate=1e-2)
+                                      targets[450:], num_classes=NUM_CLASSES, ridge=1e-3)
 
-  assert probe(labels).min() > 0.5  # measured 0.63 and 0.80
+  assert probe(labels).min() > 0.5
   assert probe(shuffled).max() < 0.25  # chance is 0.1
+
+
+@pytest.mark.parametrize("t", [0.25, 0.5, 0.75])
+def test_probe_of_a_model_that_ignores_its_input_scores_chance_under_noise(make_config, t):
+  """The same tiny DiT with its input projection zeroed sees only positions and t: its pooled
+  features are the same for every image, and the probe at noise level t scores what predicting
+  the train split's majority class scores on the test split. The intact model, on the same
+  noised inputs, is the control (its class pattern on every token, so that it survives t =
+  0.75)."""
+  _, graphdef, params, spec = _dit(make_config)
+  _, labels = _pattern_images(2000, seed=3)
+  patterns = np.sign(np.random.default_rng(0).normal(size=(NUM_CLASSES, 7, 7, 1)))
+  images = np.tile(patterns[labels], (1, 4, 4, 1)).astype(np.float32)
+  null = np.full(2000, NUM_CLASSES)
+  blind = jax.tree.map(lambda p: p, params)
+  blind["input_proj"] = jax.tree.map(jnp.zeros_like, params["input_proj"])
+
+  def probe(model_params):
+    features = _features(graphdef, model_params, spec, images, null, (2, 4), t)
+    return linear_probe.fit_and_score(features[:, :1500], labels[:1500], features[:, 1500:],
+                                      labels[1500:], num_classes=NUM_CLASSES, ridge=1e-3)
+
+  majority = np.bincount(labels[:1500], minlength=NUM_CLASSES).argmax()
+  chance = np.mean(labels[1500:] == majority)
+  blind_accuracy, accuracy = probe(blind), probe(params)
+  np.testing.assert_allclose(blind_accuracy, chance, atol=0.02)  # 500 test images: sd 0.013
+  assert accuracy.min() > chance + 0.1
 
 
 def test_true_labels_would_leak_through_the_conditioning(make_config):
@@ -178,7 +229,7 @@ def test_true_labels_would_leak_through_the_conditioning(make_config):
   rng = np.random.default_rng(5)
   images = rng.uniform(-1, 1, (300, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, 300)
-  settings = dict(num_classes=NUM_CLASSES, num_steps=150, learning_rate=1e-2)
+  settings = dict(num_classes=NUM_CLASSES, ridge=1e-3)
 
   def probe(cond):
     features = _features(graphdef, params, spec, images, cond, (1,))

@@ -87,7 +87,7 @@ def test_quickstart_trains_and_shows_a_sample_grid(fashion_mnist_dir, tmp_path, 
 def test_ablation_runs_every_variant_and_shows_the_table_and_plots(fashion_mnist_dir, tmp_path,
                                                                     monkeypatch):
   tiny = {**_tiny_c2i(fashion_mnist_dir, tmp_path), "eval.num_samples": 16,
-          "eval.probe_steps": 5, "eval.probe_examples": 16, "eval.loss_bins": 2,
+          "eval.probe_examples": 16, "eval.loss_bins": 2,
           "sampling.num_steps": 2}
   output = tmp_path / "ablation"
   notebook = _execute("ablation", (

@@ -58,7 +58,7 @@ _C2I = {
     "model.preset": "custom", "model.hidden_size": 32, "model.num_heads": 2, "model.depth": 4,
     "model.patch_size": 7, "data.global_batch_size": 8, "optim.warmup_steps": 0,
     "mesh.data": -1, "mesh.fsdp": 1, "data.source": "debian", "eval.num_samples": 16,
-    "eval.batch_size": 8, "eval.grid_rows": 1, "eval.classifier_steps": 10, "eval.probe_steps": 5,
+    "eval.batch_size": 8, "eval.grid_rows": 1, "eval.classifier_steps": 10,
     "eval.probe_examples": 16, "eval.loss_bins": 2, "sampling.num_steps": 2,
 }
 

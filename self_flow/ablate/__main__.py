@@ -15,8 +15,17 @@ def _define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file and argument, e.g. configs/c2i.py:local "
                       "(method= is added per variant).")
   flags.DEFINE_list("variants", ["vanilla", "dual_timestep", "self_flow"],
-                    f"Variants to compare, the first is the reference; each is one of "
-                    f"{sorted(base_config.METHODS)}, or {runner.VARIANT_FORMAT}.")
+                    f"Variants to compare; each is one of {sorted(base_config.METHODS)}, or "
+                    f"{runner.VARIANT_FORMAT}.")
+  flags.DEFINE_string("baseline", "", "The variant every other is paired with seed by seed "
+                      "(default: the first of --variants).")
+  flags.DEFINE_string("primary", "", "The pre-registered primary endpoint, a metric tag (e.g. "
+                      "eval/image/probe_t0.5_layer2): reported first and tested alone, not "
+                      "Holm-corrected with the rest.")
+  flags.DEFINE_integer("eval_noise_draws", 0, "Evaluate the baseline's first trained run this "
+                       "many times under new evaluation draws (eval.seed_offset 0, 1, ...) and "
+                       "report each metric's spread; 0 = do not (each draw is one full "
+                       "evaluation).")
   flags.DEFINE_integer("seeds", 3, "Seeds per variant (0..seeds-1).")
   flags.DEFINE_integer("steps", None, "Training steps of every run.")
   flags.DEFINE_string("output", None, "Directory for the runs and the results page (local or "
@@ -41,8 +50,10 @@ def main(argv):
   overrides = runner.run_overrides(f.steps, f.eval_every, runner.parse_overrides(f.override))
   fingerprint = json.dumps({"config": f.config, "overrides": overrides}, sort_keys=True)
   description = "python -m self_flow.ablate " + " ".join(sys.argv[1:])
-  results = study.run_ablation(runs, runner.subprocess_train_fn(config_file, config_arg, overrides),
-                               f.output, fingerprint, description, f.import_results)
+  results = study.run_ablation(
+      runs, runner.subprocess_train_fn(config_file, config_arg, overrides), f.output,
+      fingerprint, description, f.import_results, f.baseline, f.primary, f.eval_noise_draws,
+      runner.subprocess_reevaluate_fn(config_file, config_arg, overrides))
   failed = [r["name"] for r in results["runs"] if r["status"].startswith("failed")]
   logging.info("Results in %s.", storage.join(f.output, "results.md"))
   if failed:

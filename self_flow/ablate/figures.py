@@ -93,13 +93,17 @@ def write_plots(output: str, histories, summary, variants, metrics) -> list[str]
     plot_curve(curves(histories, variants, metric), metric, storage.join(output, name))
     written.append(name)
   for modality in sorted({m.split("/")[1] for m in metrics if m.startswith("eval/")}):
-    probes = [m for m in metrics if m.startswith(f"eval/{modality}/probe_layer")]
-    if probes:
-      name = f"probe_{modality}_by_layer.png"
+    # eval/<m>/probe_t<t>_layer<k>: one figure per noise level t.
+    levels = sorted({metric_tags.numbers(m)[0] for m in metrics
+                     if m.startswith(f"eval/{modality}/probe_t")})
+    for t in levels:
+      probes = [m for m in metrics if m.startswith(f"eval/{modality}/probe_t")
+                and metric_tags.numbers(m)[0] == t]
+      name = f"probe_{modality}_t{t:g}_by_layer.png"
       plot_final_by(summary, variants, probes, "block (1-based)",
-                    lambda m: metric_tags.numbers(m)[0], "linear-probe top-1 accuracy",
-                    f"{modality}: probe accuracy by layer (final, min-max over seeds)",
-                    storage.join(output, name))
+                    lambda m: metric_tags.numbers(m)[1], "linear-probe top-1 accuracy",
+                    f"{modality}: probe accuracy by layer at t = {t:g} (final, min-max over "
+                    "seeds)", storage.join(output, name))
       written.append(name)
     bins = [m for m in metrics if m.startswith(f"eval/{modality}/loss_t")]
     if bins:

@@ -11,7 +11,8 @@ from self_flow.evaluation import student
 # Row order of the results table (first matching pattern wins); other metrics follow.
 _ROW_ORDER = tuple(re.compile(p) for p in (
     r"^eval/[^/]+/fd$", r"^eval/[^/]+/fd_", r"^eval/[^/]+/.*(accuracy|faithfulness)",
-    r"^eval/[^/]+/loss$", r"^eval/[^/]+/loss_t", r"^eval/[^/]+/probe_layer",
+    r"^eval/[^/]+/loss$", r"^eval/[^/]+/loss_t", r"^eval/[^/]+/probe_",
+    r"^eval/[^/]+/reference_cosine",
     r"^train/teacher_cosine$", r"^train/teacher_cosine_trivial$",
     r"^train/grad_ratio_rep_gen$", r"^train/loss_gen$"))
 # Training diagnostics in the table beside the evaluation metrics.
@@ -48,10 +49,12 @@ def table_metrics(summary: Mapping[str, Mapping[str, statistics.Spread]]) -> lis
 
 
 def better_direction(tag: str) -> int:
-  """-1 if lower is better (FD, losses), +1 if higher is better (accuracies, probe), else 0."""
+  """-1 if lower is better (FD, losses), +1 if higher is better (accuracies, probe, the
+  reference cosine), else 0."""
   name = tag.rsplit("/", 1)[-1]
   if name.startswith(("fd", "loss")):
     return -1
-  if "accuracy" in name or "faithfulness" in name or name.startswith("probe"):
+  if ("accuracy" in name or "faithfulness" in name
+      or name.startswith(("probe", "reference_cosine"))):
     return 1
   return 0

@@ -19,7 +19,7 @@ from absl import logging
 from self_flow import base_config, storage
 
 # Evaluation settings every ablation run gets unless --override names the key.
-DEFAULT_OVERRIDES = {"eval.probe_steps": "500", "eval.loss_bins": "10",
+DEFAULT_OVERRIDES = {"eval.probe_examples": "2000", "eval.loss_bins": "10",
                      "train.gradient_balance_every": "250"}
 # Written into a run's workdir when it finished; holds the settings it finished with.
 MARKER = "ablation_run.json"
@@ -66,7 +66,9 @@ def parse_variant(spec: str) -> tuple[str, str, tuple[tuple[str, str], ...]]:
 
 
 def plan_runs(variants: Sequence[str], num_seeds: int, output: str) -> list[AblationRun]:
-  """Every (variant, seed) pair, seeds 0..num_seeds-1, each in OUTPUT/runs/<label>_seed<s>.
+  """Every (variant, seed) pair, seeds 0..num_seeds-1, each in OUTPUT/runs/<label>_seed<s>,
+  seed by seed (every variant of seed 0, then of seed 1, ...), so that a study stopped part-way
+  holds complete pairs to compare.
 
   A variant is a method name or a labelled method with settings (`parse_variant`)."""
   parsed = [parse_variant(v) for v in variants]
@@ -79,7 +81,7 @@ def plan_runs(variants: Sequence[str], num_seeds: int, output: str) -> list[Abla
     raise ValueError(f"seeds={num_seeds!r} must be an integer >= 1.")
   return [AblationRun(label, s, storage.join(output, "runs", f"{label}_seed{s}"),
                       "" if method == label and not settings else method, settings)
-          for label, method, settings in parsed for s in range(num_seeds)]
+          for s in range(num_seeds) for label, method, settings in parsed]
 
 
 def _run_fingerprint(run: AblationRun, fingerprint: str) -> str:
@@ -155,17 +157,33 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
   return parsed
 
 
-def train_command(run: AblationRun, config_file: str, config_arg: str,
-                  overrides: Mapping[str, str], python: str = sys.executable) -> list[str]:
-  """The `python -m self_flow.main` command line of one run."""
+def config_flags(run: AblationRun, config_file: str, config_arg: str,
+                 overrides: Mapping[str, str]) -> list[str]:
+  """The `--config=...` and `--config.<key>=<value>` flags that give one run its config."""
   if "method=" in config_arg:
     raise ValueError(f"--config argument {config_arg!r} names a method; --variants sets it.")
   method = run.method_name
   arg = f"{config_arg},method={method}" if config_arg else f"method={method}"
   settings = {"seed": str(run.seed), "data.shuffle_seed": str(run.seed), **overrides,
               **dict(run.settings)}
-  return ([python, "-m", "self_flow.main", f"--config={config_file}:{arg}",
-           f"--workdir={run.workdir}"] + [f"--config.{k}={v}" for k, v in settings.items()])
+  return [f"--config={config_file}:{arg}"] + [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def train_command(run: AblationRun, config_file: str, config_arg: str,
+                  overrides: Mapping[str, str], python: str = sys.executable) -> list[str]:
+  """The `python -m self_flow.main` command line of one run."""
+  config, *settings = config_flags(run, config_file, config_arg, overrides)
+  return [python, "-m", "self_flow.main", config, f"--workdir={run.workdir}", *settings]
+
+
+def reevaluate_command(run: AblationRun, config_file: str, config_arg: str,
+                       overrides: Mapping[str, str], seed_offsets: Sequence[int], output: str,
+                       python: str = sys.executable) -> list[str]:
+  """The `python -m self_flow.ablate.reevaluate` command line that evaluates `run`'s last
+  checkpoint under each eval.seed_offset, into the JSON `output`."""
+  config, *settings = config_flags(run, config_file, config_arg, overrides)
+  return [python, "-m", "self_flow.ablate.reevaluate", config, f"--workdir={run.workdir}",
+          f"--seed_offsets={','.join(map(str, seed_offsets))}", f"--output={output}", *settings]
 
 
 @contextlib.contextmanager
@@ -193,25 +211,43 @@ def _appended_log(path: str) -> Iterator[IO[str]]:
         storage.upload(local, path)
 
 
+def _run_logged(command: Sequence[str], log_path: str, env: Mapping[str, str] | None) -> None:
+  """`command` in a child process, its output appended to `log_path`; raises naming the log
+  (and quoting its end) when the child fails."""
+  with _appended_log(log_path) as log:
+    log.write("$ " + " ".join(command) + "\n")
+    log.flush()
+    returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(env), check=False).returncode
+  if returncode:
+    log_text = storage.read_bytes(log_path).decode(errors="replace")
+    tail = "".join(log_text.splitlines(keepends=True)[-15:])
+    raise RuntimeError(f"exit status {returncode}; log {log_path} ends with:\n{tail}")
+
+
 def subprocess_train_fn(config_file: str, config_arg: str, overrides: Mapping[str, str],
                         env: Mapping[str, str] | None = None) -> Callable[[AblationRun], None]:
   """train(run): `train_command` in a child process, its output appended to <workdir>/train.log;
   raises naming the log when the child fails."""
 
   def train(run: AblationRun) -> None:
-    log_path = storage.join(run.workdir, "train.log")
-    command = train_command(run, config_file, config_arg, overrides)
-    with _appended_log(log_path) as log:
-      log.write("$ " + " ".join(command) + "\n")
-      log.flush()
-      returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env=None if env is None else dict(env), check=False).returncode
-    if returncode:
-      log_text = storage.read_bytes(log_path).decode(errors="replace")
-      tail = "".join(log_text.splitlines(keepends=True)[-15:])
-      raise RuntimeError(f"exit status {returncode}; log {log_path} ends with:\n{tail}")
+    _run_logged(train_command(run, config_file, config_arg, overrides),
+                storage.join(run.workdir, "train.log"), env)
 
   return train
+
+
+def subprocess_reevaluate_fn(config_file: str, config_arg: str, overrides: Mapping[str, str],
+                             env: Mapping[str, str] | None = None
+                             ) -> Callable[[AblationRun, Sequence[int], str], None]:
+  """reevaluate(run, seed_offsets, output): `reevaluate_command` in a child process, its output
+  appended to <workdir>/reevaluate.log; raises naming the log when the child fails."""
+
+  def reevaluate(run: AblationRun, seed_offsets: Sequence[int], output: str) -> None:
+    _run_logged(reevaluate_command(run, config_file, config_arg, overrides, seed_offsets,
+                                   output), storage.join(run.workdir, "reevaluate.log"), env)
+
+  return reevaluate
 
 
 def in_process_train_fn(make_config: Callable[[str, int], Any]) -> Callable[[AblationRun], None]:

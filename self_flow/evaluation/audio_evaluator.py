@@ -81,21 +81,22 @@ class AudioEvaluator:
     labels = np.arange(count) % len(spoken_words.WORDS)
     return labels, [spoken_words.transcript(int(y)) for y in labels]
 
-  def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
+  def evaluate(self, ema_params, step: int, writer, final: bool = True) -> dict[str, float]:
     """`metrics` of the EMA weights, written as scalars, and WAVs of their samples."""
-    results = self.metrics(ema_params)
+    results = self.metrics(ema_params, final)
     writer.write_scalars(step, results)
     self._write_samples(ema_params, step, writer)
     return results
 
-  def metrics(self, params) -> dict[str, float]:
-    """FD and transcript faithfulness of `eval.num_samples` samples of the model with `params`."""
+  def metrics(self, params, final: bool = True) -> dict[str, float]:
+    """FD and transcript faithfulness of `eval.num_samples` samples of the model with `params`;
+    the same in every evaluation (`final` is the evaluator interface's: none is final-only)."""
     if self._classifier is None:
       self._prepare()
     ev = self.config.eval
     labels, transcripts = self.conditions(ev.num_samples)
     samples = self.generate(params, self.generate.text_condition(transcripts),
-                            seed=self.config.seed + 1)
+                            seed=self.config.seed + 1 + ev.seed_offset)
     stats = frechet.feature_statistics(self._features(samples))
     logits = classifier_lib.predict_logits(self._classifier, as_image(samples), ev.batch_size)
     results = {

@@ -3,9 +3,9 @@
 No Inception weights are available offline, so the feature space is a small classifier trained
 once on the embedded dataset and cached (`classifier.load_or_train_classifier`); the same
 classifier scores whether class- or caption-conditioned samples show the requested class.
-Optional, by config: a linear probe of the model's hidden states per block (`eval.probe_steps`
-> 0, `linear_probe.py`) and the held-out flow loss per timestep bin (`eval.loss_bins` > 0,
-`stratified_loss.py`).
+Optional, by config: a linear probe of the model's hidden states per block and noise level
+(`eval.probe_examples` > 0, `linear_probe.py`) and the held-out flow loss per timestep bin
+(`eval.loss_bins` > 0, `stratified_loss.py`).
 Metrics are named `eval/image/...`; video and audio have their own evaluators beside this one.
 """
 
@@ -41,12 +41,17 @@ class ImageEvaluator:
     replicated = sharding.replicated(mesh)
     ev = config.eval
     self.probe_layers = linear_probe.resolve_layers(ev.probe_layers, resolved.dims.depth)
+    self.student_layer = resolved.student_layer  # the tap the reference cosine reads
+    self._feature_layers = tuple(sorted({*self.probe_layers, self.student_layer}))
     self._probe_features = jax.jit(
-        linear_probe.make_features_fn(graphdef, self.spec, self.probe_layers, ev.probe_t),
+        linear_probe.make_features_fn(graphdef, self.spec, self._feature_layers),
         out_shardings=replicated)
     self._example_loss = jax.jit(stratified_loss.make_loss_fn(graphdef, self.spec),
                                  out_shardings=replicated)
-    self._probe_data = None  # (train images, train labels, test images, test labels), uint8
+    # (train images, train labels, test images, test labels), uint8, and the evaluation
+    # classifier's features of the train and test images.
+    self._probe_data = None
+    self._probe_reference = None
     self._held_out = None  # (test images uint8, labels): the FD reference and loss examples
 
   def _prepare(self):
@@ -66,51 +71,60 @@ class ImageEvaluator:
     self._reference = frechet.feature_statistics(
         self._features(image.from_uint8(self._held_out[0])))
     n = ev.probe_examples
-    self._probe_data = tuple(a[:n].copy() for a in (train_images, train_labels, test_images,
-                                                    test_labels))
+    if n:
+      self._probe_data = tuple(a[:n].copy() for a in (train_images, train_labels, test_images,
+                                                      test_labels))
+      self._probe_reference = tuple(self._features(image.from_uint8(a))
+                                    for a in self._probe_data[::2])
 
   def _features(self, images: np.ndarray) -> np.ndarray:
     return classifier_lib.extract_features(self._classifier, images, self.config.eval.batch_size)
 
   def condition(self, labels: np.ndarray, captions: list[str] | None = None):
-    """Host conditioning for `labels`: the labels, or tokenized captions (held-out phrasings of
-    the labels' classes unless `captions` are given)."""
+    """Host conditioning for `labels`: the labels, the null label 0 of an unconditional model,
+    or tokenized captions (held-out phrasings of the labels' classes unless `captions` are
+    given)."""
     if self.config.model.conditioning == "class":
       return labels
+    if self.config.model.conditioning == "none":
+      return np.zeros(len(labels), np.int32)
     if captions is None:
       captions = [caption_lib.heldout_caption(int(y), i) for i, y in enumerate(labels)]
     return self.generate.text_condition(captions)
 
-  def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
+  def evaluate(self, ema_params, step: int, writer, final: bool = True) -> dict[str, float]:
     """`metrics` of the EMA weights, written as scalars, and a grid PNG of their samples."""
-    results = self.metrics(ema_params)
+    results = self.metrics(ema_params, final)
     writer.write_scalars(step, results)
     self._write_grid(ema_params, step, writer)
     return results
 
-  def metrics(self, params) -> dict[str, float]:
-    """FD and class accuracy of `eval.num_samples` samples of the model with `params`, and the
-    probe and stratified loss when configured."""
+  def metrics(self, params, final: bool = True) -> dict[str, float]:
+    """FD and (conditional models) class accuracy of `eval.num_samples` samples of the model
+    with `params`, and the stratified loss and the probe when configured (the probe only in the
+    run's `final` evaluation unless eval.probe_every_evaluation)."""
     if self._classifier is None:
       self._prepare()
     ev, num_classes = self.config.eval, self.config.data.num_classes
     labels = np.arange(ev.num_samples) % num_classes
-    accuracy_name = ("eval/image/class_accuracy" if self.config.model.conditioning == "class"
-                     else "eval/image/text_faithfulness")
-    samples = self.generate(params, self.condition(labels), seed=self.config.seed + 1)
+    samples = self.generate(params, self.condition(labels),
+                            seed=self.config.seed + 1 + ev.seed_offset)
     stats = frechet.feature_statistics(self._features(samples))
-    logits = classifier_lib.predict_logits(self._classifier, samples, ev.batch_size)
     results = {
         "eval/image/fd": frechet.frechet_distance(*stats, *self._reference),
-        # Class accuracy of class-conditioned samples, or text faithfulness: the accuracy of
-        # samples generated from held-out caption phrasings.
-        accuracy_name: float(np.mean(logits.argmax(-1) == labels)),
         "eval/image/classifier_heldout_accuracy": float(self.classifier_accuracy),
     }
-    if ev.probe_steps:
-      results.update(self.linear_probe(params))
+    kind = self.config.model.conditioning
+    if kind != "none":  # an unconditional model was asked for no class
+      logits = classifier_lib.predict_logits(self._classifier, samples, ev.batch_size)
+      # Class accuracy of class-conditioned samples, or text faithfulness: the accuracy of
+      # samples generated from held-out caption phrasings.
+      name = "class_accuracy" if kind == "class" else "text_faithfulness"
+      results[f"eval/image/{name}"] = float(np.mean(logits.argmax(-1) == labels))
     if ev.loss_bins:
       results.update(self.stratified_loss(params))
+    if ev.probe_examples and (final or ev.probe_every_evaluation):
+      results.update(self.linear_probe(params))
     return results
 
   def _tokens(self, images: np.ndarray) -> np.ndarray:
@@ -122,24 +136,40 @@ class ImageEvaluator:
                                   self.config.eval.batch_size, self._batch_sharding)
 
   def linear_probe(self, ema_params) -> dict[str, float]:
-    """Top-1 of a linear probe on each probed block's pooled hidden state (`linear_probe.py`),
-    fed the null condition so that only the image can carry the class."""
+    """Top-1 of a closed-form linear probe on each probed block's pooled hidden state at each
+    of `eval.probe_timesteps`, and the student tap's cosine to the evaluation classifier's
+    features (`linear_probe.py`), fed the null condition so that only the image can carry the
+    class."""
     if self._classifier is None:
       self._prepare()
     ev, num_classes = self.config.eval, self.config.data.num_classes
     train_images, train_labels, test_images, test_labels = self._probe_data
+    train_reference, test_reference = self._probe_reference
+    probed = [self._feature_layers.index(k) for k in self.probe_layers]
+    tap = self._feature_layers.index(self.student_layer)
 
-    def features(images):  # (layers, n, D)
-      null = conditioning.null_like(self.condition(np.zeros(len(images), np.int32)), num_classes)
-      noise = linear_probe.probe_noise(len(images), self.spec)
-      return self._map(self._probe_features, ema_params, self._tokens(images), noise,
+    def features(images, t):  # (layers, n, D)
+      null = conditioning.null_like(self.condition(np.zeros(len(images), np.int32)),
+                                    conditioning.model_classes(self.config))
+      noise = linear_probe.probe_noise(len(images), self.spec, ev.seed_offset)
+      t = np.full((), t, np.float32)
+      return self._map(lambda params, *rows: self._probe_features(params, *rows, t), ema_params,
+                       self._tokens(images), noise,
                        jax.tree.map(np.asarray, null)).transpose(1, 0, 2)
 
-    accuracy = linear_probe.fit_and_score(
-        features(train_images), train_labels, features(test_images), test_labels,
-        num_classes=num_classes, num_steps=ev.probe_steps,
-        learning_rate=ev.probe_learning_rate)
-    return dict(zip(linear_probe.metric_names("image", self.probe_layers), map(float, accuracy)))
+    results = {}
+    for t in ev.probe_timesteps:
+      train, test = features(train_images, t), features(test_images, t)
+      accuracy = linear_probe.fit_and_score(train[probed], train_labels, test[probed],
+                                            test_labels, num_classes=num_classes,
+                                            ridge=ev.probe_ridge)
+      results.update(zip(linear_probe.metric_names("image", t, self.probe_layers),
+                         map(float, accuracy)))
+      cosine, = linear_probe.reference_cosine(train[tap:tap + 1], train_reference,
+                                              test[tap:tap + 1], test_reference,
+                                              ridge=ev.probe_ridge)
+      results[linear_probe.reference_metric_name("image", t)] = float(cosine)
+    return results
 
   def stratified_loss(self, ema_params) -> dict[str, float]:
     """Held-out flow loss in each of `eval.loss_bins` timestep bins and their mean
@@ -148,7 +178,8 @@ class ImageEvaluator:
       self._prepare()
     images, labels = self._held_out
     tokens, cond = self._tokens(images), self.condition(labels)
-    timesteps, noise = stratified_loss.draw(len(tokens), self.config.eval.loss_bins, self.spec)
+    timesteps, noise = stratified_loss.draw(len(tokens), self.config.eval.loss_bins, self.spec,
+                                            self.config.eval.seed_offset)
     losses = [float(np.mean(self._map(self._example_loss, ema_params, tokens, noise, t, cond)))
               for t in timesteps]
     names = stratified_loss.metric_names("image", self.config.eval.loss_bins)
@@ -169,7 +200,8 @@ class ImageEvaluator:
       labels = np.tile(np.arange(columns), ev.grid_rows)
       cond = self.condition(labels)
       prompts = None
-      name = f"step_{step:08d}_classes_0-{columns - 1}_per_column"
+      name = (f"step_{step:08d}_unconditional" if self.config.model.conditioning == "none"
+              else f"step_{step:08d}_classes_0-{columns - 1}_per_column")
     samples = self.generate(ema_params, cond, seed=self.config.seed + 2)
     grid = image.make_grid(image.to_uint8(samples), columns)
     writer.write_images(step, {"samples/image": grid[None]})

@@ -60,7 +60,7 @@ def make_sampler(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   def sample(params, cond, rng):
     noise_key, sde_key = jax.random.split(rng)
     signals = sample_signals(train_state.merge(graphdef, params), spec, config.sampling,
-                             config.data.num_classes, cond, noise_key, sde_key)
+                             conditioning.model_classes(config), cond, noise_key, sde_key)
     return jnp.clip(signals, -1.0, 1.0)
 
   return jax.jit(sample, in_shardings=(None, sharding.batch_sharding(mesh),

@@ -1,10 +1,19 @@
 """Linear probe of the EMA model's hidden states, block by block (the paper's Fig. 4b analogue).
 
 The paper does not give its probe protocol (method doc §2.10); this one follows the REPA/SRA
-habit (method doc §5): frozen EMA weights; the image at a fixed noise level `t` (0 = clean) with
-one fixed noise draw; the hidden state after each probed block, mean-pooled over tokens; features
-standardised with the train-split statistics; a linear softmax classifier per block, trained by
-full-batch Adam for a fixed number of steps on train-split labels; top-1 on the test split.
+habit (method doc §5) with a classifier that adds no noise of its own: frozen EMA weights; every
+token of the image at one noise level `t` (0 = clean; Self-Flow's representation loss acts only
+on noisy inputs, so t > 0 is where it can matter) with one fixed noise draw; the hidden state
+after each probed block, mean-pooled over tokens; features standardised with the train-split
+statistics; one ridge-regression classifier per block onto one-hot labels, solved in closed form
+(exact, no step count or learning rate to tune, the same answer for the same features); top-1 on
+the test split. A model whose features ignore the image scores the majority train class's share
+of the test split: chance.
+
+The same closed-form map also fits the features to a fixed reference, the cached evaluation
+classifier's features of the clean image (`reference_cosine`): the mean test-split cosine between
+the predicted and the true reference features says how much of an independent, supervised
+representation the block carries linearly, so no variant is judged by its own teacher.
 
 Conditioning is the *null* condition (the null class of a class-conditional DiT, the empty caption
 of a text model). A DiT adds the label embedding to every block's adaLN conditioning, so with the
@@ -19,7 +28,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from self_flow import train_state
@@ -40,6 +48,16 @@ def resolve_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     raise ValueError(f"config.eval.probe_layers={tuple(layers)} must be distinct integer "
                      f"blocks in [1, {depth}] (the model's depth), or () for every block.")
   return tuple(sorted(int(k) for k in layers))
+
+
+def check_timesteps(timesteps: Sequence[float]) -> None:
+  """Raises ValueError unless `timesteps` (eval.probe_timesteps) are distinct numbers in [0, 1]."""
+  numbers = all(isinstance(t, (int, float, np.number)) and not isinstance(t, bool)
+                for t in timesteps)
+  if (not timesteps or not numbers or not all(0 <= t <= 1 for t in timesteps)
+      or len(set(timesteps)) != len(timesteps)):
+    raise ValueError(f"config.eval.probe_timesteps={tuple(timesteps)} must be one or more "
+                     "distinct noise levels in [0, 1] (0 = clean input, 1 = pure noise).")
 
 
 def hidden_states(model, x, pos_ids, t_table, t_index, cond, modality: str,
@@ -72,17 +90,19 @@ def hidden_states(model, x, pos_ids, t_table, t_index, cond, modality: str,
 
 
 def make_features_fn(graphdef: nnx.GraphDef, spec: spec_lib.ModalitySpec,
-                     layers: Sequence[int], t: float):
-  """features(params, x0, noise, cond) -> (B, len(layers), D) float32 mean-pooled hidden states.
+                     layers: Sequence[int]):
+  """features(params, x0, noise, cond, t) -> (B, len(layers), D) float32 mean-pooled hidden
+  states.
 
-  x0 and noise are tokens (B, N, C); the input is (1 - t) x0 + t noise at timestep t for every
-  token (paper convention, t = 1 is noise); `cond` is the (null) conditioning pytree. Pure, to be
-  jitted by the caller.
+  x0 and noise are tokens (B, N, C); the input is (1 - t) x0 + t noise at the scalar timestep t
+  for every token (paper convention, t = 1 is noise), an argument so that one compiled program
+  serves every probed t; `cond` is the (null) conditioning pytree. Pure, to be jitted by the
+  caller.
   """
   pos = jnp.asarray(spec.position_ids)
   layers = tuple(layers)
 
-  def features(params, x0, noise, cond):
+  def features(params, x0, noise, cond, t):
     model = train_state.merge(graphdef, params)
     b, n, _ = x0.shape
     x_t = (1.0 - t) * x0 + t * noise
@@ -94,68 +114,93 @@ def make_features_fn(graphdef: nnx.GraphDef, spec: spec_lib.ModalitySpec,
   return features
 
 
-def probe_noise(num_examples: int, spec: spec_lib.ModalitySpec) -> np.ndarray:
-  """The fixed noise tokens (num_examples, N, C) the probe input is mixed with."""
-  rng = np.random.default_rng(NOISE_SEED)
+def probe_noise(num_examples: int, spec: spec_lib.ModalitySpec, seed_offset: int = 0
+                ) -> np.ndarray:
+  """The fixed noise tokens (num_examples, N, C) the probe input is mixed with; `seed_offset`
+  (config eval.seed_offset) draws another set, to measure the evaluation's own noise."""
+  rng = np.random.default_rng(NOISE_SEED + seed_offset)
   return rng.standard_normal((num_examples, spec.num_tokens, spec.token_dim), np.float32)
 
 
-def _standardise(train: jax.Array, test: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Both splits scaled by the train split's per-dimension mean and std."""
-  mean = train.mean(axis=0)
-  std = train.std(axis=0) + 1e-6
-  return (train - mean) / std, (test - mean) / std
+def _check_features(train: np.ndarray, test: np.ndarray) -> None:
+  if train.ndim != 3 or test.ndim != 3:
+    raise ValueError(f"features must be (layers, examples, dim); got train {train.shape} and "
+                     f"test {test.shape}.")
+  if train.shape[0] != test.shape[0] or train.shape[2] != test.shape[2]:
+    raise ValueError(f"train features {train.shape} and test features {test.shape} must agree "
+                     "in layers and dim.")
+
+
+def ridge_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                  ridge: float) -> np.ndarray:
+  """Test-split predictions (n_test, K) of the ridge regression of targets `train_y` (n, K) on
+  features `train_x` (n, D), solved exactly in float64.
+
+  Features are standardised with the train split's mean and std (a constant feature becomes 0);
+  the intercept is the train targets' mean, unpenalised; the penalty `ridge` is relative to the
+  standardised features' unit variance: W = (X'X + ridge n I)^-1 X'(Y - mean Y).
+  """
+  train_x = np.asarray(train_x, np.float64)
+  test_x = np.asarray(test_x, np.float64)
+  train_y = np.asarray(train_y, np.float64)
+  mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+  scale = np.where(std > 0, std, 1.0)
+  x = (train_x - mean) / scale
+  x_test = (test_x - mean) / scale
+  y_mean = train_y.mean(axis=0)
+  n, d = x.shape
+  weights = np.linalg.solve(x.T @ x + ridge * n * np.eye(d), x.T @ (train_y - y_mean))
+  return x_test @ weights + y_mean
 
 
 def fit_and_score(train_features: np.ndarray, train_labels: np.ndarray,
                   test_features: np.ndarray, test_labels: np.ndarray, *, num_classes: int,
-                  num_steps: int, learning_rate: float) -> np.ndarray:
-  """Top-1 test accuracy (L,) of one linear classifier per layer.
-
-  Features are (L, n, D) per split; each layer's classifier starts at zero (the problem is convex,
-  so the result depends on the data and the step count only) and takes `num_steps` full-batch
-  Adam steps on the softmax cross-entropy. All layers train at once under `vmap`.
-  """
-  if train_features.ndim != 3 or test_features.ndim != 3:
-    raise ValueError(f"features must be (layers, examples, dim); got train "
-                     f"{train_features.shape} and test {test_features.shape}.")
-  if train_features.shape[0] != test_features.shape[0] or (
-      train_features.shape[2] != test_features.shape[2]):
-    raise ValueError(f"train features {train_features.shape} and test features "
-                     f"{test_features.shape} must agree in layers and dim.")
+                  ridge: float) -> np.ndarray:
+  """Top-1 test accuracy (L,) of one closed-form ridge classifier per layer (`ridge_predict`
+  onto one-hot labels, the arg max of the prediction). Features are (L, n, D) per split."""
+  _check_features(train_features, test_features)
   for name, labels, features in (("train", train_labels, train_features),
                                  ("test", test_labels, test_features)):
     if labels.shape != (features.shape[1],) or labels.min() < 0 or labels.max() >= num_classes:
       raise ValueError(f"{name} labels (shape {labels.shape}) must be one integer in "
                        f"[0, {num_classes}) per example ({features.shape[1]}).")
-  if num_steps < 1:
-    raise ValueError(f"num_steps={num_steps} must be >= 1.")
-  tx = optax.adam(learning_rate)
-  train_y = jnp.asarray(train_labels, jnp.int32)
-  test_y = jnp.asarray(test_labels, jnp.int32)
-
-  def one_layer(train_x, test_x):
-    train_x, test_x = _standardise(train_x, test_x)
-    params = {"w": jnp.zeros((train_x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-
-    def loss(p):
-      logits = train_x @ p["w"] + p["b"]
-      return optax.softmax_cross_entropy_with_integer_labels(logits, train_y).mean()
-
-    def step(_, carry):
-      p, opt_state = carry
-      updates, opt_state = tx.update(jax.grad(loss)(p), opt_state, p)
-      return optax.apply_updates(p, updates), opt_state
-
-    params, _ = jax.lax.fori_loop(0, num_steps, step, (params, tx.init(params)))
-    predictions = (test_x @ params["w"] + params["b"]).argmax(-1)
-    return jnp.mean(predictions == test_y)
-
-  accuracy = jax.jit(jax.vmap(one_layer))(jnp.asarray(train_features, jnp.float32),
-                                          jnp.asarray(test_features, jnp.float32))
-  return np.asarray(accuracy, np.float64)
+  if not ridge > 0:
+    raise ValueError(f"ridge={ridge} must be > 0.")
+  one_hot = np.eye(num_classes)[train_labels]
+  return np.array([np.mean(ridge_predict(train, one_hot, test, ridge).argmax(-1) == test_labels)
+                   for train, test in zip(train_features, test_features)])
 
 
-def metric_names(modality: str, layers: Sequence[int]) -> list[str]:
-  """`eval/<modality>/probe_layer<k>` for each probed block k (1-based)."""
-  return [f"eval/{modality}/probe_layer{k}" for k in layers]
+def reference_cosine(train_features: np.ndarray, train_reference: np.ndarray,
+                     test_features: np.ndarray, test_reference: np.ndarray, *,
+                     ridge: float) -> np.ndarray:
+  """Mean test-split cosine (L,) between the reference features (n, R) and their ridge
+  prediction from each layer's features (L, n, D), fitted on the train split."""
+  _check_features(train_features, test_features)
+  if (train_reference.shape[0] != train_features.shape[1]
+      or test_reference.shape[0] != test_features.shape[1]):
+    raise ValueError(f"reference features (train {train_reference.shape}, test "
+                     f"{test_reference.shape}) need one row per example (train "
+                     f"{train_features.shape[1]}, test {test_features.shape[1]}).")
+  target = np.asarray(test_reference, np.float64)
+  cosines = []
+  for train, test in zip(train_features, test_features):
+    predicted = ridge_predict(train, train_reference, test, ridge)
+    norms = np.linalg.norm(predicted, axis=-1) * np.linalg.norm(target, axis=-1)
+    cosines.append(np.mean(np.sum(predicted * target, axis=-1) / np.maximum(norms, 1e-12)))
+  return np.array(cosines)
+
+
+def _t_label(t: float) -> str:
+  return f"{float(t):g}"
+
+
+def metric_names(modality: str, t: float, layers: Sequence[int]) -> list[str]:
+  """`eval/<modality>/probe_t<t>_layer<k>` for each probed block k (1-based) at noise level t."""
+  return [f"eval/{modality}/probe_t{_t_label(t)}_layer{k}" for k in layers]
+
+
+def reference_metric_name(modality: str, t: float) -> str:
+  """`eval/<modality>/reference_cosine_t<t>`: `reference_cosine` of the student tap's features
+  (model.student_layer, where the representation loss acts) at noise level t."""
+  return f"eval/{modality}/reference_cosine_t{_t_label(t)}"

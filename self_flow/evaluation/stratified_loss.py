@@ -42,14 +42,15 @@ def metric_names(modality: str, num_bins: int) -> list[str]:
   return [f"eval/{modality}/loss_t{lo:.{d}f}-{hi:.{d}f}" for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def draw(num_examples: int, num_bins: int, spec: spec_lib.ModalitySpec
+def draw(num_examples: int, num_bins: int, spec: spec_lib.ModalitySpec, seed_offset: int = 0
          ) -> tuple[np.ndarray, np.ndarray]:
   """(t (num_bins, num_examples) uniform inside each bin, noise tokens (num_examples, N, C)).
 
-  One noise draw serves every bin, so bins differ only in t.
+  One noise draw serves every bin, so bins differ only in t; `seed_offset` (config
+  eval.seed_offset) draws another set, to measure the evaluation's own noise.
   """
   edges = bin_edges(num_bins)
-  rng = np.random.default_rng(NOISE_SEED)
+  rng = np.random.default_rng(NOISE_SEED + seed_offset)
   u = rng.uniform(size=(num_bins, num_examples))
   t = (edges[:-1, None] + u * np.diff(edges)[:, None]).astype(np.float32)
   noise = rng.standard_normal((num_examples, spec.num_tokens, spec.token_dim), np.float32)

@@ -99,21 +99,22 @@ class VideoEvaluator:
                 for i, (o, m) in enumerate(zip(objects, motions))]
     return objects, motions, captions
 
-  def evaluate(self, ema_params, step: int, writer) -> dict[str, float]:
+  def evaluate(self, ema_params, step: int, writer, final: bool = True) -> dict[str, float]:
     """`metrics` of the EMA weights, written as scalars, and strips of their samples."""
-    results = self.metrics(ema_params)
+    results = self.metrics(ema_params, final)
     writer.write_scalars(step, results)
     self._write_strips(ema_params, step, writer)
     return results
 
-  def metrics(self, params) -> dict[str, float]:
-    """Clip and frame FD, caption faithfulness and object accuracy of the model with `params`."""
+  def metrics(self, params, final: bool = True) -> dict[str, float]:
+    """Clip and frame FD, caption faithfulness and object accuracy of the model with `params`;
+    the same in every evaluation (`final` is the evaluator interface's: none is final-only)."""
     if self._clip_classifier is None:
       self._prepare()
     ev = self.config.eval
     objects, motions, captions = self.conditions(ev.num_samples)
     samples = self.generate(params, self.generate.text_condition(captions),
-                            seed=self.config.seed + 1)
+                            seed=self.config.seed + 1 + ev.seed_offset)
     stats = self._statistics(samples)
     clip_logits = classifier_lib.predict_logits(self._clip_classifier, stacked_frames(samples),
                                                 ev.batch_size)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from self_flow import config_resolution
+from self_flow import conditioning, config_resolution
 from self_flow.modalities import image
 from self_flow.models import byte_encoder, dit, mmdit
 from self_flow.text import frozen_encoders
@@ -36,9 +36,10 @@ def check_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.model.architecture={m.architecture!r} is not allowed; choose one "
                      f"of {list(ARCHITECTURES)}.")
   if m.architecture == "dit":
-    if m.conditioning != "class":
+    if m.conditioning not in ("class", "none"):
       raise ValueError(f"config.model.conditioning={m.conditioning!r} needs "
-                       "model.architecture='mmdit'; the dit backbone is class-conditional.")
+                       "model.architecture='mmdit'; the dit backbone is class-conditional or "
+                       "unconditional ('none').")
     others = [name for name in resolved.specs if name != "image"]
     if others:
       raise ValueError(f"config.modalities={tuple(config.modalities)} includes {others[0]!r}, "
@@ -106,7 +107,7 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
                 remat_policy=m.remat_policy, scan_layers=m.scan_layers, attention=m.attention,
                 rngs=rngs, **kw)
   if m.architecture == "dit":
-    return dit.SelfFlowDiT(depth=dims.depth, num_classes=config.data.num_classes,
+    return dit.SelfFlowDiT(depth=dims.depth, num_classes=conditioning.model_classes(config),
                            in_dim=token_dims["image"], out_dim=token_dims["image"],
                            pos_axes=POSITION_ORDERS[m.position_embedding_order],
                            timestep_input=m.timestep_input, **common)
