@@ -199,6 +199,17 @@ def test_an_earlier_page_supplies_the_runs_it_finished(ablation, tmp_path):
     report.import_histories(page, runner.plan_runs(["dual_timestep"], 1, str(tmp_path)))
 
 
+def test_a_run_that_stopped_early_is_not_finished(ablation):
+  """A trainer that saved after a SIGTERM exits 0; its newest checkpoint is not the last step,
+  so the harness must not mark it finished (the next invocation resumes it)."""
+  runs, _, _ = ablation
+  runner.check_reached(runs[0], 4)  # trained to its 4 steps
+  with pytest.raises(runner.RunInterruptedError, match="vanilla_seed0 stopped at step 4 of 6"):
+    runner.check_reached(runs[0], 6)
+  statuses = runner.execute(runs[:1], lambda run: runner.check_reached(run, 6), "other settings")
+  assert statuses[runs[0].name].startswith("failed: RunInterruptedError")
+
+
 def test_a_failing_run_does_not_stop_the_others(tmp_path):
   runs = runner.plan_runs(["vanilla", "dual_timestep"], 2, str(tmp_path))
   trained = []
@@ -227,7 +238,8 @@ def test_a_run_log_keeps_every_attempt(tmp_path, monkeypatch, upload):
   [run] = runner.plan_runs(["vanilla"], 1, str(tmp_path))
   outputs = iter(["print('first attempt')", "print('second attempt'); raise SystemExit(3)"])
   monkeypatch.setattr(runner, "train_command", lambda *_: [sys.executable, "-c", next(outputs)])
-  train = runner.subprocess_train_fn("configs/c2i.py", "local", {})
+  monkeypatch.setattr(runner, "check_reached", lambda *_: None)  # these children save nothing
+  train = runner.subprocess_train_fn("configs/c2i.py", "local", {"train.num_steps": "1"})
   os.makedirs(run.workdir)  # Cloud Storage has no directories: the upload route makes none
   train(run)
   with pytest.raises(RuntimeError, match="(?s)exit status 3; log .*train.log ends with:\n"

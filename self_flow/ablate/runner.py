@@ -225,14 +225,32 @@ def _run_logged(command: Sequence[str], log_path: str, env: Mapping[str, str] | 
     raise RuntimeError(f"exit status {returncode}; log {log_path} ends with:\n{tail}")
 
 
+class RunInterruptedError(RuntimeError):
+  """A run's trainer returned before its last step (a SIGTERM made it save and exit)."""
+
+
+def check_reached(run: AblationRun, num_steps: int) -> None:
+  """Raises RunInterruptedError unless the run's newest checkpoint is of its last step: a
+  trainer that saved after a SIGTERM exits with status 0 so that a scheduler restarts it, and
+  such a run must be resumed, not marked finished."""
+  # pylint: disable-next=g-import-not-at-top
+  from self_flow import checkpointing  # orbax: imported by the harness only when it checks
+  step = checkpointing.latest_step(checkpointing.checkpoints_dir(run.workdir))
+  if step != num_steps:
+    raise RunInterruptedError(f"{run.name} stopped at step {step} of {num_steps} (preempted); "
+                              "the next invocation resumes it from that checkpoint.")
+
+
 def subprocess_train_fn(config_file: str, config_arg: str, overrides: Mapping[str, str],
                         env: Mapping[str, str] | None = None) -> Callable[[AblationRun], None]:
   """train(run): `train_command` in a child process, its output appended to <workdir>/train.log;
-  raises naming the log when the child fails."""
+  raises naming the log when the child fails, and `RunInterruptedError` when it returned before
+  its last step."""
 
   def train(run: AblationRun) -> None:
     _run_logged(train_command(run, config_file, config_arg, overrides),
                 storage.join(run.workdir, "train.log"), env)
+    check_reached(run, int({**overrides, **dict(run.settings)}["train.num_steps"]))
 
   return train
 
@@ -258,6 +276,9 @@ def in_process_train_fn(make_config: Callable[[str, int], Any]) -> Callable[[Abl
     if run.settings:
       raise ValueError(f"variant {run.variant!r} has settings of its own {run.settings}; "
                        "those run through subprocess_train_fn (the command line).")
-    train_lib.train_and_evaluate(make_config(run.method_name, run.seed), run.workdir)
+    result = train_lib.train_and_evaluate(make_config(run.method_name, run.seed), run.workdir)
+    if result.get("preempted_at") is not None:
+      raise RunInterruptedError(f"{run.name} stopped at step {result['preempted_at']} "
+                                "(preempted); the next invocation resumes it.")
 
   return train
