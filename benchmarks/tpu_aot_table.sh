@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the paper-scale presets for TPU topologies ahead of time (python -m self_flow.aot) and
-# collects one markdown row per compiled step: the runs behind benchmarks/TPU_AOT.md.
+# collects one markdown row per compiled step, then one step-time band row per compiled step:
+# the runs behind benchmarks/TPU_AOT.md.
 #   bash benchmarks/tpu_aot_table.sh OUT_DIR [CONFIG TOPOLOGY]...
 # Without CONFIG TOPOLOGY pairs it runs the table's list below; a CONFIG may carry config
 # overrides after the file, separated by spaces (quote it). Needs the TPU environment
@@ -36,4 +37,7 @@ while (($# >= 2)); do
      > "$OUT/$name.log" 2>&1
   echo "   exit $?; $(grep -m1 'Maximum resident' "$OUT/$name.log" | tr -s ' ')" >&2
 done
-grep -h '^| configs' "$OUT"/*.log
+# Memory rows have 12 cells, band rows 10 (awk counts the empty fields outside the edges too).
+cat "$OUT"/*.log | awk -F'|' '/^\| configs/ && NF == 14'
+echo
+cat "$OUT"/*.log | awk -F'|' '/^\| configs/ && NF == 12'

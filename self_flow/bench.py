@@ -320,18 +320,30 @@ def format_breakdown(times: dict[str, tuple[float, float]]) -> str:
   return "\n".join(lines)
 
 
-def measured_matmul_peak(size: int = 2048, tries: int = 10) -> float:
-  """Best fp32 GFLOP/s of one jitted size^3 matmul on the default device (a CPU's practical
-  peak, under the same thread and affinity settings as the benchmark)."""
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
+def _best_seconds(fn, x, tries: int) -> float:
+  """Fastest of `tries` timed calls of jitted `fn(x)` after one untimed (compiling) call."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(x))
   best = float("inf")
   for _ in range(tries):
     start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
+    jax.block_until_ready(fn(x))
     best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best / 1e9
+  return best
+
+
+def measured_matmul_peak(size: int = 2048, tries: int = 10) -> float:
+  """Best fp32 GFLOP/s of one jitted size^3 matmul on the default device (a CPU's practical
+  peak, under the same thread and affinity settings as the benchmark)."""
+  seconds = _best_seconds(lambda x: x @ x, jnp.ones((size, size), jnp.float32), tries)
+  return 2 * size**3 / seconds / 1e9
+
+
+def measured_memory_bandwidth(megabytes: int = 256, tries: int = 10) -> float:
+  """Best bytes/s of a jitted elementwise op that reads a float32 array once and writes one of
+  the same size (a memory-bound step's practical bandwidth on the default device)."""
+  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  return 2 * x.nbytes / _best_seconds(lambda a: a * 2.0, x, tries)
 
 
 def peak_gflops(configured: float) -> tuple[float, str]:

@@ -13,6 +13,10 @@ The text format is XLA's HLO printer output, which is stable in the parts read h
 a Mosaic kernel's custom call prints its configuration over several lines). TPU's compiler may
 implement an all-gather as an all-reduce of a zero-padded buffer; such instructions are counted
 as what they are compiled to.
+
+Each instruction's group size is read too (`replica_groups`, in list or iota form, or the
+devices a `collective-permute`'s `source_target_pairs` name; an empty list is every device), so
+that a step-time model can price a collective by the links its group spans (`step_time_band`).
 """
 
 import collections
@@ -35,6 +39,9 @@ _CALLED = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([\w.\-]+)")
 _CONSTANT_OPERAND = re.compile(r"(-?\d+)\)")  # what follows "constant(" in a scalar constant
+_IOTA_GROUPS = re.compile(r"\breplica_groups=\[(\d+),(\d+)\]<=")  # [groups, size]<=[...]
+_LIST_GROUPS = re.compile(r"\breplica_groups=\{(\{[^}]*\})?")  # the first group, if any
+_PAIRS = re.compile(r"\bsource_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
 class Collective(NamedTuple):
@@ -48,6 +55,9 @@ class Collective(NamedTuple):
 class Report(NamedTuple):
   by_kind: dict[str, Collective]
   unknown_trip_counts: int  # Loops counted once because their trip count was not readable.
+  # (kind, group size) -> the same totals: what each chip exchanges within groups of that size.
+  # Group size 0: every device of the program (an empty replica_groups).
+  by_group: dict[tuple[str, int], Collective]
 
   @property
   def total_bytes(self) -> int:
@@ -106,6 +116,20 @@ def _trip_count(condition: list[_Instruction]) -> int | None:
   return None
 
 
+def group_size(rest: str) -> int:
+  """The devices in one group of a collective (0: every device), from its attribute text."""
+  iota = _IOTA_GROUPS.search(rest)
+  if iota:
+    return int(iota.group(2))
+  pairs = _PAIRS.search(rest)
+  if pairs:
+    return len(set(re.findall(r"\d+", pairs.group(1))))
+  listed = _LIST_GROUPS.search(rest)
+  if listed and listed.group(1):
+    return len(re.findall(r"\d+", listed.group(1)))
+  return 0
+
+
 def _kind(opcode: str) -> str | None:
   base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
   return base if base in KINDS else None
@@ -117,6 +141,9 @@ def count(hlo_text: str) -> Report:
   instructions = collections.Counter()
   executions = collections.Counter()
   total_bytes = collections.Counter()
+  group_instructions = collections.Counter()
+  group_executions = collections.Counter()
+  group_bytes = collections.Counter()
   unknown = 0
   seen_static = set()
 
@@ -130,11 +157,15 @@ def count(hlo_text: str) -> Report:
         # return their (possibly variadic) results.
         size = max(sizes) if instruction.opcode.endswith("-start") and kind != "all-reduce" \
             else sum(sizes)
+        group = (kind, group_size(instruction.rest))
         if (name, instruction.name) not in seen_static:
           seen_static.add((name, instruction.name))
           instructions[kind] += 1
+          group_instructions[group] += 1
         executions[kind] += times
         total_bytes[kind] += times * size
+        group_executions[group] += times
+        group_bytes[group] += times * size
       called = _CALLED.findall(instruction.rest)
       for branches in _BRANCHES.findall(instruction.rest):
         called += [("branch", b.strip().lstrip("%")) for b in branches.split(",") if b.strip()]
@@ -151,4 +182,6 @@ def count(hlo_text: str) -> Report:
   walk(entry, 1)
   by_kind = {k: Collective(instructions[k], executions[k], total_bytes[k])
              for k in KINDS if instructions[k]}
-  return Report(by_kind, unknown)
+  by_group = {g: Collective(group_instructions[g], group_executions[g], group_bytes[g])
+              for g in sorted(group_instructions)}
+  return Report(by_kind, unknown, by_group)

@@ -1,0 +1,76 @@
+"""The step-time band's method checked where a step can be timed: the CPU reference step.
+
+  taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+    python benchmarks/cpu_band.py [--variants=vanilla,self_flow] [--repeats=10]
+
+For each variant of `configs/c2i.py:cpu_reference` (SiT-S/2, 256 tokens, batch 8, fp32, one
+device) it prints the band that `self_flow.step_time_band` predicts from XLA:CPU's cost analysis
+of the step compiled with unrolled blocks (FLOPs and bytes accessed; no collectives on one
+device) and this core's figures measured in the same run (the best fp32 2048^3 matmul as the
+peak, the best copy of a 256 MiB array as the memory bandwidth), beside the measured median
+step time of the step the trainer runs (`self_flow.bench`'s protocol: the trainer's compiled
+step, interleaved repeats). The prediction holds when the measured time lies in the band.
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import c2i
+from self_flow import bench, config_validation, flops, step_time_band, train_program
+
+
+def unrolled_cost(config) -> tuple[float, float, float]:
+  """(XLA FLOPs, bytes accessed, analytic FLOPs) of the step compiled with unrolled blocks."""
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan_layers = False
+  resolved = config_validation.validate(unrolled)
+  program = train_program.build(unrolled, resolved)
+  compiled = train_program.lower(unrolled, program, "image").compile()
+  return (*step_time_band.program_cost(compiled),
+          flops.train_step_flops(unrolled, resolved, "image").total)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--variants", default="vanilla,self_flow")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=10)
+  args = parser.parse_args()
+  model = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+  model = next((line.split(":", 1)[1].strip() for line in model.splitlines()
+                if line.startswith("Model name")), platform.processor())
+  peak = bench.measured_matmul_peak() * 1e9
+  bandwidth = bench.measured_memory_bandwidth()
+  cpu = step_time_band.Chip("cpu core", peak, bandwidth, 0.0, 1)
+  print(f"{model}; jax {jax.__version__}; affinity {sorted(os.sched_getaffinity(0))}; "
+        f"measured peak {peak / 1e9:.1f} GFLOP/s (fp32 matmul), memory {bandwidth / 1e9:.2f} "
+        "GB/s (copy)")
+  base = c2i.get_config("cpu_reference")
+  prepared = {name: bench.prepare(base, name) for name in args.variants.split(",")}
+  timing = bench.run_interleaved(prepared, args.warmup, args.repeats)
+  print("| variant | XLA GFLOP (unrolled) | analytic GFLOP | GB accessed | compute s | memory s "
+        "| band s (lower-upper) | measured median s | in the band |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name in prepared:
+    xla_flops, bytes_accessed, analytic = unrolled_cost(bench.variant_config(base, name))
+    band = step_time_band.band(xla_flops, bytes_accessed, {}, (1,), cpu)
+    measured = float(np.median(timing[name].wall))
+    inside = band.lower <= measured <= band.upper
+    print(f"| {name} | {xla_flops / 1e9:.1f} | {analytic / 1e9:.1f} | "
+          f"{bytes_accessed / 1e9:.2f} | {band.compute:.3f} | {band.memory:.3f} | "
+          f"{band.lower:.3f}-{band.upper:.3f} | {measured:.3f} | "
+          f"{'yes' if inside else 'no: measured / upper = %.2f' % (measured / band.upper)} |")
+
+
+if __name__ == "__main__":
+  main()
