@@ -6,7 +6,9 @@
 # Without CONFIG TOPOLOGY pairs it runs the table's list below; a CONFIG may carry config
 # overrides after the file, separated by spaces (quote it). Needs the TPU environment
 # (launch/setup_tpu_aot.sh, or any Python with the tpu extra as TPU_PYTHON). Each compile
-# takes minutes on 2 cores; a step that does not fit is recorded and the script goes on.
+# takes minutes on 2 cores; a step that does not fit is recorded and the script goes on. A row
+# whose JSON is already in OUT_DIR is not compiled again: rerun the same command to finish an
+# interrupted table.
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: tpu_aot_table.sh OUT_DIR [CONFIG TOPOLOGY]...}"
@@ -30,6 +32,10 @@ while (($# >= 2)); do
   config="${words[0]}" overrides=("${words[@]:1}") topology="$2"
   shift 2
   name="$(echo "${words[*]}-$topology" | tr '/:. =' '_____')"
+  if [ -s "$OUT/$name.json" ]; then
+    echo "== ${words[*]} on $topology: done earlier ($OUT/$name.json)" >&2
+    continue
+  fi
   echo "== ${words[*]} on $topology" >&2
   (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT" "${TIMER[@]}" "$TPU_PYTHON" -m self_flow.aot \
      --config="$config" --topology="$topology" --markdown --json="$OUT/$name.json" \
