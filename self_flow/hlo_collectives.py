@@ -14,6 +14,12 @@ a Mosaic kernel's custom call prints its configuration over several lines). TPU'
 implement an all-gather as an all-reduce of a zero-padded buffer; such instructions are counted
 as what they are compiled to.
 
+`cost` walks the same call graph for what XLA's own cost analysis gets wrong on these programs
+(it counts a `while` body once, and the TPU compiler adds loops of its own: a collective matmul
+steps through the shards of an FSDP-gathered weight): the FLOPs of every dot and convolution
+(in-bounds window positions only) and the HBM bytes of every unfused instruction's operands and
+results (buffers in the compiler's fast memory, `S(1)`, left out), loops multiplied out.
+
 Each instruction's group size is read too (`replica_groups`, in list or iota form, or the
 devices a `collective-permute`'s `source_target_pairs` name; an empty list is every device), so
 that a step-time model can price a collective by the links its group spans (`step_time_band`).
@@ -135,37 +141,24 @@ def _kind(opcode: str) -> str | None:
   return base if base in KINDS else None
 
 
-def count(hlo_text: str) -> Report:
-  """Per-step collective counts and bytes of a compiled per-device HLO module's text."""
-  computations, entry = _parse(hlo_text)
-  instructions = collections.Counter()
-  executions = collections.Counter()
-  total_bytes = collections.Counter()
-  group_instructions = collections.Counter()
-  group_executions = collections.Counter()
-  group_bytes = collections.Counter()
-  unknown = 0
-  seen_static = set()
+class _Visit(NamedTuple):
+  """One instruction reached from the entry computation, with how often a step runs it."""
 
-  def walk(name: str, times: int) -> None:
+  computation: str
+  instruction: _Instruction
+  times: int  # executions per step (loop trip counts multiplied in)
+  fused: bool  # inside a fusion's computation (its traffic is the fusion's operands/results)
+
+
+def _walk(computations: dict[str, list[_Instruction]], entry: str) -> tuple[list[_Visit], int]:
+  """Every instruction reachable from `entry` with its executions per step, and the number of
+  loops whose trip count was unreadable (counted once). Reduction combiners are not entered."""
+  visits, unknown = [], 0
+
+  def walk(name: str, times: int, fused: bool) -> None:
     nonlocal unknown
     for instruction in computations.get(name, ()):
-      kind = _kind(instruction.opcode)
-      if kind is not None:
-        sizes = _shape_bytes(instruction.type_text)
-        # Async starts return (operands..., outputs..., context); sync and all-reduce-start
-        # return their (possibly variadic) results.
-        size = max(sizes) if instruction.opcode.endswith("-start") and kind != "all-reduce" \
-            else sum(sizes)
-        group = (kind, group_size(instruction.rest))
-        if (name, instruction.name) not in seen_static:
-          seen_static.add((name, instruction.name))
-          instructions[kind] += 1
-          group_instructions[group] += 1
-        executions[kind] += times
-        total_bytes[kind] += times * size
-        group_executions[group] += times
-        group_bytes[group] += times * size
+      visits.append(_Visit(name, instruction, times, fused))
       called = _CALLED.findall(instruction.rest)
       for branches in _BRANCHES.findall(instruction.rest):
         called += [("branch", b.strip().lstrip("%")) for b in branches.split(",") if b.strip()]
@@ -175,13 +168,156 @@ def count(hlo_text: str) -> Report:
           trips = _trip_count(computations.get(condition.group(1), [])) if condition else None
           if trips is None:
             unknown += 1
-          walk(callee, times * (trips if trips is not None else 1))
+          walk(callee, times * (trips if trips is not None else 1), fused)
         elif role != "to_apply" or instruction.opcode == "call":  # not reduction combiners
-          walk(callee, times)
+          walk(callee, times, fused or instruction.opcode == "fusion")
 
-  walk(entry, 1)
+  walk(entry, 1, False)
+  return visits, unknown
+
+
+def count(hlo_text: str) -> Report:
+  """Per-step collective counts and bytes of a compiled per-device HLO module's text."""
+  computations, entry = _parse(hlo_text)
+  visits, unknown = _walk(computations, entry)
+  instructions = collections.Counter()
+  executions = collections.Counter()
+  total_bytes = collections.Counter()
+  group_instructions = collections.Counter()
+  group_executions = collections.Counter()
+  group_bytes = collections.Counter()
+  seen_static = set()
+  for visit in visits:
+    instruction, times = visit.instruction, visit.times
+    kind = _kind(instruction.opcode)
+    if kind is None:
+      continue
+    sizes = _shape_bytes(instruction.type_text)
+    # Async starts return (operands..., outputs..., context); sync and all-reduce-start
+    # return their (possibly variadic) results.
+    size = max(sizes) if instruction.opcode.endswith("-start") and kind != "all-reduce" \
+        else sum(sizes)
+    group = (kind, group_size(instruction.rest))
+    if (visit.computation, instruction.name) not in seen_static:
+      seen_static.add((visit.computation, instruction.name))
+      instructions[kind] += 1
+      group_instructions[group] += 1
+    executions[kind] += times
+    total_bytes[kind] += times * size
+    group_executions[group] += times
+    group_bytes[group] += times * size
   by_kind = {k: Collective(instructions[k], executions[k], total_bytes[k])
              for k in KINDS if instructions[k]}
   by_group = {g: Collective(group_instructions[g], group_executions[g], group_bytes[g])
               for g in sorted(group_instructions)}
   return Report(by_kind, unknown, by_group)
+
+
+class Cost(NamedTuple):
+  """What a step's program computes and moves through HBM, per device, loops multiplied out."""
+
+  flops: float  # 2 x multiply-adds of every dot and convolution (custom calls are opaque).
+  hbm_bytes: float  # Operands and results of unfused instructions that live in HBM.
+  unknown_trip_counts: int
+
+
+_TYPED_SHAPE = re.compile(r"\b(" + "|".join(sorted(_ITEMSIZE, key=len, reverse=True)) +
+                          r")\[([0-9,]*)\](\{[^}]*\})?")
+_DIMS = {name: re.compile(name + r"=\{([0-9,]*)\}") for name in ("lhs_contracting_dims",)}
+_DIM_LABELS = re.compile(r"\bdim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
+_WINDOW = re.compile(r"\bwindow=\{([^}]*)\}")
+# Unfused instructions that move no data through HBM themselves (control flow, views, tuples) or
+# whose data movement is priced elsewhere (collectives: the interconnect).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "add-dependency",
+               "opt-barrier", "copy-done", "send-done", "recv-done"}
+
+
+def _dims(type_text: str) -> list[int]:
+  match = _TYPED_SHAPE.search(type_text)
+  return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _hbm_bytes(type_text: str) -> float:
+  """Bytes of the arrays of a type that sit in HBM (not in memory space S(1) and above, the
+  compiler's fast on-chip memory)."""
+  total = 0.0
+  for dtype, dims, layout in _TYPED_SHAPE.findall(type_text):
+    if layout and re.search(r"S\([1-9]", layout):
+      continue
+    total += math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
+  return total
+
+
+def _operands(instruction: _Instruction) -> list[str]:
+  return re.findall(r"%([\w.\-]+)", instruction.rest.split(")", 1)[0])
+
+
+def _flops(instruction: _Instruction, types: dict[str, str]) -> float:
+  """2 x multiply-adds of a dot or convolution, from its operands' and result's shapes."""
+  out = math.prod(_dims(instruction.type_text))
+  operands = _operands(instruction)
+  if instruction.opcode == "dot":
+    lhs = _dims(types.get(operands[0], ""))
+    contracting = _DIMS["lhs_contracting_dims"].search(instruction.rest)
+    axes = [int(a) for a in contracting.group(1).split(",") if a] if contracting else []
+    return 2.0 * out * math.prod(lhs[a] for a in axes)
+  return _convolution_flops(instruction, types, operands)
+
+
+def _window(rest: str) -> dict[str, list[tuple[int, ...]]]:
+  """A convolution's window attributes: {"size": [(k,), ...], "pad": [(lo, hi), ...], ...}."""
+  match = _WINDOW.search(rest)
+  fields = {}
+  for field in (match.group(1).split() if match else []):
+    key, _, value = field.partition("=")
+    fields[key] = [tuple(int(v) for v in part.split("_")) for part in value.split("x")]
+  return fields
+
+
+def _convolution_flops(instruction: _Instruction, types: dict[str, str],
+                       operands: list[str]) -> float:
+  """2 x multiply-adds of a convolution on in-bounds inputs only: a compiler's collective matmul
+  is a convolution over a padded window of shards, and the padded positions do no work."""
+  labels = _DIM_LABELS.search(instruction.rest)
+  if not labels or len(operands) < 2:
+    return 0.0
+  lhs_labels, rhs_labels, out_labels = labels.groups()
+  lhs, rhs = _dims(types.get(operands[0], "")), _dims(types.get(operands[1], ""))
+  out = _dims(instruction.type_text)
+  if len(lhs) != len(lhs_labels) or len(rhs) != len(rhs_labels) or len(out) != len(out_labels):
+    return 0.0
+  window = _window(instruction.rest)
+  spatial = sorted(c for c in out_labels if c.isdigit())
+  pairs = 1
+  for d, label in enumerate(spatial):
+    size = lhs[lhs_labels.index(label)]
+    positions, taps = out[out_labels.index(label)], rhs[rhs_labels.index(label)]
+    low = window["pad"][d][0] if "pad" in window else 0
+    stride = window["stride"][d][0] if "stride" in window else 1
+    pairs *= sum(1 for o in range(positions) for k in range(taps)
+                 if 0 <= o * stride + k - low < size)
+  return (2.0 * out[out_labels.index("b")] * out[out_labels.index("f")]
+          * rhs[rhs_labels.index("i")] * pairs)
+
+
+def cost(hlo_text: str) -> Cost:
+  """FLOPs and HBM bytes per step of a compiled per-device HLO module's text, every loop body
+  counted as often as it runs (XLA's own cost analysis counts a `while` body once; compilers
+  also add loops of their own, e.g. collective matmuls that step through the shards of an
+  FSDP-gathered weight)."""
+  computations, entry = _parse(hlo_text)
+  types = {name: {i.name: i.type_text for i in instructions}
+           for name, instructions in computations.items()}
+  visits, unknown = _walk(computations, entry)
+  flops = hbm = 0.0
+  for visit in visits:
+    instruction, local = visit.instruction, types[visit.computation]
+    if instruction.opcode in ("dot", "convolution"):
+      flops += visit.times * _flops(instruction, local)
+    if visit.fused or instruction.opcode in _NO_TRAFFIC or _kind(instruction.opcode):
+      continue
+    moved = _hbm_bytes(instruction.type_text) + sum(
+        _hbm_bytes(local.get(name, "")) for name in _operands(instruction))
+    hbm += visit.times * moved
+  return Cost(flops, hbm, unknown)

@@ -73,3 +73,49 @@ def test_no_collectives_and_missing_entry():
     assert "ENTRY" in str(err)
   else:
     raise AssertionError("HLO without an entry computation was accepted")
+
+
+COST_HLO = """\
+HloModule jit_train_step
+
+%cond (p: (s32[], f32[8,32])) -> pred[] {
+  %p = (s32[], f32[8,32]{1,0}) parameter(0)
+  %limit = s32[] constant(6)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%fused_dot (a: f32[8,16], b: f32[16,32]) -> f32[8,32] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,32]{1,0} parameter(1)
+  ROOT %d = f32[8,32]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p: (s32[], f32[8,32])) -> (s32[], f32[8,32]) {
+  %p = (s32[], f32[8,32]{1,0}) parameter(0)
+  %x = f32[8,16]{1,0} parameter(1)
+  %w = f32[16,32]{1,0:S(1)} parameter(2)
+  %f = f32[8,32]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  ROOT %t = (s32[], f32[8,32]) tuple(%p, %f)
+}
+
+ENTRY %main (l: f32[4,2,3], k: f32[2,3,5]) -> f32[4,3,5] {
+  %l = f32[4,2,3]{2,1,0} parameter(0)
+  %k = f32[2,3,5]{2,1,0} parameter(1)
+  %init = (s32[], f32[8,32]) tuple()
+  %loop = (s32[], f32[8,32]) while(%init), condition=%cond, body=%body
+  ROOT %conv = f32[4,3,5]{2,1,0} convolution(%l, %k), window={size=2 pad=1_1}, dim_labels=b0f_0io->b0f
+}
+"""
+
+
+def test_cost_counts_loops_padded_windows_and_hbm_traffic():
+  """The loop's dot runs 6 times: 2 x 8 x 32 x 16 = 8192 FLOPs each. The convolution's window of
+  2 over 2 input positions padded by 1 each side makes 3 outputs from 4 in-bounds (output,
+  tap) pairs: 2 x batch 4 x 5 out x 3 in x 4 = 480 FLOPs (the padded taps do no work). HBM
+  traffic: the fusion reads x (512 B) and writes its result (1024 B), the weight sits in fast
+  memory S(1); the convolution reads 96 + 120 B and writes 240 B."""
+  cost = hlo_collectives.cost(COST_HLO)
+  assert cost.flops == 6 * 8192 + 480
+  assert cost.hbm_bytes == 6 * (512 + 1024) + (96 + 120 + 240)
+  assert cost.unknown_trip_counts == 0
