@@ -106,20 +106,70 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
   return computations, entry
 
 
-def _trip_count(condition: list[_Instruction]) -> int | None:
-  """N of a `counter < N` loop condition, or None when it has another form."""
+def _constants(instructions: list[_Instruction]) -> dict[str, int]:
   constants = {}
-  for instruction in condition:
+  for instruction in instructions:
     if instruction.opcode == "constant":
       value = _CONSTANT_OPERAND.match(instruction.rest)
       if value:
         constants[instruction.name] = int(value.group(1))
+  return constants
+
+
+def _tuple_index(instruction: _Instruction) -> int | None:
+  index = re.search(r"\bindex=(\d+)", instruction.rest)
+  return int(index.group(1)) if instruction.opcode == "get-tuple-element" and index else None
+
+
+def _operand_names(instruction: _Instruction) -> list[str]:
+  return re.findall(r"%([\w.\-]+)", instruction.rest.split(")", 1)[0])
+
+
+def _trip_count(computations: dict[str, list[_Instruction]], loop: _Instruction,
+                caller: list[_Instruction]) -> int | None:
+  """Iterations of a `counter < N` while loop, or None when its condition has another form.
+
+  The counter is the tuple element the condition compares; its start is the loop's initial
+  tuple's constant there (else 0) and its step the constants the body adds to it (else 1: the
+  TPU compiler unrolls some loops, a collective matmul's body doing two steps of 2)."""
+  condition_name = _CONDITION.search(loop.rest)
+  body_name = dict(_CALLED.findall(loop.rest)).get("body")
+  condition = computations.get(condition_name.group(1), []) if condition_name else []
+  by_name = {i.name: i for i in condition}
+  limit = counter = None
   for instruction in condition:
     if instruction.root and instruction.opcode == "compare" and "direction=LT" in instruction.rest:
-      operands = re.findall(r"%([\w.\-]+)", instruction.rest.split(")", 1)[0])
+      operands = _operand_names(instruction)
+      constants = _constants(condition)
       if len(operands) == 2 and operands[1] in constants:
-        return constants[operands[1]]
-  return None
+        limit = constants[operands[1]]
+        counter = _tuple_index(by_name[operands[0]]) if operands[0] in by_name else None
+  if limit is None:
+    return None
+  if counter is None:
+    return limit
+  start, step = 0, 0
+  init = {i.name: i for i in caller}.get(next(iter(_operand_names(loop)), ""))
+  if init is not None and init.opcode == "tuple":
+    names = _operand_names(init)
+    caller_constants = _constants(caller)
+    start = caller_constants.get(names[counter], 0) if counter < len(names) else 0
+  body = computations.get(body_name, [])
+  body_by_name = {i.name: i for i in body}
+  body_constants = _constants(body)
+  root = next((i for i in body if i.root and i.opcode == "tuple"), None)
+  value = body_by_name.get(_operand_names(root)[counter]) if root is not None else None
+  while value is not None and value.opcode == "add":
+    operands = _operand_names(value)
+    constant = next((body_constants[o] for o in operands if o in body_constants), None)
+    others = [o for o in operands if o not in body_constants]
+    if constant is None or len(others) != 1:
+      break
+    step += constant
+    value = body_by_name.get(others[0])
+  if value is None or _tuple_index(value) != counter or step <= 0:
+    step = 1
+  return max(0, -(-(limit - start) // step))
 
 
 def group_size(rest: str) -> int:
@@ -164,8 +214,7 @@ def _walk(computations: dict[str, list[_Instruction]], entry: str) -> tuple[list
         called += [("branch", b.strip().lstrip("%")) for b in branches.split(",") if b.strip()]
       for role, callee in called:
         if role == "body":
-          condition = _CONDITION.search(instruction.rest)
-          trips = _trip_count(computations.get(condition.group(1), [])) if condition else None
+          trips = _trip_count(computations, instruction, computations.get(name, []))
           if trips is None:
             unknown += 1
           walk(callee, times * (trips if trips is not None else 1), fused)
@@ -230,7 +279,9 @@ _WINDOW = re.compile(r"\bwindow=\{([^}]*)\}")
 # whose data movement is priced elsewhere (collectives: the interconnect).
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
                "conditional", "after-all", "partition-id", "replica-id", "add-dependency",
-               "opt-barrier", "copy-done", "send-done", "recv-done"}
+               "opt-barrier", "copy-done", "send-done", "recv-done", "slice-done"}
+# Unfused instructions that read only what they return out of their first operand.
+_SLICING = {"slice", "dynamic-slice", "slice-start"}
 
 
 def _dims(type_text: str) -> list[int]:
@@ -317,7 +368,35 @@ def cost(hlo_text: str) -> Cost:
       flops += visit.times * _flops(instruction, local)
     if visit.fused or instruction.opcode in _NO_TRAFFIC or _kind(instruction.opcode):
       continue
-    moved = _hbm_bytes(instruction.type_text) + sum(
-        _hbm_bytes(local.get(name, "")) for name in _operands(instruction))
-    hbm += visit.times * moved
+    hbm += visit.times * _moved_bytes(instruction, local, computations)
   return Cost(flops, hbm, unknown)
+
+
+def _moved_bytes(instruction: _Instruction, types: dict[str, str],
+                 computations: dict[str, list[_Instruction]]) -> float:
+  """HBM bytes an unfused instruction reads and writes. A fusion that only slices an operand (a
+  scanned layer's weights out of the stacked ones) reads the slices; one whose root updates a
+  slice of a buffer in place (a scan's stacked outputs) writes the update."""
+  operands = _operands(instruction)
+  read = [_hbm_bytes(types.get(name, "")) for name in operands]
+  written = _hbm_bytes(instruction.type_text)
+  if instruction.opcode in _SLICING and read:
+    return 2 * written  # the slice is read, then written
+  fused = dict(_CALLED.findall(instruction.rest)).get("calls")
+  if instruction.opcode == "fusion" and fused in computations:
+    body = computations[fused]
+    body_types = {i.name: i.type_text for i in body}
+    parameters = {int(re.match(r"(\d+)", i.rest).group(1)): i.name for i in body
+                  if i.opcode == "parameter" and re.match(r"(\d+)", i.rest)}
+    for index, name in parameters.items():
+      users = [i for i in body if name in _operands(i)]
+      if index < len(read) and users and all(
+          u.opcode in ("dynamic-slice", "slice") and _operands(u)[0] == name for u in users):
+        read[index] = min(read[index], sum(_hbm_bytes(u.type_text) for u in users))
+    root = next((i for i in body if i.root), None)
+    while root is not None and root.opcode == "bitcast":
+      root = {i.name: i for i in body}.get(next(iter(_operands(root)), ""))
+    if root is not None and root.opcode == "dynamic-update-slice" and written:
+      update = _operands(root)[1] if len(_operands(root)) > 1 else ""
+      written = min(written, _hbm_bytes(body_types.get(update, "")))
+  return written + sum(read)

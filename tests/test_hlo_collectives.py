@@ -119,3 +119,15 @@ def test_cost_counts_loops_padded_windows_and_hbm_traffic():
   assert cost.flops == 6 * 8192 + 480
   assert cost.hbm_bytes == 6 * (512 + 1024) + (96 + 120 + 240)
   assert cost.unknown_trip_counts == 0
+
+
+def test_trip_count_follows_the_counter_step_of_an_unrolled_loop():
+  """A loop body that adds 2 to its counter (the TPU compiler's collective matmul does two steps
+  per iteration) runs limit / 2 times: its collectives and dots count 4 times, not 8."""
+  hlo = HLO.replace("constant(6)", "constant(8)").replace(
+      "  ROOT %t = (s32[], bf16[8,16]) tuple(%p, %gathered)",
+      "  %two = s32[] constant(2)\n  %c = s32[] get-tuple-element(%p), index=0\n"
+      "  %next = s32[] add(%c, %two)\n  ROOT %t = (s32[], bf16[8,16]) tuple(%next, %gathered)")
+  report = hlo_collectives.count(hlo)
+  # 4 iterations of the readable loop, plus once for the loop whose trip count is unreadable.
+  assert report.by_kind["all-gather"].executions == 4 + 1
