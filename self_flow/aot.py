@@ -10,9 +10,10 @@ the real TPU compiler (libtpu; install it with `pip install -e ".[tpu]"`, see th
 README). Per device it prints the compiler's memory figures, the chip's HBM and the headroom,
 the compile time, the collectives of the compiled program per step (`hlo_collectives`) and the
 analytic model FLOPs (`flops`), and a step-time band (`step_time_band`): compute, memory and
-communication time per step from the chip's public figures, with XLA's FLOPs and bytes accessed
-of the same step compiled once more with unrolled blocks (`model.scan_layers=False`; XLA's cost
-analysis counts a scanned body once), and the tokens/s, examples/s and MFU range they imply.
+communication time per step from the chip's public figures, with the compiled program's own
+FLOPs and HBM bytes (`hlo_collectives.cost`, loops multiplied by their trip counts: XLA's cost
+analysis counts a `while` body once, and the TPU compiler adds collective-matmul loops under
+FSDP), and the tokens/s, examples/s and MFU range they imply.
 
 These are compiler figures and a model of the compiled program, not measurements: no step runs. The exit status is 1 when a step
 does not fit in HBM with `--min_headroom` to spare (or the compiler runs out of memory), with
@@ -55,8 +56,6 @@ flags.DEFINE_string("json", None, "Also write the reports to this JSON file (tes
 flags.DEFINE_string("hlo_dir", None, "Also write each compiled step's HLO text here "
                     "(<topology>_<modality>.hlo.txt, local or gs://...), e.g. to inspect its "
                     "collectives.")
-flags.DEFINE_bool("band", True, "Also compile each step with unrolled blocks for XLA's FLOPs and "
-                  "bytes and print the step-time band (one more compile per step).")
 
 GIB = 2**30
 # HBM per chip by device kind (Cloud TPU documentation).
@@ -91,10 +90,9 @@ class StepReport:
   code_bytes: int = 0
   flops_per_device: float = 0.0
   collectives: Any = None  # hlo_collectives.Report of the compiled program
-  # XLA's cost analysis of the step compiled with unrolled blocks (0: not compiled, --noband).
-  xla_flops_per_device: float = 0.0
-  bytes_accessed_per_device: float = 0.0
-  band_compile_seconds: float = 0.0
+  # The compiled program's dot and convolution FLOPs and HBM bytes (hlo_collectives.cost).
+  hlo_flops_per_device: float = 0.0
+  hbm_bytes_per_device: float = 0.0
   band: Any = None  # step_time_band.Band
   throughput: Any = None  # step_time_band.Throughput
   tpu_kernels: int = 0  # Mosaic (Pallas) kernels in the program, e.g. splash attention.
@@ -149,30 +147,17 @@ def _out_of_memory(err: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def _unrolled_cost(config, devices, modality: str) -> tuple[float, float, float]:
-  """(XLA FLOPs, bytes accessed, compile seconds) per device of `modality`'s step compiled with
-  unrolled blocks, whose cost analysis counts every block (`step_time_band.program_cost`)."""
+def _add_band(report: StepReport, hlo_text: str, spec) -> None:
+  """The step-time band of a compiled step (`step_time_band`), from the larger of the program's
+  and the analytic FLOPs (the Mosaic kernels' FLOPs, splash attention's, are opaque in the
+  program; remat recomputation is only in the program's)."""
   # pylint: disable-next=g-import-not-at-top
-  from self_flow import config_validation, step_time_band, train_program
-  unrolled = config.copy_and_resolve_references()
-  unrolled.model.scan_layers = False
-  program = train_program.build(unrolled, config_validation.validate(unrolled, len(devices)),
-                                devices)
-  start = time.perf_counter()
-  compiled = train_program.lower(unrolled, program, modality).compile()
-  return (*step_time_band.program_cost(compiled), time.perf_counter() - start)
-
-
-def _add_band(report: StepReport, config, devices, spec) -> None:
-  """The step-time band of a compiled step (`step_time_band`), from the larger of XLA's and the
-  analytic FLOPs (XLA misses the Mosaic kernels' FLOPs; flops.py counts only matmuls)."""
-  from self_flow import step_time_band  # pylint: disable=g-import-not-at-top
-  xla_flops, bytes_accessed, seconds = _unrolled_cost(config, devices, spec.name)
-  report.xla_flops_per_device, report.bytes_accessed_per_device = xla_flops, bytes_accessed
-  report.band_compile_seconds = seconds
+  from self_flow import hlo_collectives, step_time_band
+  cost = hlo_collectives.cost(hlo_text)
+  report.hlo_flops_per_device, report.hbm_bytes_per_device = cost.flops, cost.hbm_bytes
   the_chip = step_time_band.chip(report.device_kind)
   collectives = {group: c.bytes for group, c in report.collectives.by_group.items()}
-  report.band = step_time_band.band(max(xla_flops, report.flops_per_device), bytes_accessed,
+  report.band = step_time_band.band(max(cost.flops, report.flops_per_device), cost.hbm_bytes,
                                     collectives, step_time_band.torus_dims(report.topology),
                                     the_chip)
   report.throughput = step_time_band.throughput(
@@ -182,10 +167,9 @@ def _add_band(report: StepReport, config, devices, spec) -> None:
 
 
 def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
-                  hlo_dir: str | None = None, with_band: bool = True) -> list[StepReport]:
-  """Compiles every modality's train step of `config` for `topology`; one report each (and
-  the compiled HLO text in `hlo_dir` when given), with the step-time band unless not
-  `with_band`."""
+                  hlo_dir: str | None = None) -> list[StepReport]:
+  """Compiles every modality's train step of `config` for `topology`; one report each, with its
+  step-time band (and the compiled HLO text in `hlo_dir` when given)."""
   # pylint: disable-next=g-import-not-at-top
   from self_flow import config_validation, flops, hlo_collectives, train_program, train_state
   devices = topology_devices(topology, num_slices)
@@ -223,8 +207,7 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
       storage.write_text(storage.join(hlo_dir, name), hlo_text)
     report.collectives = hlo_collectives.count(hlo_text)
     report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
-    if with_band:
-      _add_band(report, config, devices, resolved.spec(modality))
+    _add_band(report, hlo_text, resolved.spec(modality))
     reports.append(report)
   return reports
 
@@ -270,10 +253,9 @@ def format_report(report: StepReport, min_headroom: float) -> str:
         f"{b.lower * 1e3:.1f} to {b.upper * 1e3:.1f} ms; compute {b.compute * 1e3:.1f} ms, "
         f"memory {b.memory * 1e3:.1f} ms, communication {b.communication * 1e3:.1f} ms "
         f"({b.bound_by}-bound at the lower end)",
-        f"    XLA FLOPs per device {report.xla_flops_per_device:.4g} (unrolled, "
-        f"{report.xla_flops_per_device / report.flops_per_device - 1:+.1%} vs analytic), bytes "
-        f"accessed {_gib(report.bytes_accessed_per_device)}, compiled in "
-        f"{report.band_compile_seconds:.1f} s",
+        f"    program FLOPs per device {report.hlo_flops_per_device:.4g} "
+        f"({report.hlo_flops_per_device / report.flops_per_device - 1:+.1%} vs analytic), HBM "
+        f"bytes {_gib(report.hbm_bytes_per_device)}",
         f"    tokens/s/chip {t.tokens_per_chip_per_s[0]:.4g} to {t.tokens_per_chip_per_s[1]:.4g};"
         f" examples/s (slice) {t.examples_per_s[0]:.4g} to {t.examples_per_s[1]:.4g}; MFU "
         f"{t.mfu[0]:.0%} to {t.mfu[1]:.0%}"]
@@ -304,7 +286,7 @@ def markdown_row(report: StepReport, min_headroom: float) -> str:
 
 BAND_MARKDOWN_HEADER = (
     "| config | step | topology | band ms (lower-upper) | compute / memory / comm ms | bound | "
-    "XLA vs analytic FLOPs | tokens/s/chip | examples/s (slice) | MFU |\n"
+    "program vs analytic FLOPs | tokens/s/chip | examples/s (slice) | MFU |\n"
     "|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -317,7 +299,7 @@ def band_markdown_row(report: StepReport) -> str:
   return (f"| {report.config_name} | {report.modality} | {topology} | "
           f"{b.lower * 1e3:.0f}-{b.upper * 1e3:.0f} | {b.compute * 1e3:.0f} / "
           f"{b.memory * 1e3:.0f} / {b.communication * 1e3:.0f} | {b.bound_by} | "
-          f"{report.xla_flops_per_device / report.flops_per_device - 1:+.0%} | "
+          f"{report.hlo_flops_per_device / report.flops_per_device - 1:+.0%} | "
           f"{t.tokens_per_chip_per_s[0]:.0f}-{t.tokens_per_chip_per_s[1]:.0f} | "
           f"{t.examples_per_s[0]:.1f}-{t.examples_per_s[1]:.1f} | "
           f"{t.mfu[0]:.0%}-{t.mfu[1]:.0%} |")
@@ -351,7 +333,7 @@ def main(argv):
   reports = []
   for topology in FLAGS.topology:
     for report in compile_steps(FLAGS.config, _config_name(), topology, FLAGS.num_slices,
-                                FLAGS.hlo_dir, FLAGS.band):
+                                FLAGS.hlo_dir):
       print(format_report(report, FLAGS.min_headroom), flush=True)
       reports.append(report)
   if FLAGS.json:
@@ -361,10 +343,9 @@ def main(argv):
     print("\n" + MARKDOWN_HEADER)
     for report in reports:
       print(markdown_row(report, FLAGS.min_headroom))
-    if FLAGS.band:
-      print("\n" + BAND_MARKDOWN_HEADER)
-      for report in reports:
-        print(band_markdown_row(report))
+    print("\n" + BAND_MARKDOWN_HEADER)
+    for report in reports:
+      print(band_markdown_row(report))
   too_big = [r for r in reports if not r.fits(FLAGS.min_headroom)]
   if too_big:
     names = ", ".join(f"{r.modality} on {r.topology}" for r in too_big)

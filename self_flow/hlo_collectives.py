@@ -381,7 +381,12 @@ def _moved_bytes(instruction: _Instruction, types: dict[str, str],
   read = [_hbm_bytes(types.get(name, "")) for name in operands]
   written = _hbm_bytes(instruction.type_text)
   if instruction.opcode in _SLICING and read:
-    return 2 * written  # the slice is read, then written
+    # The slice (the last array of the result: an async start also returns its operand) is read
+    # from the operand and written where the result lives.
+    dtype, dims, layout = [m for m in _TYPED_SHAPE.findall(instruction.type_text) if m[1]][-1]
+    size = math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
+    in_fast_memory = bool(layout and re.search(r"S\([1-9]", layout))
+    return min(read[0], size) + (0 if in_fast_memory else size)
   fused = dict(_CALLED.findall(instruction.rest)).get("calls")
   if instruction.opcode == "fusion" and fused in computations:
     body = computations[fused]
@@ -397,6 +402,9 @@ def _moved_bytes(instruction: _Instruction, types: dict[str, str],
     while root is not None and root.opcode == "bitcast":
       root = {i.name: i for i in body}.get(next(iter(_operands(root)), ""))
     if root is not None and root.opcode == "dynamic-update-slice" and written:
-      update = _operands(root)[1] if len(_operands(root)) > 1 else ""
+      target, update = (_operands(root) + ["", ""])[:2]
       written = min(written, _hbm_bytes(body_types.get(update, "")))
+      for index, name in parameters.items():  # the updated buffer is not read
+        if name == target and index < len(read):
+          read[index] = 0.0
   return written + sum(read)
