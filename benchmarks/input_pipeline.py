@@ -12,7 +12,8 @@ what the preset consumes per host at its step-time band's lower bound.
 Per preset it writes `--examples` latent-shard records with the preset's shapes (its default
 config's latents and stored caption embeddings, float16 as the encoders store them; random
 values: the pipeline's cost does not depend on them) into `--shards` ArrayRecord shards under
-`--root`, then times the trainer's own iterator (`train` opens it the same way: the config's
+`--root` (a rerun finds them written; shards of another job there stop it, nothing is
+overwritten), then times the trainer's own iterator (`train` opens it the same way: the config's
 source, `modality_sources.train_processing`, `pipeline.make_train_iterator`) as host 0 of the
 preset's documented slice (`HOSTS`, 4 chips per host on v5e, v5p and v6e): read, decode, caption
 draw, float32 conversion, batch, this host's rows of every global batch. After `--warmup`
@@ -85,8 +86,7 @@ def write_preset_shards(config, spec, directory: str, num_examples: int, num_sha
   writer.write_shards(
       examples, num_shards=num_shards, output_dir=directory, split="train",
       signal_encoder=signal_encoder, text_encoder=text_encoder, batch_size=64,
-      signal_encoder_name="random", text_encoder_name="random", modality=modality,
-      overwrite=True)
+      signal_encoder_name="random", text_encoder_name="random", modality=modality)
   return (int(np.prod(latent_shape)) * 4 * (2 if posterior else 1) + length * dim * 2
           + length)
 

@@ -121,7 +121,8 @@ def _tuple_index(instruction: _Instruction) -> int | None:
   return int(index.group(1)) if instruction.opcode == "get-tuple-element" and index else None
 
 
-def _operand_names(instruction: _Instruction) -> list[str]:
+def _operands(instruction: _Instruction) -> list[str]:
+  """The names of an instruction's operands (the HLO printer gives no operand types)."""
   return re.findall(r"%([\w.\-]+)", instruction.rest.split(")", 1)[0])
 
 
@@ -139,7 +140,7 @@ def _trip_count(computations: dict[str, list[_Instruction]], loop: _Instruction,
   limit = counter = None
   for instruction in condition:
     if instruction.root and instruction.opcode == "compare" and "direction=LT" in instruction.rest:
-      operands = _operand_names(instruction)
+      operands = _operands(instruction)
       constants = _constants(condition)
       if len(operands) == 2 and operands[1] in constants:
         limit = constants[operands[1]]
@@ -149,18 +150,18 @@ def _trip_count(computations: dict[str, list[_Instruction]], loop: _Instruction,
   if counter is None:
     return limit
   start, step = 0, 0
-  init = {i.name: i for i in caller}.get(next(iter(_operand_names(loop)), ""))
+  init = {i.name: i for i in caller}.get(next(iter(_operands(loop)), ""))
   if init is not None and init.opcode == "tuple":
-    names = _operand_names(init)
+    names = _operands(init)
     caller_constants = _constants(caller)
     start = caller_constants.get(names[counter], 0) if counter < len(names) else 0
   body = computations.get(body_name, [])
   body_by_name = {i.name: i for i in body}
   body_constants = _constants(body)
   root = next((i for i in body if i.root and i.opcode == "tuple"), None)
-  value = body_by_name.get(_operand_names(root)[counter]) if root is not None else None
+  value = body_by_name.get(_operands(root)[counter]) if root is not None else None
   while value is not None and value.opcode == "add":
-    operands = _operand_names(value)
+    operands = _operands(value)
     constant = next((body_constants[o] for o in operands if o in body_constants), None)
     others = [o for o in operands if o not in body_constants]
     if constant is None or len(others) != 1:
@@ -272,7 +273,7 @@ class Cost(NamedTuple):
 
 _TYPED_SHAPE = re.compile(r"\b(" + "|".join(sorted(_ITEMSIZE, key=len, reverse=True)) +
                           r")\[([0-9,]*)\](\{[^}]*\})?")
-_DIMS = {name: re.compile(name + r"=\{([0-9,]*)\}") for name in ("lhs_contracting_dims",)}
+_LHS_CONTRACTING = re.compile(r"\blhs_contracting_dims=\{([0-9,]*)\}")
 _DIM_LABELS = re.compile(r"\bdim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
 _WINDOW = re.compile(r"\bwindow=\{([^}]*)\}")
 # Unfused instructions that move no data through HBM themselves (control flow, views, tuples) or
@@ -300,17 +301,13 @@ def _hbm_bytes(type_text: str) -> float:
   return total
 
 
-def _operands(instruction: _Instruction) -> list[str]:
-  return re.findall(r"%([\w.\-]+)", instruction.rest.split(")", 1)[0])
-
-
 def _flops(instruction: _Instruction, types: dict[str, str]) -> float:
   """2 x multiply-adds of a dot or convolution, from its operands' and result's shapes."""
   out = math.prod(_dims(instruction.type_text))
   operands = _operands(instruction)
   if instruction.opcode == "dot":
     lhs = _dims(types.get(operands[0], ""))
-    contracting = _DIMS["lhs_contracting_dims"].search(instruction.rest)
+    contracting = _LHS_CONTRACTING.search(instruction.rest)
     axes = [int(a) for a in contracting.group(1).split(",") if a] if contracting else []
     return 2.0 * out * math.prod(lhs[a] for a in axes)
   return _convolution_flops(instruction, types, operands)

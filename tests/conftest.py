@@ -81,6 +81,25 @@ def tiny_config(method: str = "self_flow", overrides: dict | None = None):
   return tiny(c2i.get_config(f"local,method={method}"), overrides)
 
 
+def tiny_run_config(data_dir: str, tmp_path, num_steps: int, method: str = "self_flow"):
+  """The tiny c2i config as a whole run on embedded Fashion-MNIST (`data_dir`): `num_steps`
+  steps, a checkpoint every 3, and a small final evaluation whose classifier is cached under
+  `tmp_path`."""
+  config = tiny_config(method)
+  config.data.data_dir = data_dir
+  config.data.source = "debian"
+  config.train.num_steps = num_steps
+  config.train.log_every = 1
+  config.train.checkpoint_every = 3
+  config.eval.num_samples = 24
+  config.eval.batch_size = 24  # divisible by the 8-device batch axes
+  config.eval.grid_rows = 1
+  config.eval.classifier_steps = 30
+  config.eval.cache_dir = str(tmp_path / "eval_cache")
+  config.sampling.num_steps = 3
+  return config
+
+
 def random_params(model, scale: float, seed: int = 0):
   """(graphdef, params) of `model` with every parameter, including the zero-initialised adaLN,
   replaced by noise, so that tests see non-trivial modulation."""

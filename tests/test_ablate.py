@@ -11,28 +11,19 @@ import pytest
 
 from self_flow import storage
 from self_flow.ablate import events, metric_tags, reevaluate, report, runner, statistics, study
-from conftest import tiny_config
+from conftest import tiny_run_config
 
 VARIANTS = ("vanilla", "self_flow")
 # The tiny model's student tap is block 1 (round(0.3 x 4)).
 PRIMARY = "eval/image/probe_t0.5_layer1"
 
 
-def _tiny_run_config(make_config, data_dir, tmp_path):
+def _tiny_run_config(data_dir, tmp_path):
   def make(variant: str, seed: int):
-    config = make_config(variant)
+    config = tiny_run_config(data_dir, tmp_path, num_steps=4, method=variant)
     config.seed = config.data.shuffle_seed = seed
-    config.data.data_dir = data_dir
-    config.data.source = "debian"
-    config.train.num_steps = 4
-    config.train.log_every = 1
     config.train.eval_every = 2  # at step 2 (no probe) and at the end
     config.train.checkpoint_every = 4
-    config.eval.num_samples = 24
-    config.eval.batch_size = 24  # divisible by the 8-device batch axes
-    config.eval.grid_rows = 1
-    config.eval.classifier_steps = 30
-    config.eval.cache_dir = str(tmp_path / "eval_cache")  # shared: trained once
     config.eval.probe_examples = 48
     config.eval.probe_timesteps = (0.0, 0.5)
     config.eval.loss_bins = 4
@@ -49,7 +40,7 @@ def ablation(fashion_mnist_dir, tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("ablation")
   output = str(tmp_path / "out")
   runs = runner.plan_runs(VARIANTS, 2, output)
-  make = _tiny_run_config(tiny_config, fashion_mnist_dir, tmp_path)
+  make = _tiny_run_config(fashion_mnist_dir, tmp_path)
 
   def reevaluate_fn(run, offsets, path):
     storage.write_json(path, reevaluate.reevaluate(make(run.variant, run.seed), run.workdir,

@@ -12,27 +12,12 @@ import pytest
 
 from self_flow import config_resolution, train, train_program
 from self_flow.evaluation import evaluator
-
-
-def _run_config(make_config, data_dir, tmp_path, num_steps, method="self_flow"):
-  config = make_config(method)
-  config.data.data_dir = data_dir
-  config.data.source = "debian"
-  config.train.num_steps = num_steps
-  config.train.log_every = 1
-  config.train.checkpoint_every = 3
-  config.eval.num_samples = 24
-  config.eval.batch_size = 24  # divisible by the 8-device batch axes
-  config.eval.grid_rows = 1
-  config.eval.classifier_steps = 30
-  config.eval.cache_dir = str(tmp_path / "eval_cache")
-  config.sampling.num_steps = 3
-  return config
+from conftest import tiny_run_config
 
 
 def test_end_to_end_writes_checkpoint_events_samples_and_eval(make_config, fashion_mnist_dir,
                                                                tmp_path, monkeypatch):
-  config = _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps=4)
+  config = tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=4)
   monkeypatch.chdir(tmp_path)
   workdir = tmp_path / "run"
   result = train.train_and_evaluate(config, "run")  # a relative workdir, as users type it
@@ -67,7 +52,7 @@ def test_resume_with_two_emas_is_exact(make_config, fashion_mnist_dir, tmp_path)
   """With a teacher EMA of its own (and EMA warm-up), 3 steps + resume + 3 steps give the
   bit-identical state of 6 uninterrupted steps: params, both EMAs and the optimizer state."""
   def config(num_steps):
-    run = _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps)
+    run = tiny_run_config(fashion_mnist_dir, tmp_path, num_steps)
     # Warm-up caps both decays at (1 + n) / (10 + n) >= 0.1: a teacher below that differs.
     run.optim.update(ema_decay=0.9, teacher_ema_decay=0.05, ema_warmup=True)
     run.eval.enabled = False
@@ -89,11 +74,11 @@ def test_resume_with_two_emas_is_exact(make_config, fashion_mnist_dir, tmp_path)
 def test_restart_reproduces_the_uninterrupted_run(make_config, fashion_mnist_dir, tmp_path):
   """Stop after step 3, restart from the workdir: steps 4..6 match a run that never stopped."""
   straight = train.train_and_evaluate(
-      _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps=6), str(tmp_path / "a"))
+      tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=6), str(tmp_path / "a"))
   first = train.train_and_evaluate(
-      _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps=3), str(tmp_path / "b"))
+      tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=3), str(tmp_path / "b"))
   resumed = train.train_and_evaluate(
-      _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps=6), str(tmp_path / "b"))
+      tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=6), str(tmp_path / "b"))
   assert sorted(resumed["losses"]) == [4, 5, 6]  # really resumed, did not start over
   for step in (1, 2, 3):
     assert first["losses"][step] == pytest.approx(straight["losses"][step], rel=1e-6)
@@ -132,7 +117,7 @@ def test_cli_rejects_a_bad_override(tmp_path):
 def test_sigterm_saves_and_exits_then_resumes(make_config, fashion_mnist_dir, tmp_path,
                                               monkeypatch):
   """A real SIGTERM during step 2 leaves a checkpoint at step 2; rerunning resumes from it."""
-  config = _run_config(make_config, fashion_mnist_dir, tmp_path, num_steps=5)
+  config = tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=5)
   real_make_global_batch = train.pipeline.make_global_batch
   calls = []
 

@@ -8,18 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_run_config
 from self_flow import (conditioning, config_resolution, config_validation, optim, sharding,
                        train, train_state, train_step)
 
 
-def _unconditional(make_config, method="self_flow"):
-  config = make_config(method)
-  config.model.conditioning = "none"
-  return config
-
-
 def test_the_model_embeds_no_class_and_ignores_the_labels(make_config):
-  config = _unconditional(make_config)
+  config = make_config()
+  config.model.conditioning = "none"
   assert conditioning.model_classes(config) == 0
   resolved = config_validation.validate(config)
   mesh = sharding.create_mesh(config.mesh)
@@ -48,22 +44,12 @@ def test_the_model_embeds_no_class_and_ignores_the_labels(make_config):
   assert conditional[0] != conditional[1]
 
 
-def test_unconditional_c2i_trains_samples_and_evaluates(make_config, fashion_mnist_dir,
-                                                        tmp_path):
-  config = _unconditional(make_config)
-  config.data.data_dir = fashion_mnist_dir
-  config.data.source = "debian"
-  config.train.num_steps = 3
-  config.train.checkpoint_every = 3
-  config.eval.num_samples = 24
-  config.eval.batch_size = 24
-  config.eval.grid_rows = 1
-  config.eval.classifier_steps = 30
-  config.eval.cache_dir = str(tmp_path / "eval_cache")
+def test_unconditional_c2i_trains_samples_and_evaluates(fashion_mnist_dir, tmp_path):
+  config = tiny_run_config(fashion_mnist_dir, tmp_path, num_steps=3)
+  config.model.conditioning = "none"
   config.eval.probe_examples = 48
   config.eval.probe_timesteps = (0.0, 0.5)
   config.eval.loss_bins = 2
-  config.sampling.num_steps = 3
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   metrics = result["eval"]
   assert all(np.isfinite(v) for v in result["losses"].values())
@@ -75,7 +61,7 @@ def test_unconditional_c2i_trains_samples_and_evaluates(make_config, fashion_mni
   assert "step_00000003_unconditional.png" in os.listdir(tmp_path / "run" / "samples")
 
 
-def test_unconditional_needs_the_dit_backbone(make_config):
+def test_unconditional_needs_the_dit_backbone():
   from configs import t2i  # pylint: disable=g-import-not-at-top
   config = t2i.get_config("local")
   config.model.conditioning = "none"

@@ -71,16 +71,21 @@ class Paired:
   differences: tuple[float, ...]
 
   @property
+  def _spread(self) -> Spread:
+    return Spread(self.differences)
+
+  @property
   def n(self) -> int:
-    return len(self.differences)
+    return self._spread.n
 
   @property
   def mean(self) -> float:
-    return float(np.mean(self.differences))
+    return self._spread.mean
 
   @property
   def std(self) -> float:
-    return float(np.std(self.differences, ddof=1)) if self.n > 1 else 0.0
+    """Sample standard deviation of the differences (ddof 1); 0 for a single seed."""
+    return self._spread.std
 
   @property
   def interval(self) -> tuple[float, float]:
