@@ -16,8 +16,9 @@ values: the pipeline's cost does not depend on them) into `--shards` ArrayRecord
 overwritten), then times the trainer's own iterator (`train` opens it the same way: the config's
 source, `modality_sources.train_processing`, `pipeline.make_train_iterator`) as host 0 of the
 preset's documented slice (`HOSTS`, 4 chips per host on v5e, v5p and v6e): read, decode, caption
-draw, float32 conversion, batch, this host's rows of every global batch. After `--warmup`
-batches, `--batches` batches are timed, `--repeats` times; the median is printed in examples/s.
+draw, latents to float32 (caption embeddings stay float16), batch, this host's rows of every
+global batch. After `--warmup` batches, `--batches` batches are timed, `--repeats` times; the
+median is printed in examples/s.
 
 Demand: global batch / step time / hosts, at the lower bound of the band that `python -m
 self_flow.aot --json=...` wrote (`--aot_json`, one file per preset, matched by config name);

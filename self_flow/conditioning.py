@@ -29,8 +29,9 @@ def from_batch(batch: dict, kind: str):
   if kind == "none":  # the null label 0 for every sample; the data's labels are not read
     return jnp.zeros(jax.tree.leaves(batch)[0].shape[:1], jnp.int32)
   if kind == "text":
-    if "text_embedding" in batch:
-      return {"embedding": batch["text_embedding"], "mask": batch["text_mask"]}
+    if "text_embedding" in batch:  # latent shards hand over their 16-bit storage dtype: widen
+      return {"embedding": batch["text_embedding"].astype(jnp.float32),  # exact
+              "mask": batch["text_mask"]}
     return {"tokens": batch["text_tokens"], "mask": batch["text_mask"]}
   raise ValueError(f"model.conditioning={kind!r}; allowed: {KINDS}.")
 

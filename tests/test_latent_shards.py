@@ -78,6 +78,7 @@ def test_round_trip_matches_encoders_applied_directly(written):
     assert record["latent"].dtype == np.float32 and record["latent"].shape == (4, 3, 2)
     np.testing.assert_array_equal(record["latent"], want_latents[index].astype(np.float16))
     np.testing.assert_array_equal(record["text_embedding"], want_embeddings[index])
+    assert record["text_embedding"].dtype == np.float16  # as stored; the step widens it
     np.testing.assert_array_equal(record["text_mask"], want_masks[index])
     assert record["text_mask"].dtype == bool
     assert record["caption"] == example["caption"]

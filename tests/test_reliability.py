@@ -497,3 +497,38 @@ def test_bad_dataset_records_are_named_or_skipped(tmp_path):
     np.testing.assert_array_equal(read[index]["latent"], expected[stand_in]["latent"])
   for index in (0, 4, 8, 11):
     np.testing.assert_array_equal(read[index]["latent"], expected[index]["latent"])
+
+
+@pytest.mark.parametrize("text_dtype", ["float16", "bfloat16"])
+def test_caption_embeddings_keep_their_storage_dtype_and_non_finite_ones_are_refused(
+    tmp_path, text_dtype):
+  """The reader hands the 16-bit caption embedding over as stored (the step widens it), and its
+  bit-level finiteness check still refuses an inf or a NaN anywhere in it."""
+  examples = [{"image": np.full((8, 8, 1), i, np.uint8), "caption": f"c{i}", "label": i}
+              for i in range(4)]
+  directory = str(tmp_path / "latents")
+  writer_lib.write_shards(
+      examples, output_dir=directory, split="train", num_shards=1,
+      signal_encoder=encoders.avgpool2_encoder, text_encoder=encoders.bytes_text_encoder(8),
+      batch_size=4, signal_encoder_name="avgpool2", text_encoder_name="bytes",
+      text_dtype=text_dtype)
+  good = reader_lib.LatentShardSource(directory, "train")
+  stored = writer_lib.TEXT_DTYPES[text_dtype]
+  record = good[1]
+  assert record["text_embedding"].dtype == stored
+  assert pipeline.preprocess_latents(record)["text_embedding"].dtype == stored
+  raw = serialization.msgpack_restore(good._records[good._key(1)])  # pylint: disable=protected-access
+  replace = {}
+  for index, (row, column, value) in {1: (0, 0, np.inf), 2: (7, 3, -np.inf),
+                                      3: (3, 1, np.nan)}.items():
+    bad = dict(raw)
+    bad["text_embedding"] = np.array(raw["text_embedding"])
+    bad["text_embedding"][row, column] = value
+    replace[index] = serialization.msgpack_serialize(bad)
+  _rewrite_shard(os.path.join(directory, layout_lib.shard_name("train", 0, 1)), replace)
+  source = reader_lib.LatentShardSource(directory, "train")
+  np.testing.assert_array_equal(source[0]["text_embedding"], good[0]["text_embedding"])
+  for index in (1, 2, 3):
+    with pytest.raises(reader_lib.BadRecordError,
+                       match=rf"example {index} .*text_embedding holds non-finite values"):
+      source[index]  # pylint: disable=pointless-statement

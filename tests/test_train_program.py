@@ -43,8 +43,7 @@ def test_abstract_batch_matches_embedded_video(video_data_dir):
   _assert_matches(config, "video", _first_batch(config, "video"))
 
 
-def test_abstract_batch_matches_latent_shards(tmp_path):
-  shards = write_caption_latent_shards(str(tmp_path / "shards"), 16)
+def _latent_shard_config(shards: str):
   config = t2i.get_config("local")
   config.text.encoder = "precomputed"
   config.data.dataset = "latent_shards"
@@ -54,7 +53,34 @@ def test_abstract_batch_matches_latent_shards(tmp_path):
   config.data.global_batch_size = 8
   config.text.embedding_dim = 256
   config.text.max_length = 8
+  return config
+
+
+def test_abstract_batch_matches_latent_shards(tmp_path):
+  config = _latent_shard_config(write_caption_latent_shards(str(tmp_path / "shards"), 16))
   _assert_matches(config, "image", _first_batch(config, "image"))
+
+
+def test_stored_float16_caption_embeddings_train_as_their_float32_widening(tmp_path):
+  """The pipeline hands caption embeddings over in their 16-bit storage dtype and the step
+  widens them: the step's loss and new parameters are those of the float32 batch the host
+  used to build, bit for bit."""
+  config = _latent_shard_config(write_caption_latent_shards(str(tmp_path / "shards"), 16))
+  batch = _first_batch(config, "image")
+  assert batch["text_embedding"].dtype == np.float16
+  widened = {**batch, "text_embedding": batch["text_embedding"].astype(np.float32)}
+  program = train_program.build(config, config_resolution.resolve(config))
+  rng = jax.device_put(jax.random.PRNGKey(0), program.replicated)
+  results = []
+  for host_batch in (batch, widened):
+    state = train_state.create_train_state(config, program.layout, program.tx)
+    device_batch = pipeline.make_global_batch(host_batch, program.batch_sharding)
+    results.append(program.step_fns["image"](state, device_batch, rng))
+  (state_16, metrics_16), (state_32, metrics_32) = results
+  assert float(metrics_16["loss"]) == float(metrics_32["loss"])
+  for leaf_16, leaf_32 in zip(jax.tree.leaves(state_16["params"]),
+                              jax.tree.leaves(state_32["params"])):
+    np.testing.assert_array_equal(np.asarray(leaf_16), np.asarray(leaf_32))
 
 
 def test_abstract_lowering_is_the_step_the_loop_compiles(make_config):

@@ -100,13 +100,14 @@ def batch_shapes(config: ml_collections.ConfigDict, spec: spec_lib.ModalitySpec
                  ) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (per-example shape, dtype)} of the training-batch arrays the step reads, as the
   processing of `train_processing` produces them (ahead-of-time compilation and benchmarks
-  build batches from this, not from data)."""
+  build batches from this, not from data). Latent shards' caption embeddings are float16, the
+  writer's default storage (bfloat16 ones have the same bytes; the step widens either)."""
   signal = (tuple(spec.signal_shape), np.float32)
   length = config.text.max_length
   frozen = config.text.encoder in frozen_encoders.DIMS
   if uses_latent_shards(config, spec.name):
     text = (("text_tokens", ((length,), np.int32)) if in_step_encoder.used(config)
-            else ("text_embedding", ((length, config.text.embedding_dim), np.float32)))
+            else ("text_embedding", ((length, config.text.embedding_dim), np.float16)))
     return {"latent": signal, "label": ((), np.int32), text[0]: text[1],
             "text_mask": ((length,), np.bool_)}
   shapes = {spec.signal_key: signal, "label": ((), np.int32)}

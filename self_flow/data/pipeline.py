@@ -35,7 +35,8 @@ def preprocess_latents(record: dict[str, Any]) -> dict[str, np.ndarray]:
   label; with several captions per example, all of them and `num_captions`, for
   `latent_shards.caption_draw.DrawCaption` to pick one.
 
-  The caption strings stay behind (strings cannot become device arrays).
+  The caption strings stay behind (strings cannot become device arrays). The caption embedding
+  keeps its stored 16-bit dtype; `conditioning.from_batch` widens it to float32 on the device.
   """
   inputs = {
       "latent": np.asarray(record["latent"], np.float32),
@@ -45,7 +46,7 @@ def preprocess_latents(record: dict[str, Any]) -> dict[str, np.ndarray]:
   if "text_tokens" in record:
     inputs["text_tokens"] = np.asarray(record["text_tokens"], np.int32)
   else:
-    inputs["text_embedding"] = np.asarray(record["text_embedding"], np.float32)
+    inputs["text_embedding"] = np.asarray(record["text_embedding"])
   if "num_captions" in record:
     inputs["num_captions"] = np.asarray(record["num_captions"], np.int32)
   return inputs
