@@ -11,6 +11,10 @@ device) and this core's figures measured in the same run (the best fp32 2048^3 m
 peak, the best copy of a 256 MiB array as the memory bandwidth), beside the measured median
 step time of the step the trainer runs (`self_flow.bench`'s protocol: the trainer's compiled
 step, interleaved repeats). The prediction holds when the measured time lies in the band.
+
+It also prints what `hlo_collectives.cost` (the HLO parser that prices the TPU rows of
+TPU_AOT.md, loops multiplied out) reads from the same unrolled program (checked against XLA's
+count of it) and from the scanned program the trainer runs, with the band that count gives.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -26,18 +31,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import c2i
-from self_flow import bench, config_resolution, flops, step_time_band, train_program
+from self_flow import (bench, config_resolution, flops, hlo_collectives, step_time_band,
+                       train_program)
 
 
-def unrolled_cost(config) -> tuple[float, float, float]:
-  """(XLA FLOPs, bytes accessed, analytic FLOPs) of the step compiled with unrolled blocks."""
+def _compiled_step(config):
+  resolved = config_resolution.resolve(config)  # as bench.setup: no data is read
+  program = train_program.build(config, resolved)
+  return train_program.lower(config, program, "image").compile(), resolved
+
+
+class Costs(NamedTuple):
+  """One variant's step counted three ways, per device."""
+
+  xla_flops: float  # XLA's cost analysis of the unrolled step
+  xla_bytes: float
+  analytic_flops: float  # flops.py
+  parsed_unrolled: hlo_collectives.Cost  # the TPU rows' parser on the same unrolled program
+  parsed_scanned: hlo_collectives.Cost  # ... and on the scanned program the trainer runs
+
+
+def step_costs(config) -> Costs:
   unrolled = config.copy_and_resolve_references()
   unrolled.model.scan_layers = False
-  resolved = config_resolution.resolve(unrolled)  # as bench.setup: no data is read
-  program = train_program.build(unrolled, resolved)
-  compiled = train_program.lower(unrolled, program, "image").compile()
-  return (*step_time_band.program_cost(compiled),
-          flops.train_step_flops(unrolled, resolved, "image").total)
+  compiled, resolved = _compiled_step(unrolled)
+  scanned, _ = _compiled_step(config)
+  return Costs(*step_time_band.program_cost(compiled),
+               flops.train_step_flops(unrolled, resolved, "image").total,
+               hlo_collectives.cost(compiled.as_text()), hlo_collectives.cost(scanned.as_text()))
 
 
 def main() -> None:
@@ -59,18 +80,23 @@ def main() -> None:
   prepared = {name: bench.prepare(base, name) for name in args.variants.split(",")}
   timing = bench.run_interleaved(prepared, args.warmup, args.repeats)
   print("| variant | XLA GFLOP (unrolled) | analytic GFLOP | GB accessed | compute s | memory s "
-        "| band s (lower-upper) | measured median s | in the band |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| band s (lower-upper) | measured median s | in the band | parser GFLOP / GB, unrolled "
+        "| parser GFLOP / GB, scanned | band s from the scanned count |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in prepared:
-    xla_flops, bytes_accessed, analytic = unrolled_cost(bench.variant_config(base, name))
-    band = step_time_band.band(xla_flops, bytes_accessed, {}, (1,), cpu)
+    costs = step_costs(bench.variant_config(base, name))
+    band = step_time_band.band(costs.xla_flops, costs.xla_bytes, {}, (1,), cpu)
+    scanned = costs.parsed_scanned
+    scanned_band = step_time_band.band(scanned.flops, scanned.hbm_bytes, {}, (1,), cpu)
     measured = float(np.median(timing[name].wall))
     inside = band.lower <= measured <= band.upper
-    print(f"| {name} | {xla_flops / 1e9:.1f} | {analytic / 1e9:.1f} | "
-          f"{bytes_accessed / 1e9:.2f} | {band.compute:.3f} | {band.memory:.3f} | "
+    print(f"| {name} | {costs.xla_flops / 1e9:.1f} | {costs.analytic_flops / 1e9:.1f} | "
+          f"{costs.xla_bytes / 1e9:.2f} | {band.compute:.3f} | {band.memory:.3f} | "
           f"{band.lower:.3f}-{band.upper:.3f} | {measured:.3f} | "
-          f"{'yes' if inside else 'no: measured / upper = %.2f' % (measured / band.upper)} |")
-
+          f"{'yes' if inside else 'no: measured / upper = %.2f' % (measured / band.upper)} | "
+          f"{costs.parsed_unrolled.flops / 1e9:.1f} / {costs.parsed_unrolled.hbm_bytes / 1e9:.2f} "
+          f"| {scanned.flops / 1e9:.1f} / {scanned.hbm_bytes / 1e9:.2f} | "
+          f"{scanned_band.lower:.3f}-{scanned_band.upper:.3f} |")
 
 if __name__ == "__main__":
   main()

@@ -44,6 +44,8 @@ _SHAPE = re.compile(r"\b(" + "|".join(sorted(_ITEMSIZE, key=len, reverse=True)) 
 _CALLED = re.compile(r"\b(body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([\w.\-]+)")
+# The trip count XLA proved for a loop, in its backend config: "known_trip_count":{"n":"5"}.
+_KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CONSTANT_OPERAND = re.compile(r"(-?\d+)\)")  # what follows "constant(" in a scalar constant
 _IOTA_GROUPS = re.compile(r"\breplica_groups=\[(\d+),(\d+)\]<=")  # [groups, size]<=[...]
 _LIST_GROUPS = re.compile(r"\breplica_groups=\{(\{[^}]*\})?")  # the first group, if any
@@ -132,7 +134,12 @@ def _trip_count(computations: dict[str, list[_Instruction]], loop: _Instruction,
 
   The counter is the tuple element the condition compares; its start is the loop's initial
   tuple's constant there (else 0) and its step the constants the body adds to it (else 1: the
-  TPU compiler unrolls some loops, a collective matmul's body doing two steps of 2)."""
+  TPU compiler unrolls some loops, a collective matmul's body doing two steps of 2). Where XLA
+  wrote the trip count into the loop's backend config (XLA:CPU does; its conditions compare in
+  a fusion), that count is taken."""
+  known = _KNOWN_TRIP_COUNT.search(loop.rest)
+  if known:
+    return int(known.group(1))
   condition_name = _CONDITION.search(loop.rest)
   body_name = dict(_CALLED.findall(loop.rest)).get("body")
   condition = computations.get(condition_name.group(1), []) if condition_name else []

@@ -131,3 +131,16 @@ def test_trip_count_follows_the_counter_step_of_an_unrolled_loop():
   report = hlo_collectives.count(hlo)
   # 4 iterations of the readable loop, plus once for the loop whose trip count is unreadable.
   assert report.by_kind["all-gather"].executions == 4 + 1
+
+
+def test_trip_count_xla_wrote_into_the_backend_config_is_taken():
+  """XLA:CPU compares the counter inside a fusion, which the condition reader does not follow,
+  but it writes the proven trip count into the loop's backend config."""
+  hlo = HLO.replace(
+      "%other = (s32[], bf16[8,16]) while(%init), condition=%loop_cond_unknown, body=%body",
+      "%other = (s32[], bf16[8,16]) while(%init), condition=%loop_cond_unknown, body=%body, "
+      'backend_config={"known_induction_variable":{"tuple_index":"0"},'
+      '"known_trip_count":{"n":"3"}}')
+  report = hlo_collectives.count(hlo)
+  assert report.unknown_trip_counts == 0
+  assert report.by_kind["all-gather"].executions == 6 + 3
