@@ -8,7 +8,8 @@
 # (launch/setup_tpu_aot.sh, or any Python with the tpu extra as TPU_PYTHON). Each compile
 # takes minutes on 2 cores; a step that does not fit is recorded and the script goes on. A row
 # whose JSON is already in OUT_DIR is not compiled again: rerun the same command to finish an
-# interrupted table.
+# interrupted table. With REPRICE=1 such a row is priced again from its saved JSON and HLO
+# (`self_flow.aot --reprice`, seconds: after a change to hlo_collectives or the chip table).
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: tpu_aot_table.sh OUT_DIR [CONFIG TOPOLOGY]...}"
@@ -32,14 +33,20 @@ while (($# >= 2)); do
   config="${words[0]}" overrides=("${words[@]:1}") topology="$2"
   shift 2
   name="$(echo "${words[*]}-$topology" | tr '/:. =' '_____')"
+  reprice=()
   if [ -s "$OUT/$name.json" ]; then
-    echo "== ${words[*]} on $topology: done earlier ($OUT/$name.json)" >&2
-    continue
+    if [ "${REPRICE:-0}" != 1 ]; then
+      echo "== ${words[*]} on $topology: done earlier ($OUT/$name.json)" >&2
+      continue
+    fi
+    reprice=(--reprice)
+    # The compile's own log (its host peak memory) stays beside the re-priced one.
+    [ -e "$OUT/$name.compile.txt" ] || cp "$OUT/$name.log" "$OUT/$name.compile.txt"
   fi
   echo "== ${words[*]} on $topology" >&2
   (cd "$REPO_ROOT" && PYTHONPATH="$REPO_ROOT" "${TIMER[@]}" "$TPU_PYTHON" -m self_flow.aot \
      --config="$config" --topology="$topology" --markdown --json="$OUT/$name.json" \
-     --hlo_dir="$OUT/$name.hlo" "${overrides[@]}") \
+     --hlo_dir="$OUT/$name.hlo" "${reprice[@]}" "${overrides[@]}") \
      > "$OUT/$name.log" 2>&1
   echo "   exit $?; $(grep -m1 'Maximum resident' "$OUT/$name.log" | tr -s ' ')" >&2
 done

@@ -56,6 +56,11 @@ flags.DEFINE_string("json", None, "Also write the reports to this JSON file (tes
 flags.DEFINE_string("hlo_dir", None, "Also write each compiled step's HLO text here "
                     "(<topology>_<modality>.hlo.txt, local or gs://...), e.g. to inspect its "
                     "collectives.")
+flags.DEFINE_bool("reprice", False, "Do not compile: read the --json and --hlo_dir an earlier "
+                  "run of the same config and topology wrote, keep its memory figures and "
+                  "compile time, and count the collectives, FLOPs, HBM bytes and band again "
+                  "from its HLO (after a change to hlo_collectives or the chip table); "
+                  "rewrites --json.")
 
 GIB = 2**30
 # HBM per chip by device kind (Cloud TPU documentation).
@@ -166,12 +171,25 @@ def _add_band(report: StepReport, hlo_text: str, spec) -> None:
       model_flops_per_chip=report.flops_per_device, the_chip=the_chip)
 
 
+_MEMORY_FIELDS = ("compile_seconds", "argument_bytes", "output_bytes", "alias_bytes",
+                  "temp_bytes", "code_bytes", "error")
+
+
+def _hlo_name(topology: str, num_slices: int, modality: str) -> str:
+  return f"{topology.replace(':', '_')}x{num_slices}_{modality}.hlo.txt"
+
+
 def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
-                  hlo_dir: str | None = None) -> list[StepReport]:
+                  hlo_dir: str | None = None, saved: list[dict] | None = None
+                  ) -> list[StepReport]:
   """Compiles every modality's train step of `config` for `topology`; one report each, with its
-  step-time band (and the compiled HLO text in `hlo_dir` when given)."""
+  step-time band (and the compiled HLO text in `hlo_dir` when given).
+
+  With `saved` (the JSON reports of an earlier run, whose HLO text is in `hlo_dir`) nothing is
+  compiled: the memory figures and compile time are the saved ones, and everything counted from
+  the program (collectives, FLOPs, HBM bytes, band) is counted again from the saved HLO."""
   # pylint: disable-next=g-import-not-at-top
-  from self_flow import config_validation, flops, hlo_collectives, train_program, train_state
+  from self_flow import config_validation, flops, train_program, train_state
   devices = topology_devices(topology, num_slices)
   config = _without_data(config)
   resolved = config_validation.validate(config, num_devices=len(devices))
@@ -184,6 +202,10 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
                         dict(program.mesh.shape), modality, 0.0, hbm_bytes(kind), state_bytes)
     step_flops = flops.train_step_flops(config, resolved, modality)
     report.flops_per_device = step_flops.total / len(devices)
+    if saved is not None:
+      _reprice(report, saved, hlo_dir, resolved.spec(modality))
+      reports.append(report)
+      continue
     start = time.perf_counter()
     try:
       compiled = train_program.lower(config, program, modality).compile()
@@ -203,13 +225,34 @@ def compile_steps(config, config_name: str, topology: str, num_slices: int = 1,
     report.code_bytes = memory.generated_code_size_in_bytes
     hlo_text = compiled.as_text()
     if hlo_dir:
-      name = f"{topology.replace(':', '_')}x{num_slices}_{modality}.hlo.txt"
-      storage.write_text(storage.join(hlo_dir, name), hlo_text)
-    report.collectives = hlo_collectives.count(hlo_text)
-    report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
-    _add_band(report, hlo_text, resolved.spec(modality))
+      storage.write_text(storage.join(hlo_dir, _hlo_name(topology, num_slices, modality)),
+                         hlo_text)
+    _count_program(report, hlo_text, resolved.spec(modality))
     reports.append(report)
   return reports
+
+
+def _count_program(report: StepReport, hlo_text: str, spec) -> None:
+  # pylint: disable-next=g-import-not-at-top
+  from self_flow import hlo_collectives
+  report.collectives = hlo_collectives.count(hlo_text)
+  report.tpu_kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
+  _add_band(report, hlo_text, spec)
+
+
+def _reprice(report: StepReport, saved: list[dict], hlo_dir: str | None, spec) -> None:
+  """Fills `report` from the saved report of its modality and the saved HLO text."""
+  match = [r for r in saved if r["modality"] == report.modality
+           and r["topology"] == report.topology and r["num_slices"] == report.num_slices]
+  if len(match) != 1 or not hlo_dir:
+    raise ValueError(f"--reprice needs the --json of an earlier run with one {report.modality} "
+                     f"step on {report.topology} and its --hlo_dir; found {len(match)} in the "
+                     f"JSON, hlo_dir={hlo_dir!r}.")
+  for field in _MEMORY_FIELDS:
+    setattr(report, field, match[0][field])
+  if not report.error:
+    _count_program(report, storage.read_text(storage.join(
+        hlo_dir, _hlo_name(report.topology, report.num_slices, report.modality))), spec)
 
 
 def _gib(num_bytes: float) -> str:
@@ -330,10 +373,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.reprice and not (FLAGS.json and FLAGS.hlo_dir):
+    raise app.UsageError("--reprice reads --json and --hlo_dir: name both.")
+  saved = json.loads(storage.read_text(FLAGS.json)) if FLAGS.reprice else None
   reports = []
   for topology in FLAGS.topology:
     for report in compile_steps(FLAGS.config, _config_name(), topology, FLAGS.num_slices,
-                                FLAGS.hlo_dir):
+                                FLAGS.hlo_dir, saved):
       print(format_report(report, FLAGS.min_headroom), flush=True)
       reports.append(report)
   if FLAGS.json:

@@ -287,7 +287,7 @@ _WINDOW = re.compile(r"\bwindow=\{([^}]*)\}")
 # whose data movement is priced elsewhere (collectives: the interconnect).
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
                "conditional", "after-all", "partition-id", "replica-id", "add-dependency",
-               "opt-barrier", "copy-done", "send-done", "recv-done", "slice-done"}
+               "opt-barrier"}
 # Unfused instructions that read only what they return out of their first operand.
 _SLICING = {"slice", "dynamic-slice", "slice-start"}
 
@@ -370,20 +370,30 @@ def cost(hlo_text: str) -> Cost:
     instruction, local = visit.instruction, types[visit.computation]
     if instruction.opcode in ("dot", "convolution"):
       flops += visit.times * _flops(instruction, local)
-    if visit.fused or instruction.opcode in _NO_TRAFFIC or _kind(instruction.opcode):
-      continue
-    hbm += visit.times * _moved_bytes(instruction, local, computations)
+    if not visit.fused and _moves_hbm(instruction.opcode):
+      hbm += visit.times * _moved_bytes(instruction, local, computations)
   return Cost(flops, hbm, unknown)
+
+
+def _moves_hbm(opcode: str) -> bool:
+  """Whether an unfused instruction's own operands and results are HBM traffic: not control
+  flow, views or tuples, not collectives (priced as communication), not the end of an async op
+  (it waits; its start moved the data)."""
+  return not (opcode in _NO_TRAFFIC or _kind(opcode) or opcode.endswith("-done"))
 
 
 def _moved_bytes(instruction: _Instruction, types: dict[str, str],
                  computations: dict[str, list[_Instruction]]) -> float:
   """HBM bytes an unfused instruction reads and writes. A fusion that only slices an operand (a
-  scanned layer's weights out of the stacked ones) reads the slices; one whose root updates a
-  slice of a buffer in place (a scan's stacked outputs) writes the update."""
+  scanned layer's weights out of the stacked ones) reads the slices; an output of a fusion that
+  updates a slice of a buffer in place (a scan's stacked outputs, several at once in a
+  multi-output fusion) writes the update and does not read the buffer."""
   operands = _operands(instruction)
   read = [_hbm_bytes(types.get(name, "")) for name in operands]
   written = _hbm_bytes(instruction.type_text)
+  if instruction.opcode == "copy-start":  # (destination, source, context): writes the first
+    arrays = _TYPED_SHAPE.findall(instruction.type_text)
+    return sum(read) + (_hbm_bytes("%s[%s]%s" % arrays[0]) if arrays else 0.0)
   if instruction.opcode in _SLICING and read:
     # The slice (the last array of the result: an async start also returns its operand) is read
     # from the operand and written where the result lives.
@@ -402,13 +412,23 @@ def _moved_bytes(instruction: _Instruction, types: dict[str, str],
       if index < len(read) and users and all(
           u.opcode in ("dynamic-slice", "slice") and _operands(u)[0] == name for u in users):
         read[index] = min(read[index], sum(_hbm_bytes(u.type_text) for u in users))
+    by_name = {i.name: i for i in body}
     root = next((i for i in body if i.root), None)
-    while root is not None and root.opcode == "bitcast":
-      root = {i.name: i for i in body}.get(next(iter(_operands(root)), ""))
-    if root is not None and root.opcode == "dynamic-update-slice" and written:
-      target, update = (_operands(root) + ["", ""])[:2]
-      written = min(written, _hbm_bytes(body_types.get(update, "")))
-      for index, name in parameters.items():  # the updated buffer is not read
-        if name == target and index < len(read):
-          read[index] = 0.0
+    # A multi-output fusion's root is a tuple: each output is written (or updated) on its own.
+    outputs = ([by_name.get(name) for name in _operands(root)]
+               if root is not None and root.opcode == "tuple" else [root])
+    arrays = _TYPED_SHAPE.findall(instruction.type_text)
+    if len(outputs) == len(arrays):
+      written = 0.0
+      for output, array in zip(outputs, arrays):
+        size = _hbm_bytes("%s[%s]%s" % array)
+        while output is not None and output.opcode == "bitcast":
+          output = by_name.get(next(iter(_operands(output)), ""))
+        if output is not None and output.opcode == "dynamic-update-slice" and size:
+          target, update = (_operands(output) + ["", ""])[:2]
+          size = min(size, _hbm_bytes(body_types.get(update, "")))
+          for index, name in parameters.items():  # the updated buffer is not read
+            if name == target and index < len(read):
+              read[index] = 0.0
+        written += size
   return written + sum(read)

@@ -45,7 +45,8 @@ def run_aot(tmp_path, config: str, topology: str, *overrides: str):
 
 @pytest.mark.parametrize("config", ["configs/c2i.py:local", "configs/t2i.py:local"])
 def test_data_parallel_step_compiles_for_v5e_with_splash(tmp_path, config):
-  status, output, reports = run_aot(tmp_path, config, "v5e:2x2", *SMALL)
+  hlo_dir = f"--hlo_dir={tmp_path / 'hlo'}"
+  status, output, reports = run_aot(tmp_path, config, "v5e:2x2", *SMALL, hlo_dir)
   assert status == 0, output
   (report,) = reports
   assert report["device_kind"] == "TPU v5 lite" and report["num_devices"] == 4
@@ -78,6 +79,10 @@ def test_data_parallel_step_compiles_for_v5e_with_splash(tmp_path, config):
   assert 0 < low_mfu <= high_mfu <= 1
   assert "step-time band (a model of the compiled program, not a measurement)" in output
   assert "MFU" in output and "tokens/s/chip" in output
+  # Re-priced from the saved JSON and HLO (no compile): the same report.
+  status, output, repriced = run_aot(tmp_path, config, "v5e:2x2", *SMALL, hlo_dir, "--reprice")
+  assert status == 0, output
+  assert repriced == reports
 
 
 def test_fsdp_tensor_layout_splits_the_state_and_gathers_weights(tmp_path):

@@ -144,3 +144,58 @@ def test_trip_count_xla_wrote_into_the_backend_config_is_taken():
   report = hlo_collectives.count(hlo)
   assert report.unknown_trip_counts == 0
   assert report.by_kind["all-gather"].executions == 6 + 3
+
+
+def test_a_multi_output_fusion_updating_stacked_buffers_writes_only_the_updates():
+  """A scan saves each layer's activations into stacked buffers, several in one fusion whose
+  root is a tuple of dynamic-update-slices: each output writes its (1, 4, 8) f32 update (128 B),
+  not the (20, 4, 8) buffer, and the buffers are not read; the plain third output (64 B) is
+  written whole; the update operands (128 B each) and the index (4 B) are read."""
+  hlo = """\
+HloModule jit_train_step
+
+%stack (buf0: f32[20,4,8], buf1: f32[20,4,8], u: f32[1,4,8], i: s32[]) -> (f32[20,4,8], f32[20,4,8], f32[16]) {
+  %buf0 = f32[20,4,8]{2,1,0} parameter(0)
+  %buf1 = f32[20,4,8]{2,1,0} parameter(1)
+  %u = f32[1,4,8]{2,1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %z = s32[] constant(0)
+  %d0 = f32[20,4,8]{2,1,0} dynamic-update-slice(%buf0, %u, %i, %z, %z)
+  %n = f32[1,4,8]{2,1,0} negate(%u)
+  %d1 = f32[20,4,8]{2,1,0} dynamic-update-slice(%buf1, %n, %i, %z, %z)
+  %b1 = f32[20,4,8]{2,1,0} bitcast(%d1)
+  %r = f32[16]{0} reshape(%n)
+  ROOT %t = (f32[20,4,8]{2,1,0}, f32[20,4,8]{2,1,0}, f32[16]{0}) tuple(%d0, %b1, %r)
+}
+
+ENTRY %main (a: f32[20,4,8], b: f32[20,4,8], u: f32[1,4,8], i: s32[]) -> f32[] {
+  %a = f32[20,4,8]{2,1,0} parameter(0)
+  %b = f32[20,4,8]{2,1,0} parameter(1)
+  %u = f32[1,4,8]{2,1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %f = (f32[20,4,8]{2,1,0}, f32[20,4,8]{2,1,0}, f32[16]{0}) fusion(%a, %b, %u, %i), kind=kLoop, calls=%stack
+  ROOT %r = f32[] constant(0)
+}
+"""
+  assert hlo_collectives.cost(hlo).hbm_bytes == (128 + 128 + 64) + (128 + 4)
+
+
+def test_async_copies_count_their_read_and_destination_and_done_ops_nothing():
+  """A prefetch into fast memory (copy-start to S(1)) reads its 4 KiB operand from HBM and
+  writes nothing there (its result tuple's second array is the source, not a write); a copy back
+  to HBM writes its 4 KiB destination; the -done halves and a collective's done move nothing
+  (the collective is priced as communication)."""
+  hlo = """\
+HloModule jit_train_step
+
+ENTRY %main (w: bf16[32,64]) -> bf16[32,64] {
+  %w = bf16[32,64]{1,0} parameter(0)
+  %in = (bf16[32,64]{1,0:S(1)}, bf16[32,64]{1,0}, u32[]{:S(2)}) copy-start(%w)
+  %fast = bf16[32,64]{1,0:S(1)} copy-done(%in)
+  %out = (bf16[32,64]{1,0}, bf16[32,64]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%fast)
+  %back = bf16[32,64]{1,0} copy-done(%out)
+  %p = (bf16[32,64]{1,0}, bf16[32,64]{1,0}) collective-permute-start(%back), source_target_pairs={{0,1}}
+  ROOT %r = bf16[32,64]{1,0} collective-permute-done(%p)
+}
+"""
+  assert hlo_collectives.cost(hlo).hbm_bytes == 4096 + 4096
