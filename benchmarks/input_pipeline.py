@@ -15,10 +15,11 @@ values: the pipeline's cost does not depend on them) into `--shards` ArrayRecord
 `--root` (a rerun finds them written; shards of another job there stop it, nothing is
 overwritten), then times the trainer's own iterator (`train` opens it the same way: the config's
 source, `modality_sources.train_processing`, `pipeline.make_train_iterator`) as host 0 of the
-preset's documented slice (`HOSTS`, 4 chips per host on v5e, v5p and v6e): read, decode, caption
-draw, latents to float32 (caption embeddings stay float16), batch, this host's rows of every
-global batch. After `--warmup` batches, `--batches` batches are timed, `--repeats` times; the
-median is printed in examples/s.
+preset's documented slice (`PRESETS`: 8 chips per host on v5e and v6e, 4 on v5p, as the Cloud
+TPU documentation's chip tables give them): read, decode, caption draw, latents to float32
+(caption embeddings stay float16), batch, this host's rows of every global batch. After
+`--warmup` batches, `--batches` batches are timed, `--repeats` times; the median is printed in
+examples/s.
 
 Demand: global batch / step time / hosts, at the lower bound of the band that `python -m
 self_flow.aot --json=...` wrote (`--aot_json`, one file per preset, matched by config name);
@@ -43,11 +44,12 @@ from self_flow import config_resolution, storage
 from self_flow.data import modality_sources, pipeline
 from self_flow.data.latent_shards import writer
 
-# Preset -> (config module, its documented slice, hosts of that slice at 4 chips per host).
+# Preset -> (config module, its documented slice, hosts of that slice: 8 chips per v5e host, 4
+# per v5p host).
 PRESETS = {
-    "t2i": ("t2i", "v5e:4x4", 4),
+    "t2i": ("t2i", "v5e:4x4", 2),
     "c2i_imagenet256": ("c2i_imagenet256", "v5p:2x2x4", 4),
-    "t2a": ("t2a", "v5e:4x4", 4),
+    "t2a": ("t2a", "v5e:4x4", 2),
     "t2v": ("t2v", "v5p:2x2x4", 4),
 }
 
