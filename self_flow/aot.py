@@ -2,6 +2,8 @@
 
   python -m self_flow.aot --config=configs/t2i.py --topology=v5p:4x4x4 [--num_slices=2] \\
       [--config.KEY=VALUE ...] [--markdown]
+  # the same row priced again from what an earlier run saved, without compiling:
+  python -m self_flow.aot --config=... --topology=... --json=R.json --hlo_dir=R.hlo --reprice
 
 Builds the trainer's own program (`train_program.build`: mesh, state layout, one jitted step
 per modality, exactly what `train.train_and_evaluate` runs) over the compile-only devices of
