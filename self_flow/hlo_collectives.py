@@ -300,12 +300,15 @@ def _dims(type_text: str) -> list[int]:
 def _hbm_bytes(type_text: str) -> float:
   """Bytes of the arrays of a type that sit in HBM (not in memory space S(1) and above, the
   compiler's fast on-chip memory)."""
-  total = 0.0
-  for dtype, dims, layout in _TYPED_SHAPE.findall(type_text):
-    if layout and re.search(r"S\([1-9]", layout):
-      continue
-    total += math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
-  return total
+  return sum(_array_hbm_bytes(array) for array in _TYPED_SHAPE.findall(type_text))
+
+
+def _array_hbm_bytes(array: tuple[str, str, str]) -> float:
+  """Bytes of one (dtype, dims, layout) array of a type, 0 in fast memory (S(1) and above)."""
+  dtype, dims, layout = array
+  if layout and re.search(r"S\([1-9]", layout):
+    return 0.0
+  return math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dtype]
 
 
 def _flops(instruction: _Instruction, types: dict[str, str]) -> float:
@@ -393,7 +396,7 @@ def _moved_bytes(instruction: _Instruction, types: dict[str, str],
   written = _hbm_bytes(instruction.type_text)
   if instruction.opcode == "copy-start":  # (destination, source, context): writes the first
     arrays = _TYPED_SHAPE.findall(instruction.type_text)
-    return sum(read) + (_hbm_bytes("%s[%s]%s" % arrays[0]) if arrays else 0.0)
+    return sum(read) + (_array_hbm_bytes(arrays[0]) if arrays else 0.0)
   if instruction.opcode in _SLICING and read:
     # The slice (the last array of the result: an async start also returns its operand) is read
     # from the operand and written where the result lives.
@@ -421,7 +424,7 @@ def _moved_bytes(instruction: _Instruction, types: dict[str, str],
     if len(outputs) == len(arrays):
       written = 0.0
       for output, array in zip(outputs, arrays):
-        size = _hbm_bytes("%s[%s]%s" % array)
+        size = _array_hbm_bytes(array)
         while output is not None and output.opcode == "bitcast":
           output = by_name.get(next(iter(_operands(output)), ""))
         if output is not None and output.opcode == "dynamic-update-slice" and size:
