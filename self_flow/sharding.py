@@ -127,6 +127,21 @@ def create_mesh(sizes, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(device_grid(sizes, devices), MESH_AXES)
 
 
+# libtpu's switches for collective matmuls (the all-gather before a matmul, the reduce-scatter
+# after one), as `mesh.collective_matmul=False` sets them.
+_NO_COLLECTIVE_MATMUL = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def compiler_options(mesh_config, mesh: Mesh) -> dict[str, Any]:
+  """XLA options for programs over `mesh` that the mesh config asks for: only TPU compilers
+  know the collective-matmul switches, so elsewhere none."""
+  platform = next(iter(mesh.devices.flat)).platform
+  if platform == "tpu" and not mesh_config.collective_matmul:
+    return dict(_NO_COLLECTIVE_MATMUL)
+  return {}
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over data x fsdp; the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

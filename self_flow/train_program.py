@@ -68,7 +68,8 @@ def build(config: ml_collections.ConfigDict, resolved: config_resolution.Resolve
     """`fn` jitted over `inputs`, embedding the captions first when the encoder is in-step."""
     if text_encoder is not None:
       fn = _embedding_captions(fn, text_encoder)
-    return jax.jit(sharding.activation_sharding(mesh, rules)(fn), in_shardings=inputs, **kwargs)
+    return jax.jit(sharding.activation_sharding(mesh, rules)(fn), in_shardings=inputs,
+                   compiler_options=sharding.compiler_options(config.mesh, mesh) or None, **kwargs)
 
   step_fns = {
       name: compiled(train_step.make_train_step(config, layout.graphdef, tx, schedule, spec),

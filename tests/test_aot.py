@@ -100,6 +100,26 @@ def test_fsdp_tensor_layout_splits_the_state_and_gathers_weights(tmp_path):
   assert report["tpu_kernels"] > 0 and report["fits"]
 
 
+def test_collective_matmul_switch_reaches_the_tpu_compiler(tmp_path):
+  # A model wide enough, with enough rows per chip, that libtpu splits its FSDP-gathered
+  # matmuls into loops over the weight shards (rings of collective-permutes); the config's
+  # switch, passed as the train step's compiler options, makes it gather whole weights instead.
+  wide = [*SMALL, "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+          "--config.model.hidden_size=768", "--config.model.num_heads=12",
+          "--config.model.depth=2", "--config.model.num_double=1",
+          "--config.model.student_layer=1", "--config.model.teacher_layer=2",
+          "--config.model.rope_axes_dims=(16,24,24)", "--config.data.global_batch_size=128"]
+  kinds = {}
+  for switch in (True, False):
+    status, output, reports = run_aot(tmp_path, "configs/t2i.py:local", "v5e:2x2", *wide,
+                                      f"--config.mesh.collective_matmul={switch}")
+    assert status == 0, output
+    kinds[switch] = reports[0]["collectives"]
+  assert kinds[True]["collective-permute"]["executions"] > 0
+  assert "collective-permute" not in kinds[False]
+  assert kinds[False]["all-gather"]["bytes"] > kinds[True]["all-gather"]["bytes"]
+
+
 def test_two_slices_keep_fsdp_inside_a_slice(tmp_path):
   status, output, reports = run_aot(
       tmp_path, "configs/c2i.py:local", "v5e:2x2", "--num_slices=2", "--config.mesh.data=2",

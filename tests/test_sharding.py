@@ -116,6 +116,17 @@ def test_paper_presets_split_the_state_over_every_chip(get_config):
   assert per_device < 1.05 * total / 8
 
 
+@pytest.mark.parametrize("switch", [True, False])
+def test_collective_matmul_switch_gives_no_options_off_tpu(switch):
+  """The switch names libtpu flags, which XLA:CPU refuses ("No such compile option"): off TPU
+  the train step is compiled with no extra options either way (tests/test_aot.py shows the
+  switch's effect on the TPU compiler)."""
+  config = tiny_config()
+  config.mesh.collective_matmul = switch
+  mesh = sharding.create_mesh(config.mesh)
+  assert sharding.compiler_options(config.mesh, mesh) == {}
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("rules", "zero3", r"config.mesh.rules='zero3' is not allowed.*\['dp', 'fsdp', 'fsdp_tp'\]"),
     ("logical_axis_rules", (("embed", "model"),), r"\('embed', 'model'\) must be \(name, axes\)"),
