@@ -13,10 +13,18 @@ stores the scaled (x 0.18215) posterior mean and std of every center-cropped ima
       --tfds_data_dir=/data/tensorflow_datasets --split=train --output_dir=/data/imagenet256_sdvae
   python -m self_flow.main --config=configs/c2i_imagenet256.py \
       --config.data.data_dir=/data/imagenet256_sdvae --workdir=gs://BUCKET/c2i_imagenet256
-Pod: sized for a 16-chip v5p slice (v5p:2x2x4): FSDP over the chips (mesh data=1, fsdp=-1),
+Pod: sized for a 16-chip v5p slice (v5p:2x2x4): FSDP over the chips (mesh data=1, fsdp=-1; 16
+images per chip), weights gathered whole before each matmul (`mesh.collective_matmul=False`),
 splash attention, no remat; compiled ahead of time there (benchmarks/TPU_AOT.md; on v5e:4x4 the
 step also fits, with 14% of HBM free):
   python -m self_flow.aot --config=configs/c2i_imagenet256.py --topology=v5p:2x2x4
+Its step-time band (a model of the compiled program, not a measurement): 47-86 ms per step,
+2970-5450 images/s, MFU 36-66%, bound by HBM bandwidth (47 ms of memory traffic against 31 ms of
+compute). With collective matmuls it was 80-118 ms (26-39%). SiT-XL's 675M parameters at 16
+images of 256 tokens per chip leave v5p's compute units waiting on memory; already without remat,
+the lower end stays under 40%. On v5e:4x4 and v6e:4x4 collective matmuls are the better choice
+(--config.mesh.collective_matmul=True: v5e 86-197 ms, 37-84%, against 106-230 ms, 32-68%; v6e
+44-71 ms, 22-35%, against 56-84 ms, 18-28%).
 
 Variants (`--config=configs/c2i_imagenet256.py:<variant>[,method=<method>]`): XL (default), L, B,
 S: the SiT-*/2 sizes, feature layers by the 0.3/0.7 rule (XL 8/20, L 7/17, B and S 4/8).

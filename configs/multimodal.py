@@ -16,13 +16,23 @@ Variants (`--config=configs/multimodal.py:<variant>[,method=<method>]`):
              --config.data.data_dir=gs://BUCKET/image_shards \\
              --config.video.data_dir=gs://BUCKET/video_shards \\
              --config.audio.data_dir=gs://BUCKET/audio_shards
-  4b       The paper's 4B scale (Sec. 4.3) on the same data: FSDP 16 x tensor 4 on v5p:4x4x4
-           (64 chips), remat full (see `use_4b_backbone`):
+  4b       The paper's 4B scale (Sec. 4.3) on the same data: FSDP 32 x tensor 2 on v5p:4x4x4
+           (64 chips), no remat (see `use_4b_backbone`):
            python -m self_flow.main --config=configs/multimodal.py:4b --workdir=gs://BUCKET/mm4b \\
              --config.data.data_dir=... --config.video.data_dir=... --config.audio.data_dir=...
   Compile either for its slice first, without a TPU (benchmarks/TPU_AOT.md):
            python -m self_flow.aot --config=configs/multimodal.py --topology=v5p:2x2x4
            python -m self_flow.aot --config=configs/multimodal.py:4b --topology=v5p:4x4x4
+  Step-time bands (models of the compiled programs, not measurements), weights gathered whole
+  before each matmul (`mesh.collective_matmul=False`), remat "dots":
+    default on v5p:2x2x4, HBM-bound: image 140-261 ms (MFU 43-79%), video 266-526 ms (48-94%),
+      audio 65-120 ms (38-71%: 16 clips of 378 tokens per chip leave it memory-bound). With
+      collective matmuls: 25-33% / 29-41% / 23-32%.
+    4b on v5p:4x4x4 (fsdp 32 x tensor 2, remat "none"): image 196-528 ms (MFU 35-95%), video
+      372-942 ms (40-100%), audio 84-239 ms (32-92%); memory, compute and the tensor-parallel
+      activations' collectives are close in each. The earlier fsdp 16 x tensor 4, remat "full"
+      with collective matmuls gave 25-69% / 28-78% / 20-44%; only video reaches 40% at the lower
+      end (with tensor 1 the image batch 608 does not divide over 64 chips).
 Methods: self_flow (default), vanilla, dual_timestep, diffusion_forcing, full_masking.
 """
 
@@ -80,14 +90,17 @@ def use_4b_backbone(config) -> None:
   """The paper's scaled multi-modal model (Sec. 4.3): a 4B FLUX.2-style backbone, here with
   FLUX.2 [klein] 4B's published sizes (hidden 3072 = 24 heads x 128, 5 double + 20 single
   blocks, SwiGLU ratio 3, caption embeddings of width 7680), 3.95B parameters with our
-  per-modality projections. Laid out as FSDP over 16 x tensor parallelism over 4 on a 64-chip
-  v5p slice, with activations recomputed in the backward (remat "full")."""
+  per-modality projections. Laid out as FSDP over 32 x tensor parallelism over 2 on a 64-chip
+  v5p slice, every activation kept for the backward (remat "none"; 55 GiB of 95 on the video
+  step): the best step-time band of the layouts compiled (benchmarks/TPU_AOT.md); fsdp 16 x
+  tensor 4 with remat "full" moved 87% more collective bytes (tensor-parallel activations) and
+  recomputed the forward."""
   m = config.model
   m.hidden_size, m.num_heads, m.depth, m.num_double = 3072, 24, 25, 5
   m.mlp_ratio = 3.0  # SwiGLU hidden 9216.
   m.rope_axes_dims = (32, 48, 48)  # 128 = the head dim.
-  m.remat_policy = "full"
+  m.remat_policy = "none"
   config.text.embedding_dim = 7680  # e.g. three stacked hidden states of a 4B LLM encoder.
-  config.mesh.fsdp = 16
-  config.mesh.tensor = 4
+  config.mesh.fsdp = 32  # fsdp x data must divide every modality's batch (608 = 32 x 19)
+  config.mesh.tensor = 2
   config.mesh.data = -1

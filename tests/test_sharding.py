@@ -106,7 +106,7 @@ def test_paper_presets_split_the_state_over_every_chip(get_config):
   config = get_config()
   assert config.mesh.fsdp == -1 or config.mesh.fsdp * config.mesh.tensor > 1
   assert config.model.attention == "auto"
-  if config.mesh.tensor > 1:  # the 4B preset: fsdp 16 x tensor 4 needs 64 chips
+  if config.mesh.tensor > 1:  # the 4B preset: fsdp 32 x tensor 2 needs 64 chips
     config.mesh.update(data=1, fsdp=4, tensor=2)
   mesh, _, _, layout = _layout(config)
   assert mesh.shape["data"] == 1
