@@ -16,7 +16,7 @@ stores the scaled (x 0.18215) posterior mean and std of every center-cropped ima
 Pod: sized for a 16-chip v5p slice (v5p:2x2x4): FSDP over the chips (mesh data=1, fsdp=-1; 16
 images per chip), weights gathered whole before each matmul (`mesh.collective_matmul=False`),
 splash attention, no remat; compiled ahead of time there (benchmarks/TPU_AOT.md; on v5e:4x4 the
-step also fits, with 14% of HBM free):
+step also fits, with 15% of HBM free):
   python -m self_flow.aot --config=configs/c2i_imagenet256.py --topology=v5p:2x2x4
 Its step-time band (a model of the compiled program, not a measurement): 47-86 ms per step,
 2970-5450 images/s, MFU 36-66%, bound by HBM bandwidth (47 ms of memory traffic against 31 ms of

@@ -241,11 +241,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # device before the trainer refuses to start. Biases, norm scales and other leaves too small
   # to split are about 1/width of a model (under 1% at width >= 384).
   mesh.max_replicated_fraction = 0.05
-  # TPU only (ignored elsewhere): let the compiler run a matmul whose weight FSDP splits as a
-  # loop over the weight's shards ("collective matmul", libtpu's windowed einsum), overlapping
-  # the gather with compute. False gathers each weight whole, then runs one matmul: with a large
-  # per-chip batch the loop's per-shard partial products re-read and re-write the whole output
-  # once per shard (t2i on v5e:4x4: 278 -> 135 ms of HBM traffic per step, TPU_AOT.md).
+  # TPU only (ignored elsewhere), for the train step's program (the one the step-time band
+  # prices): let the compiler run a matmul whose weight FSDP splits as a loop over the weight's
+  # shards ("collective matmul", libtpu's windowed einsum), overlapping the gather with compute.
+  # False gathers each weight whole, then runs one matmul: with a large per-chip batch the
+  # loop's per-shard partial products re-read and re-write the whole output once per shard
+  # (t2i on v5e:4x4: 278 -> 135 ms of HBM traffic per step, TPU_AOT.md).
   mesh.collective_matmul = True
 
   # --- Sampling (evaluation and sample grids; always with the EMA weights). ---
